@@ -1,0 +1,154 @@
+"""Run configuration: YAML files under ``configs/`` plus ``--set key=value`` overrides.
+
+Validated with pydantic so that a typo or a bad value fails before any work starts, with an error
+naming the exact key (``data.image_heigth: unknown key``), instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    image_height: int = Field(60, ge=8, le=1024)
+    image_width: int = Field(125, ge=8, le=2048)
+    context_frames: int = Field(4, ge=1, le=32, description="K: input frames per window")
+    max_tokens: int = Field(24, ge=4, le=512, description="L: tokens per sentence incl. [CLS]/[SEP]")
+    windows: Literal["all", "first"] = "all"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    rows_per_shard: int = Field(128, ge=1)
+    tokenizer: str = Field(
+        "bert-base-uncased",
+        description="'bert-base-uncased' (offline vocab), a path/URI to a vocab.txt, or 'train'",
+    )
+    tokenizer_vocab_size: int = Field(4000, ge=100, description="only for tokenizer: train")
+    batch_size: int = Field(32, ge=1)
+    shuffle_buffer: int = Field(2048, ge=1, description="windows shuffled together")
+    prepare_threads: int = Field(0, ge=0, description="0 = one per CPU")
+
+
+class ModelConfig(_Section):
+    visual_latent: int = Field(64, ge=4, le=1024)
+    text_latent: int = Field(64, ge=4, le=1024)
+    visual_channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    embed_dim: int = Field(64, ge=4)
+    text_hidden: int = Field(128, ge=4)
+    sequence_hidden: int = Field(128, ge=4)
+    fusion: str = "gate"
+    copy_path: bool = True
+
+
+class LossConfig(_Section):
+    l1: float = Field(1.0, ge=0)
+    mse: float = Field(0.0, ge=0)
+    gradient: float = Field(0.1, ge=0)
+    context: float = Field(0.5, ge=0)
+    text: float = Field(1.0, ge=0)
+    alignment: float = Field(0.1, ge=0)
+    infonce: float = Field(0.0, ge=0)
+
+
+class StageConfig(_Section):
+    steps: int = Field(200, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    freeze_autoencoders: bool = False
+
+
+class TrainConfig(_Section):
+    visual_ae: StageConfig = Field(default_factory=StageConfig)
+    text_ae: StageConfig = Field(default_factory=StageConfig)
+    sequence: StageConfig = Field(default_factory=StageConfig)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    samples: int = Field(6, ge=0, description="sample predictions shown in the report")
+    median_windows: int = Field(2000, ge=1, description="train targets used for the median floor")
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set has an empty key part: {assignment!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, "dict")) from None

@@ -1,0 +1,333 @@
+"""One place that owns URIs: local paths, ``file://`` and ``s3://`` (any S3-compatible endpoint).
+
+Everything in storymm reads and writes through here so that the same code runs on a laptop folder
+and on object storage, and so that Ray Train can be handed the very same pyarrow filesystem.
+
+Rules this module keeps:
+- Writes are atomic per file: a reader sees the old object or the whole new one, never a prefix
+  (local: write a temp file then ``os.replace``; S3: one PUT or a completed multipart upload).
+- Transient errors (connection refused/reset, throttling, 5xx) are retried with backoff (tenacity);
+  missing files and permission errors are not.
+- Credentials never leave the process: they come from the usual AWS variables, are never put into
+  URIs, and :func:`redact` strips anything secret-looking from a URI before it is logged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_ATTEMPTS = int(os.environ.get("STORYMM_STORAGE_RETRIES", "6"))
+
+_TRANSIENT_MARKERS = (
+    "connection refused",
+    "connection reset",
+    "couldn't connect",
+    "could not connect",
+    "timed out",
+    "timeout",
+    "throttl",
+    "slow down",
+    "slowdown",
+    "service unavailable",
+    "internal error",
+    "internalerror",
+    "503",
+    "500",
+    "502",
+    "504",
+    "curl error",
+    "network",
+    "temporarily",
+    "broken pipe",
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        text = str(exc).lower()
+        if "access denied" in text or "forbidden" in text or "nosuchbucket" in text:
+            return False
+        return any(marker in text for marker in _TRANSIENT_MARKERS)
+    return False
+
+
+def _retrying(fn):
+    """Retry ``fn`` on transient storage errors with exponential backoff."""
+    return retry(
+        retry=retry_if_exception(_is_transient),
+        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        wait=wait_exponential(multiplier=0.2, max=5.0),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )(fn)
+
+
+# --------------------------------------------------------------------------------------- URIs
+
+
+_SECRET_QUERY = re.compile(
+    r"(?i)(x-amz-signature|x-amz-credential|x-amz-security-token|signature|awsaccesskeyid|"
+    r"access_key|secret_key|session_token|token)=[^&\s]*"
+)
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print: no user:password part, no signed-query secrets."""
+    text = str(uri)
+    text = re.sub(r"(?<=://)[^/@\s]*@", "", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}=REDACTED", text)
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path, always with ``/`` inside object stores."""
+    uri = str(uri)
+    if is_remote(uri) or uri.startswith("file://"):
+        out = uri.rstrip("/")
+        for part in parts:
+            out = out + "/" + str(part).strip("/")
+        return out
+    return os.path.join(uri, *[str(p) for p in parts])
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(str(uri).rstrip("/"))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path inside it (what pyarrow and Ray Train want)."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the standard AWS environment variables.
+
+    ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects any S3-compatible server; its scheme
+    decides http vs https. Credentials are left to the AWS SDK's default chain, so they never pass
+    through our code, except when given in the environment, which we forward as is.
+    """
+    return _s3_filesystem_cached(*_s3_settings())
+
+
+def _s3_settings() -> tuple:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return (
+        endpoint,
+        region,
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_SESSION_TOKEN"),
+    )
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_token):
+    kwargs = dict(
+        region=region,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        connect_timeout=5,
+        request_timeout=60,
+    )
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    if access_key and secret_key:
+        kwargs["access_key"] = access_key
+        kwargs["secret_key"] = secret_key
+        if session_token:
+            kwargs["session_token"] = session_token
+    return pafs.S3FileSystem(**kwargs)
+
+
+def locate(uri: str) -> Location:
+    """Resolve a URI (local path, ``file://``, ``s3://bucket/key``) to a filesystem and path."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if "@" in parsed.netloc:
+            raise ValueError(
+                f"credentials in a URI are not accepted ({redact(uri)}); "
+                "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
+            )
+        if not parsed.netloc:
+            raise ValueError(f"an s3 URI needs a bucket: {uri!r}")
+        path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
+        return Location(s3_filesystem(), path, uri)
+    if uri.startswith("file://"):
+        path = urlparse(uri).path
+    elif "://" in uri:
+        raise ValueError(f"unsupported storage scheme in {redact(uri)!r}: use a path, file:// or s3://")
+    else:
+        path = uri
+    return Location(pafs.LocalFileSystem(), os.path.abspath(path), uri)
+
+
+# ------------------------------------------------------------------------------- operations
+
+
+@_retrying
+def exists(uri: str) -> bool:
+    loc = locate(uri)
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+@_retrying
+def is_file(uri: str) -> bool:
+    loc = locate(uri)
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+
+
+@_retrying
+def read_bytes(uri: str) -> bytes:
+    loc = locate(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {redact(uri)}")
+    with loc.fs.open_input_stream(loc.path) as stream:
+        return stream.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+@_retrying
+def write_bytes(uri: str, data: bytes) -> None:
+    """Publish ``data`` at ``uri`` atomically: readers never see a partial file."""
+    loc = locate(uri)
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        directory = os.path.dirname(loc.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, loc.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    # S3: an object becomes visible only when its PUT (or multipart upload) completes.
+    with loc.fs.open_output_stream(loc.path) as stream:
+        stream.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+@_retrying
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy a local file to ``uri`` atomically (used for checkpoints and report images)."""
+    with open(local_path, "rb") as handle:
+        data = handle.read()
+    write_bytes.__wrapped__(uri, data)  # already inside a retry
+
+
+@_retrying
+def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """URIs of the files directly under ``uri`` (sorted); empty if the folder does not exist."""
+    loc = locate(uri)
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=recursive)
+    infos = loc.fs.get_file_info(selector)
+    prefix = loc.path.rstrip("/") + "/"
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(suffix):
+            continue
+        name = posixpath.basename(info.path)
+        if name.startswith(".tmp-"):
+            continue
+        relative = info.path[len(prefix):] if info.path.startswith(prefix) else name
+        out.append(join(uri, relative))
+    return sorted(out)
+
+
+@_retrying
+def list_dirs(uri: str) -> list[str]:
+    """Names of the sub-folders directly under ``uri`` (sorted)."""
+    loc = locate(uri)
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=False)
+    return sorted(
+        posixpath.basename(info.path.rstrip("/"))
+        for info in loc.fs.get_file_info(selector)
+        if info.type == pafs.FileType.Directory
+    )
+
+
+@_retrying
+def delete(uri: str) -> None:
+    """Delete a file or a whole folder; missing is fine."""
+    loc = locate(uri)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+    elif info.type == pafs.FileType.Directory:
+        loc.fs.delete_dir(loc.path)
+
+
+@_retrying
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an ``s3://`` URI if it is missing (local: create the folder)."""
+    loc = locate(uri)
+    if isinstance(loc.fs, pafs.LocalFileSystem):
+        os.makedirs(loc.path, exist_ok=True)
+        return
+    bucket = loc.path.split("/", 1)[0]
+    if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        loc.fs.create_dir(bucket)
+
+
+def open_input_file(uri: str):
+    """A seekable random-access file (what pyarrow.parquet wants for streaming row groups)."""
+    loc = locate(uri)
+    return _retrying(loc.fs.open_input_file)(loc.path)
+
+
+def local_scratch(prefix: str = "storymm-") -> str:
+    """A private local folder for staging files before they are published."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def bytes_io(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)
