@@ -205,7 +205,7 @@ class WindowLoader:
         A chunk lists stories shard by shard (see ``_rank_stories``), so taking each shard's rows
         in turn keeps the chunk's story order.
         """
-        columns = ["frames", "token_ids"] + (["sentences"] if self.with_text else [])
+        columns = ["frames", "token_ids"] + (["sentences", "story_id"] if self.with_text else [])
         frame_parts, token_parts, sentences, lengths = [], [], [], []
         for shard in dict.fromkeys(story.shard for story in chunk):
             rows = [story.row for story in chunk if story.shard == shard]
@@ -214,8 +214,9 @@ class WindowLoader:
             token_ids = table.column("token_ids").to_pylist()
             token_parts.append(self._pad_tokens(token_ids))
             lengths.extend(len(story) for story in token_ids)
-            if self.with_text:
-                sentences.extend(s for story in table.column("sentences").to_pylist() for s in story)
+            if self.with_text:  # per frame: (story id, sentence), for reports and checks
+                for story_id, story in zip(table.column("story_id").to_pylist(), table.column("sentences").to_pylist()):
+                    sentences.extend((story_id, sentence) for sentence in story)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         return np.concatenate(frame_parts), np.concatenate(token_parts), offsets, sentences
 
@@ -239,8 +240,9 @@ class WindowLoader:
             "target_tokens": ids[:, -1].contiguous(),
         }
         if self.with_text:
-            batch["input_sentences"] = [[sentences[i] for i in row[:-1]] for row in index]
-            batch["target_sentences"] = [sentences[row[-1]] for row in index]
+            batch["story_ids"] = [sentences[row[-1]][0] for row in index]
+            batch["input_sentences"] = [[sentences[i][1] for i in row[:-1]] for row in index]
+            batch["target_sentences"] = [sentences[row[-1]][1] for row in index]
         return batch
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,0 +1,188 @@
+"""Synthetic stories: the exact source schema, determinism, and that they are learnable as promised
+(the text says what the pixels show, and the cut structure makes two-frames-back the best input)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from storymm import synth
+
+GDI = re.compile(r"<gdi image(\d+)>(.*?)</gdi>", re.S)
+TAG = re.compile(r"<(/?)(gd[a-z])\b([^>]*)>")
+SENTENCE = re.compile(
+    r"The <gdo (\w+)>(\w+) (\w+)</gdo> <gda \1>\w+ ([a-z ]+)</gda> "
+    r"(?:in the (middle)|near the ([a-z ]+)) of the <gdl (bg\d)>[a-z ]+</gdl>\."
+)
+CELL_OF_PHRASE = {phrase: cell for cell, phrase in synth.LOCATIONS.items()}
+
+
+def _rows(root) -> dict[str, list[dict]]:
+    out = {}
+    for split in ("train", "test"):
+        folder = os.path.join(root, split)
+        out[split] = [row for name in sorted(os.listdir(folder))
+                      for row in pq.read_table(os.path.join(folder, name)).to_pylist()]
+    return out
+
+
+def _sample_rows(n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for index in range(n):
+        rng = synth.story_rng(seed, index)
+        rows.append(synth.render_story(rng, index, int(rng.integers(8, 15))))
+    return rows
+
+
+def _decode(image: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB"))
+
+
+def _bboxes(chain_of_thought: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(entity id, bounding box) per ``## Image N`` section, in order."""
+    sections = re.split(r"^## Image \d+\n", chain_of_thought, flags=re.M)[1:]
+    out = []
+    for section in sections:
+        match = re.search(r"^\| ((?:char|obj)\d+) \|.*\| (\d+,\d+,\d+,\d+) \|$", section, flags=re.M)
+        out.append((match.group(1), tuple(int(v) for v in match.group(2).split(","))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth"))
+    summary = synth.synthesize(root, 14, seed=3, rows_per_file=5, progress=False)
+    return root, summary
+
+
+def test_layout_schema_and_summary(written):
+    root, summary = written
+    rows = _rows(root)
+    assert summary["out"] == root
+    assert summary["train"] == len(rows["train"]) and summary["test"] == len(rows["test"])
+    assert summary["train"] + summary["test"] == 14 and summary["test"] >= 1 and summary["train"] >= 1
+    assert sorted(os.listdir(os.path.join(root, "train"))) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert all(os.path.isfile(uri) for uri in summary["files"])
+    for uri in summary["files"]:
+        assert pq.read_schema(uri).equals(synth.SOURCE_SCHEMA, check_metadata=False)
+    ids = [row["story_id"] for split in rows.values() for row in split]
+    assert len(set(ids)) == 14 and all(re.fullmatch(r"synth-\d{8}", i) for i in ids)
+    # render_story rows are valid source rows on their own (tests corrupt them).
+    pa.Table.from_pylist(_sample_rows(2), schema=synth.SOURCE_SCHEMA)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    def files(root, seed):
+        summary = synth.synthesize(str(root), 4, seed=seed, frames=(5, 7), progress=False)
+        return {os.path.relpath(uri, root): open(uri, "rb").read() for uri in summary["files"]}
+
+    first, again, other = files(tmp_path / "a", 7), files(tmp_path / "b", 7), files(tmp_path / "c", 8)
+    assert first == again
+    assert first != other
+
+
+def test_story_does_not_depend_on_story_count_and_rerun_removes_stale_parts(tmp_path):
+    big = synth.synthesize(str(tmp_path / "x"), 6, frames=(5, 6), rows_per_file=1, progress=False)
+    small = synth.synthesize(str(tmp_path / "x"), 3, frames=(5, 6), rows_per_file=1, progress=False)
+    assert len(big["files"]) == 6 and len(small["files"]) == 3
+    left = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "x") for f in fs)
+    assert left == sorted(small["files"])
+    by_id = {r["story_id"]: r for split in _rows(str(tmp_path / "x")).values() for r in split}
+    for index in range(3):
+        rng = synth.story_rng(0, index)
+        assert by_id[f"synth-{index:08d}"] == synth.render_story(rng, index, int(rng.integers(5, 7)))
+
+
+def test_split_keeps_one_story_each_side_and_validates_arguments(tmp_path):
+    summary = synth.synthesize(str(tmp_path / "two"), 2, frames=(3, 3), progress=False)
+    assert (summary["train"], summary["test"]) == (1, 1)
+    summary = synth.synthesize(str(tmp_path / "many"), 40, frames=(2, 2), progress=False)
+    assert summary["test"] == round(40 * 0.15)
+    with pytest.raises(ValueError):
+        synth.synthesize(str(tmp_path / "bad"), 3, frames=(5, 4), progress=False)
+
+
+def test_frames_blocks_and_tags(written):
+    root, _ = written
+    for row in [r for split in _rows(root).values() for r in split]:
+        n = row["frame_count"]
+        assert n == len(row["images"]) and 8 <= n <= 14
+        blocks = GDI.findall(row["story"])
+        assert [int(number) for number, _ in blocks] == list(range(1, n + 1))
+        assert GDI.sub("", row["story"]).strip() == ""  # nothing outside the blocks
+        assert len(row["story"].splitlines()) == n
+        for _, body in blocks:
+            stack = []
+            for closing, name, _ in TAG.findall(body):
+                if closing:
+                    assert stack and stack.pop() == name
+                else:
+                    stack.append(name)
+            assert not stack
+        assert [line for line in row["chain_of_thought"].splitlines() if line.startswith("## Image")] == [
+            f"## Image {i}" for i in range(1, n + 1)
+        ]
+        for i, image in enumerate(row["images"], start=1):
+            assert image["path"] == f"{row['story_id']}/frame_{i:02d}.png"
+
+
+def test_images_decode_with_varied_sizes():
+    sizes = set()
+    for row in _sample_rows(20):
+        story_sizes = {Image.open(io.BytesIO(image["bytes"])).size for image in row["images"]}
+        assert len(story_sizes) == 1  # one camera per story
+        (width, height), = story_sizes
+        assert 160 <= width <= 256 and 80 <= height <= 128
+        sizes.add((width, height))
+    assert len(sizes) >= 10
+
+
+def test_cut_structure_makes_two_back_the_closest_input():
+    """After resizing to the model's 125x60, frame t is much closer to t-2 than to t-1."""
+    last, two_back = [], []
+    for row in _sample_rows(40, seed=1):
+        frames = [np.asarray(Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR),
+                             dtype=np.float32) / 255 for im in row["images"]]
+        for t in range(2, len(frames)):
+            last.append(np.abs(frames[t] - frames[t - 1]).mean())
+            two_back.append(np.abs(frames[t] - frames[t - 2]).mean())
+    last, two_back = float(np.mean(last)), float(np.mean(two_back))
+    print(f"mean L1 to t-1: {last:.4f}, to t-2: {two_back:.4f}")
+    assert two_back < 0.6 * last
+    assert last > 0.1  # copying the last frame is a weak baseline
+
+
+def test_text_says_what_the_pixels_show():
+    """Colour, location cell, bounding box and direction in the text all match the drawn shape."""
+    for row in _sample_rows(25, seed=2):
+        sentences = [body for _, body in GDI.findall(row["story"])]
+        boxes = _bboxes(row["chain_of_thought"])
+        seen = {}
+        for t, (image, sentence, (box_entity, box)) in enumerate(zip(row["images"], sentences, boxes)):
+            match = SENTENCE.search(sentence)
+            assert match, sentence
+            entity, colour, _kind, direction, middle, near, _bg = match.groups()
+            assert entity == box_entity
+            pixels = _decode(image)
+            height, width, _ = pixels.shape
+            ys, xs = np.nonzero(np.all(pixels == synth.SHAPE_COLOURS[colour], axis=-1))
+            assert len(xs) > 0.01 * height * width  # clearly visible
+            drawn = (xs.min(), ys.min(), xs.max(), ys.max())
+            assert drawn == box
+            cx, cy = (drawn[0] + drawn[2] + 1) / 2, (drawn[1] + drawn[3] + 1) / 2
+            assert CELL_OF_PHRASE[middle or near] == (min(2, int(3 * cy / height)), min(2, int(3 * cx / width)))
+            # Direction: when the phrase holds until the shot's next frame (no bounce), the shape
+            # moved that way.
+            if entity in seen and seen[entity][0] == direction:
+                dx, dy = cx - seen[entity][1], cy - seen[entity][2]
+                for word, ok in (("right", dx > 0), ("left", dx < 0), ("down", dy > 0), ("up", dy < 0)):
+                    if word in direction.split():
+                        assert ok, (row["story_id"], t, direction, dx, dy)
+            seen[entity] = (direction, cx, cy)
