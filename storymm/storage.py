@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 RETRY_ATTEMPTS = int(os.environ.get("STORYMM_STORAGE_RETRIES", "6"))
 
+# Matched against the lower-cased message with "_" turned into " ": pyarrow reports AWS errors as
+# e.g. "AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Could not connect",
+# "AWS Error SERVICE_UNAVAILABLE ..." or "AWS Error UNKNOWN (HTTP status 503) ...".
 _TRANSIENT_MARKERS = (
     "connection refused",
     "connection reset",
@@ -50,16 +53,28 @@ _TRANSIENT_MARKERS = (
     "slowdown",
     "service unavailable",
     "internal error",
+    "internal failure",
     "internalerror",
-    "503",
-    "500",
-    "502",
-    "504",
     "curl error",
+    "curlcode",
     "network",
     "temporarily",
     "broken pipe",
 )
+_PERMANENT_MARKERS = (
+    "access denied",
+    "accessdenied",
+    "forbidden",
+    "nosuchbucket",
+    "no such bucket",
+    "signature does not match",
+    "signaturedoesnotmatch",
+    "invalid access key",
+    "invalidaccesskeyid",
+)
+# HTTP status codes only where they are reported as a status, never bare digits (request ids and
+# object keys contain "500" often enough).
+_TRANSIENT_STATUS = re.compile(r"(?:status|code)\W{0,3}(?:429|500|502|503|504)\b")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -68,10 +83,10 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError):
-        text = str(exc).lower()
-        if "access denied" in text or "forbidden" in text or "nosuchbucket" in text:
+        text = str(exc).lower().replace("_", " ")
+        if any(marker in text for marker in _PERMANENT_MARKERS):
             return False
-        return any(marker in text for marker in _TRANSIENT_MARKERS)
+        return bool(_TRANSIENT_STATUS.search(text)) or any(m in text for m in _TRANSIENT_MARKERS)
     return False
 
 
@@ -95,10 +110,15 @@ _SECRET_QUERY = re.compile(
 )
 
 
+# ``user@`` or ``user:password@`` right after the scheme. A secret may contain "/" (AWS secret keys
+# often do, and an unescaped "@" may too), so after a ":" everything up to the last "@" goes.
+_USERINFO = re.compile(r"(?<=://)(?:[^/@\s:]*:\S*|[^/@\s]*)@")
+
+
 def redact(uri: str) -> str:
     """A URI safe to print: no user:password part, no signed-query secrets."""
     text = str(uri)
-    text = re.sub(r"(?<=://)[^/@\s]*@", "", text)
+    text = _USERINFO.sub("", text)
     return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}=REDACTED", text)
 
 
@@ -156,6 +176,7 @@ def _s3_settings() -> tuple:
 def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_token):
     kwargs = dict(
         region=region,
+        allow_bucket_creation=True,  # ensure_bucket(); buckets are never deleted through here
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
         connect_timeout=5,
         request_timeout=60,
@@ -177,13 +198,13 @@ def locate(uri: str) -> Location:
     uri = str(uri)
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
-        if "@" in parsed.netloc:
+        if "@" in parsed.netloc or _USERINFO.search(uri):
             raise ValueError(
                 f"credentials in a URI are not accepted ({redact(uri)}); "
                 "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
             )
         if not parsed.netloc:
-            raise ValueError(f"an s3 URI needs a bucket: {uri!r}")
+            raise ValueError(f"an s3 URI needs a bucket: {redact(uri)!r}")
         path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
         return Location(s3_filesystem(), path, uri)
     if uri.startswith("file://"):

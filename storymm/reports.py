@@ -1,0 +1,433 @@
+"""The human page next to ``report.json``: metrics against the floors, loss curves, sample grid.
+
+:func:`write_report` writes, under ``out_uri`` (local path or ``s3://``, via :mod:`storymm.storage`):
+
+- ``report.html``: self-contained (images embedded as base64 ``data:`` URIs),
+- ``report.md``: the same tables, pointing at the PNGs beside it,
+- ``loss_curves.png``: one panel per training stage, one line per logged loss term,
+- ``samples.png``: one row per sample: the K input frames, the target, the prediction,
+- ``report.json``: the report dict, written LAST because its presence means "complete".
+
+Every piece of text that came from data or from users (sentences, run names, metric names, any
+value in the report) is escaped with :func:`html.escape` before it reaches HTML or Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from storymm import storage
+
+#: Keys in a metrics-history step dict that are not loss terms (not drawn as curves).
+NON_LOSS_KEYS = frozenset(
+    {
+        "step",
+        "global_step",
+        "epoch",
+        "lr",
+        "learning_rate",
+        "time",
+        "wall_time",
+        "elapsed",
+        "elapsed_s",
+        "timestamp",
+        "samples",
+        "samples_per_s",
+        "samples_per_sec",
+        "throughput",
+        "tokens",
+        "grad_norm",
+        "rank",
+        "world_size",
+        "batch_size",
+    }
+)
+
+# (metric, floor key or metric key, floor label): a metric is better than its floor when lower.
+_FLOOR_CHECKS = (
+    ("image_l1", "median_image_l1", "median image"),
+    ("image_l1", "copy_last_l1", "copy last input"),
+    ("image_mse", "median_image_mse", "median image"),
+    ("image_mse", "copy_last_mse", "copy last input"),
+    ("text_ce_true", "text_ce_shuffled", "shuffled condition"),
+)
+
+TABLE_COLUMNS = ["metric", "value", "floor", "floor value", "better than floor"]
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e5 or abs(v) < 1e-4:
+            return f"{v:.3e}"
+        return f"{v:.4g}" if abs(v) < 1 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _md_cell(value: Any) -> str:
+    text = html.escape(_fmt(value))
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def render_table(rows: list[dict], columns: list[str]) -> tuple[str, str]:
+    """A comparison table as ``(markdown, html)``; missing cells show ``—``, all text escaped."""
+    md_lines = [
+        "| " + " | ".join(_md_cell(c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        md_lines.append("| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |")
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    table_html = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return "\n".join(md_lines) + "\n", table_html
+
+
+def metrics_rows(report: dict) -> list[dict]:
+    """Rows of the metrics table: each metric; floors and a ✓/✗ where the metric has one."""
+    metrics = dict(report.get("metrics") or {})
+    floors = dict(report.get("floors") or {})
+    rows: list[dict] = []
+    checked = {m for m, _, _ in _FLOOR_CHECKS}
+    for name, value in metrics.items():
+        if name not in checked:
+            if name == "prediction_spread":
+                ok = None if value is None else value > 0
+                rows.append(
+                    {
+                        "metric": name,
+                        "value": value,
+                        "floor": "constant output",
+                        "floor value": 0.0,
+                        "better than floor": None if ok is None else ("✓" if ok else "✗"),
+                    }
+                )
+            else:
+                rows.append({"metric": name, "value": value})
+            continue
+        for metric, floor_key, label in _FLOOR_CHECKS:
+            if metric != name:
+                continue
+            floor_value = floors.get(floor_key, metrics.get(floor_key))
+            mark = None
+            if isinstance(value, (int, float)) and isinstance(floor_value, (int, float)):
+                mark = "✓" if value < floor_value else "✗"
+            rows.append(
+                {
+                    "metric": name,
+                    "value": value,
+                    "floor": f"{label} ({floor_key})",
+                    "floor value": floor_value,
+                    "better than floor": mark,
+                }
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+def _to_hwc_uint8(img: Any) -> np.ndarray:
+    """One image as ``[H,W,3]`` uint8 from uint8 HWC arrays or float CHW/HWC tensors in [0,1]."""
+    try:
+        import torch
+
+        if isinstance(img, torch.Tensor):
+            is_tensor = True
+            img = img.detach().to("cpu")
+            img = img.float().numpy() if img.dtype != torch.uint8 else img.numpy()
+        else:
+            is_tensor = False
+    except ImportError:  # pragma: no cover - torch is a dependency
+        is_tensor = False
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3:
+        raise ValueError(f"an image must be [3,H,W] or [H,W,3], got shape {arr.shape}")
+    channels_first = arr.shape[0] in (1, 3) and (is_tensor or arr.shape[-1] not in (1, 3))
+    if channels_first:
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype == np.uint8:
+        return arr
+    return (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _frames(images: Any) -> list[np.ndarray]:
+    if isinstance(images, (list, tuple)):
+        return [_to_hwc_uint8(x) for x in images]
+    arr = images
+    n = arr.shape[0]
+    return [_to_hwc_uint8(arr[i]) for i in range(n)]
+
+
+def _figure(**kwargs):
+    # A bare Figure renders with the Agg canvas, whatever pyplot's backend is, and leaves no global
+    # state behind (no pyplot figure manager), so it is safe on headless workers and in threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plain(text: Any) -> str:
+    """Text for matplotlib drawn literally (a ``$`` would otherwise start mathtext)."""
+    return str(text).replace("$", r"\$")
+
+
+def _fig_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def plot_loss_curves(metrics_history: dict[str, list[dict]]) -> bytes | None:
+    """PNG with one panel per stage and one line per loss term; ``None`` if nothing to draw."""
+    stages = []
+    for stage, steps in metrics_history.items():
+        terms: dict[str, tuple[list[float], list[float]]] = {}
+        for i, record in enumerate(steps or []):
+            x = record.get("step", i)
+            for key, value in record.items():
+                if key in NON_LOSS_KEYS or isinstance(value, bool):
+                    continue
+                if not isinstance(value, (int, float, np.floating, np.integer)):
+                    continue
+                if not math.isfinite(float(value)):
+                    continue
+                xs, ys = terms.setdefault(key, ([], []))
+                xs.append(float(x))
+                ys.append(float(value))
+        if terms:
+            stages.append((stage, terms))
+    if not stages:
+        return None
+    fig = _figure(figsize=(5.5 * len(stages), 4))
+    axes = fig.subplots(1, len(stages), squeeze=False)
+    for ax, (stage, terms) in zip(axes[0], stages):
+        positive = all(y > 0 for _, ys in terms.values() for y in ys)
+        for key, (xs, ys) in sorted(terms.items()):
+            ax.plot(xs, ys, label=_plain(key), marker="." if len(xs) < 30 else None, linewidth=1.2)
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(_plain(f"stage: {stage}"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (log scale)" if positive else "loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def plot_samples(samples: list[dict]) -> bytes | None:
+    """PNG grid: one row per sample, columns = input frames, target, prediction."""
+    if not samples:
+        return None
+    rows = []
+    for sample in samples:
+        inputs = _frames(sample["inputs"])
+        rows.append(inputs + [_to_hwc_uint8(sample["target"]), _to_hwc_uint8(sample["prediction"])])
+    k = max(len(r) for r in rows) - 2
+    h, w = rows[0][0].shape[:2]
+    cell_w = 2.2
+    cell_h = max(0.8, cell_w * h / w) + 0.35
+    fig = _figure(figsize=(cell_w * (k + 2), cell_h * len(rows)))
+    axes = fig.subplots(len(rows), k + 2, squeeze=False)
+    titles = [f"input {j + 1}" for j in range(k)] + ["target", "prediction"]
+    for r, images in enumerate(rows):
+        n_in = len(images) - 2
+        placed = [None] * (k - n_in) + images[:n_in] + images[n_in:]  # right-align the inputs
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            image = placed[c]
+            if image is None:
+                ax.axis("off")
+                continue
+            ax.imshow(image, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"sample {r + 1}", fontsize=9)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None  # strict JSON has no NaN/inf
+    if value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _sample_rows(samples: list[dict]) -> list[dict]:
+    rows = []
+    for i, s in enumerate(samples):
+        inputs = s.get("input_sentences") or []
+        rows.append(
+            {
+                "sample": i + 1,
+                "input sentences": " / ".join(str(x) for x in inputs),
+                "target sentence": s.get("target_sentence", ""),
+                "generated sentence": s.get("generated_sentence", ""),
+            }
+        )
+    return rows
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; line-height: 1.4; padding: 0 1em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
+img { max-width: 100%; border: 1px solid #ddd; }
+.meta td:first-child { font-weight: 600; }
+"""
+
+
+def write_report(
+    report: dict,
+    out_uri: str,
+    *,
+    metrics_history: dict[str, list[dict]] | None = None,
+    samples: list[dict] | None = None,
+    title: str = "storymm evaluation",
+) -> dict:
+    """Write the report files under ``out_uri``; returns ``{name: uri}`` of what was written.
+
+    ``report`` is the evaluation dict (``{"windows", "metrics", "floors", ...}`` plus any run
+    metadata); ``metrics_history`` maps stage name to per-step dicts; ``samples`` are dicts with
+    ``inputs`` ([K,H,W,3] uint8 or [K,3,H,W] float), ``target``, ``prediction``,
+    ``input_sentences``, ``target_sentence``, ``generated_sentence``. ``loss_curves.png`` and
+    ``samples.png`` are written only when there is something to draw. ``report.json`` is last.
+    """
+    written: dict[str, str] = {}
+
+    def put(name: str, data: bytes) -> str:
+        uri = storage.join(out_uri, name)
+        storage.write_bytes(uri, data)
+        written[name] = uri
+        return uri
+
+    clean = _jsonable(report)
+    report_json = json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    loss_png = plot_loss_curves(metrics_history) if metrics_history else None
+    samples_png = plot_samples(samples) if samples else None
+
+    # metadata: every top-level scalar of the report (run names, checkpoint, split, windows...)
+    meta_rows = [
+        {"field": key, "value": value}
+        for key, value in clean.items()
+        if key not in ("metrics", "floors") and not isinstance(value, (dict, list))
+    ]
+    meta_md, meta_html = render_table(meta_rows, ["field", "value"])
+    table_md, table_html = render_table(metrics_rows(clean), TABLE_COLUMNS)
+    sample_md, sample_html = render_table(
+        _sample_rows(samples or []),
+        ["sample", "input sentences", "target sentence", "generated sentence"],
+    )
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    safe_title = html.escape(str(title))
+
+    # ---- HTML (self-contained)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{safe_title}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{safe_title}</h1>",
+        f"<p>Generated {html.escape(generated)}. Metric definitions: see the README "
+        "(<code>storymm.metrics</code>). ✓ means better than the floor (lower error).</p>",
+    ]
+    if meta_rows:
+        parts += ["<h2>Run</h2>", meta_html.replace("<table>", '<table class="meta">', 1)]
+    parts += ["<h2>Metrics against the floors</h2>", table_html]
+    parts.append("<h2>Loss curves</h2>")
+    if loss_png is not None:
+        b64 = base64.b64encode(loss_png).decode("ascii")
+        parts.append(f'<img alt="loss curves" src="data:image/png;base64,{b64}">')
+    else:
+        parts.append("<p>No training history was given.</p>")
+    parts.append("<h2>Sample predictions</h2>")
+    if samples_png is not None:
+        b64 = base64.b64encode(samples_png).decode("ascii")
+        parts.append(
+            "<p>Each row: the input frames, the target frame, the predicted frame.</p>"
+            f'<img alt="sample predictions" src="data:image/png;base64,{b64}">'
+        )
+        parts.append(sample_html)
+    else:
+        parts.append("<p>No samples were given.</p>")
+    parts.append("</body></html>")
+    page_html = "\n".join(parts) + "\n"
+
+    # ---- Markdown
+    md = [f"# {html.escape(str(title))}", "", f"Generated {generated}.", ""]
+    if meta_rows:
+        md += ["## Run", "", meta_md]
+    md += ["## Metrics against the floors", "", "✓ means better than the floor (lower error).", "", table_md]
+    md += ["## Loss curves", ""]
+    md += ["![loss curves](loss_curves.png)", ""] if loss_png is not None else ["No training history was given.", ""]
+    md += ["## Sample predictions", ""]
+    if samples_png is not None:
+        md += ["Each row: the input frames, the target frame, the predicted frame.", "",
+               "![sample predictions](samples.png)", "", sample_md]
+    else:
+        md += ["No samples were given.", ""]
+    page_md = "\n".join(md)
+
+    if loss_png is not None:
+        put("loss_curves.png", loss_png)
+    if samples_png is not None:
+        put("samples.png", samples_png)
+    put("report.md", page_md.encode("utf-8"))
+    put("report.html", page_html.encode("utf-8"))
+    put("report.json", report_json.encode("utf-8"))  # last: the completion marker
+    return written
