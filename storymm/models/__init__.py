@@ -1,0 +1,17 @@
+"""Models: visual and text autoencoders, fusion registry, story continuation model."""
+
+from .fusion import FUSIONS, ConcatFusion, GateFusion, build_fusion, register_fusion
+from .sequence import StoryContinuationModel
+from .text import TextAutoencoder
+from .visual import VisualAutoencoder
+
+__all__ = [
+    "FUSIONS",
+    "ConcatFusion",
+    "GateFusion",
+    "StoryContinuationModel",
+    "TextAutoencoder",
+    "VisualAutoencoder",
+    "build_fusion",
+    "register_fusion",
+]

@@ -1,0 +1,189 @@
+"""Story continuation: K (image, sentence) frames in, the next image and sentence out.
+
+    frames[B,K,3,H,W] --visual.encode--> v[B,K,Dv] \
+                                                    fusion --> f[B,K,Hd] --GRU--> o[B,K,Hd]
+    tokens[B,K,L]     --text.encode----> t[B,K,Dt] /
+    attention pooling over o (weights ``attention[B,K]``) -> pooled; ctx = [pooled; o_K]
+    ctx --Linear+LayerNorm--> visual_latent[B,Dv] --visual.decode--> image, context
+    ctx --Linear+LayerNorm--> text_latent[B,Dt]   --text.decode_logits(., target[:, :-1])--> text_logits
+
+The projections end in LayerNorm (no ReLU), matching the autoencoders' latents, so the pretrained
+decoders see inputs on the scale they were trained on.  The text logits are conditioned on the
+*predicted* text latent only (nothing else reaches the text decoder), so shuffling that latent across
+the batch must raise the cross-entropy if the model uses the story at all.
+
+Optional copy path (``copy_path=True``): a query from ``ctx`` attends over the K input frames (keys
+from the GRU outputs, the frame latents and a learned "frames back from the last" embedding), the
+attention-weighted mix of the input images is the copied image, and a per-pixel sigmoid gate (a small
+conv over [generated, copied] plus a per-image bias from ``ctx``) blends it with the generated image.
+With A-B-A-B editing the right frame to copy is often two back; this is how the model can learn it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fusion import build_fusion
+from .text import TextAutoencoder
+from .visual import VisualAutoencoder
+
+
+class StoryContinuationModel(nn.Module):
+    def __init__(
+        self,
+        visual: VisualAutoencoder,
+        text: TextAutoencoder,
+        fusion: str = "gate",
+        hidden_dim: int = 128,
+        copy_path: bool = False,
+        max_frames: int = 64,
+    ):
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.fusion_name = fusion
+        self.hidden_dim = int(hidden_dim)
+        self.copy_path = bool(copy_path)
+        self.autoencoders_frozen = False
+        dv, dt, hd = visual.latent_dim, text.latent_dim, self.hidden_dim
+
+        self.fusion = build_fusion(fusion, dv, dt, hd)
+        self.gru = nn.GRU(hd, hd, batch_first=True)
+        self.attn_proj = nn.Linear(hd, hd)
+        self.attn_score = nn.Linear(hd, 1, bias=False)
+        self.to_visual = nn.Sequential(nn.Linear(2 * hd, dv), nn.LayerNorm(dv))
+        self.to_text = nn.Sequential(nn.Linear(2 * hd, dt), nn.LayerNorm(dt))
+
+        if self.copy_path:
+            self.max_frames = int(max_frames)
+            self.copy_query = nn.Linear(2 * hd, hd)
+            self.copy_key = nn.Linear(hd + dv, hd)
+            self.copy_pos = nn.Embedding(self.max_frames, hd)  # index = frames back from the last
+            self.copy_gate_conv = nn.Sequential(
+                nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
+            )
+            self.copy_gate_bias = nn.Linear(2 * hd, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def freeze_autoencoders(self, flag: bool = True) -> None:
+        """Freeze (``True``) or unfreeze the visual and text autoencoders (encoders and decoders).
+
+        Frozen autoencoders also stay in eval mode when ``.train()`` is called (no dropout)."""
+        self.autoencoders_frozen = bool(flag)
+        for p in list(self.visual.parameters()) + list(self.text.parameters()):
+            p.requires_grad_(not flag)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> StoryContinuationModel:
+        super().train(mode)
+        if self.autoencoders_frozen:
+            self.visual.eval()
+            self.text.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def encode_frames(self, frames: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``frames[B,K,3,H,W], tokens[B,K,L]`` -> per-frame latents ``v[B,K,Dv], t[B,K,Dt]``."""
+        b, k = frames.shape[:2]
+        v = self.visual.encode(frames.flatten(0, 1)).view(b, k, -1)
+        t = self.text.encode(tokens.flatten(0, 1)).view(b, k, -1)
+        return v, t
+
+    def _context(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        v, t = self.encode_frames(frames, tokens)
+        fused = self.fusion(v, t)  # [B,K,Hd]
+        out, h = self.gru(fused)  # out [B,K,Hd], h [1,B,Hd]
+        scores = self.attn_score(torch.tanh(self.attn_proj(out))).squeeze(-1)  # [B,K]
+        attn = torch.softmax(scores, dim=-1)
+        pooled = torch.einsum("bk,bkh->bh", attn, out)
+        ctx = torch.cat([pooled, h[-1]], dim=-1)
+        return {"ctx": ctx, "gru_out": out, "attention": attn, "frame_visual_latents": v}
+
+    def predict_latents(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The predicted next-frame latents and the pooling attention (no decoding)."""
+        c = self._context(frames, tokens)
+        return {
+            "visual_latent": self.to_visual(c["ctx"]),
+            "text_latent": self.to_text(c["ctx"]),
+            "attention": c["attention"],
+        }
+
+    def text_logits(self, text_latent: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B,L-1,V]`` for ``target_tokens[:, 1:]`` given a text latent (e.g. a
+        shuffled one, for the true-vs-shuffled condition test)."""
+        return self.text.decode_logits(text_latent, target_tokens[:, :-1])
+
+    def forward(
+        self,
+        frames: torch.Tensor,
+        tokens: torch.Tensor,
+        target_tokens: torch.Tensor | None = None,
+        target_frame: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
+        ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
+        given; ``target_visual_latent``/``target_text_latent`` (the autoencoders' encodings of the true
+        next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
+        copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``."""
+        c = self._context(frames, tokens)
+        ctx = c["ctx"]
+        zv = self.to_visual(ctx)
+        zt = self.to_text(ctx)
+        dec = self.visual.decode(zv)
+        out: dict[str, torch.Tensor] = {
+            "image": dec["content"],
+            "context": dec["context"],
+            "visual_latent": zv,
+            "text_latent": zt,
+            "attention": c["attention"],
+        }
+        if self.copy_path:
+            out.update(self._copy(frames, c, dec["content"]))
+        if target_tokens is not None:
+            out["text_logits"] = self.text_logits(zt, target_tokens)
+            with torch.no_grad():
+                out["target_text_latent"] = self.text.encode(target_tokens)
+        if target_frame is not None:
+            with torch.no_grad():
+                out["target_visual_latent"] = self.visual.encode(target_frame)
+        return out
+
+    def _copy(self, frames: torch.Tensor, c: dict[str, torch.Tensor], generated: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, k = frames.shape[:2]
+        if k > self.max_frames:
+            raise ValueError(f"copy path supports at most {self.max_frames} input frames, got {k}")
+        back = torch.arange(k - 1, -1, -1, device=frames.device)  # frames back from the last
+        keys = self.copy_key(torch.cat([c["gru_out"], c["frame_visual_latents"]], dim=-1)) + self.copy_pos(back)
+        query = self.copy_query(c["ctx"])
+        weights = torch.softmax(torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim), dim=-1)
+        copied = torch.einsum("bk,bkchw->bchw", weights, frames)
+        if copied.shape[-2:] != generated.shape[-2:]:
+            copied = F.interpolate(copied, size=generated.shape[-2:], mode="bilinear", align_corners=False)
+        gate_logit = self.copy_gate_conv(torch.cat([generated, copied], dim=1))
+        gate = torch.sigmoid(gate_logit + self.copy_gate_bias(c["ctx"])[:, :, None, None])
+        image = gate * copied + (1.0 - gate) * generated
+        return {
+            "image": image,
+            "generated_image": generated,
+            "copied_image": copied,
+            "copy_gate": gate,
+            "copy_weights": weights,
+        }
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        frames: torch.Tensor,
+        tokens: torch.Tensor,
+        max_len: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Next sentence ``tokens[B,max_len]`` (bos first, pad after eos) from the predicted text latent."""
+        zt = self.predict_latents(frames, tokens)["text_latent"]
+        return self.text.generate(zt, max_len, temperature=temperature, top_p=top_p, generator=generator)
