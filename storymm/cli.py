@@ -45,6 +45,39 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from storymm.config import load_config
+    from storymm.training.backends import run_training
+
+    config = load_config(args.config, args.overrides)
+    summary = run_training(
+        config, args.stage, args.data, args.run, backend=args.backend, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, init_from=args.init_from,
+    )
+    print(f"{summary['stage']}: {summary['status']} at step {summary['step']} -> {summary['run']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from storymm.evaluation import evaluate, format_summary
+
+    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p)
+    if report:
+        print(format_summary(report))
+        if args.out:
+            print(f"report: {args.out}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from storymm.config import load_config
+    from storymm.pipeline import run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    run_pipeline(config, args.work, backend=args.backend, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storymm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,13 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--stories", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frames", type=_frames_range, default=(8, 14), help="frames per story, MIN-MAX")
-    synth.set_defaults(run=cmd_synth)
+    synth.set_defaults(handler=cmd_synth)
 
     prep = commands.add_parser("prepare", help="validate, resize and tokenize stories into shards")
     prep.add_argument("--source", required=True, help="hub id (hf:NAME or owner/name) or a folder/URI of parquet")
     prep.add_argument("--out", required=True, help="dataset folder or URI")
     _add_config_args(prep)
-    prep.set_defaults(run=cmd_prepare)
+    prep.set_defaults(handler=cmd_prepare)
+
+    train = commands.add_parser("train", help="train one stage (resumes from the run's latest checkpoint)")
+    train.add_argument("--stage", required=True, choices=["visual_ae", "text_ae", "sequence"])
+    train.add_argument("--data", required=True, help="prepared dataset URI")
+    train.add_argument("--run", required=True, help="run URI (checkpoints, metrics)")
+    train.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
+    train.add_argument("--workers", type=int, default=1, help="data-parallel workers (ray)")
+    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--init-from", nargs="*", default=[], metavar="RUN_URI",
+                       help="visual_ae / text_ae runs whose weights the sequence stage starts from")
+    _add_config_args(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a sequence run on a whole split and write its report")
+    evaluate.add_argument("--run", required=True, help="sequence run URI")
+    evaluate.add_argument("--data", required=True, help="prepared dataset URI")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", help="report folder or URI (report.json, report.html, plots)")
+    evaluate.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
+    evaluate.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")
+    pipeline.add_argument("--work", default=DEFAULT_WORK, help=f"work folder or URI (default {DEFAULT_WORK})")
+    pipeline.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
+    pipeline.add_argument("--workers", type=int, default=1)
+    _add_config_args(pipeline)
+    pipeline.set_defaults(handler=cmd_pipeline)
     return parser
 
 
@@ -74,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     from storymm.config import ConfigError
     from storymm.data.loader import DatasetError
     from storymm.data.tokenizer import TokenizerError
+    from storymm.training.checkpoint import CheckpointError
+    from storymm.training.loop import TrainingError
 
     try:
-        return args.run(args)
-    except (ConfigError, DatasetError, TokenizerError, FileNotFoundError, ValueError) as err:
+        return args.handler(args)
+    except (ConfigError, DatasetError, TokenizerError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as err:
         print(f"storymm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -86,8 +86,17 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+class SynthConfig(_Section):
+    """What ``storymm pipeline`` synthesises when its work folder has no source data."""
+
+    stories: int = Field(400, ge=2)
+    frames_min: int = Field(8, ge=2)
+    frames_max: int = Field(14, ge=2)
+
+
 class Config(_Section):
     seed: int = 0
+    synth: SynthConfig = Field(default_factory=SynthConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

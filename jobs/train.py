@@ -1,0 +1,11 @@
+"""`ray job submit --working-dir . -- python jobs/train.py …`: same arguments as `storymm train`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the working dir's storymm
+
+from storymm.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,176 @@
+"""Evaluate a trained sequence run over a whole split and write its report.
+
+Every window of the split is scored (no single-batch numbers); workers accumulate sums and
+per-window terms that are combined exactly (``metrics.EvalAccumulator``). The report page shows the
+metrics against the trivial floors, the loss curves of the run and the autoencoder runs it started
+from, and sample predictions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+
+import torch
+from tqdm import tqdm
+
+from storymm import storage
+from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.losses import text_cross_entropy_sum
+from storymm.metrics import EvalAccumulator, median_image
+from storymm.reports import write_report
+from storymm.training import checkpoint
+from storymm.training.loop import TrainingError, read_metrics, read_run, resolve_config
+from storymm.training.runtime import Runtime
+from storymm.training.stages import TokenizerInfo, build_model
+
+log = logging.getLogger(__name__)
+
+
+def load_sequence_model(run_uri: str, tokens: TokenizerInfo):
+    """The run's config and its latest sequence model (eval mode, on CPU), plus the checkpoint step."""
+    run = read_run(run_uri)
+    if run["stage"] != "sequence":
+        raise TrainingError(f"{storage.redact(run_uri)} is a {run['stage']} run; evaluate takes a sequence run")
+    config = resolve_config(run_uri)
+    state = checkpoint.load_latest(run_uri, purpose="evaluating")
+    if state is None:
+        raise TrainingError(f"{storage.redact(run_uri)} has no checkpoint to evaluate")
+    model = build_model("sequence", config, tokens)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return config, model, int(state["step"])
+
+
+def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> torch.Tensor:
+    loader = WindowLoader(
+        dataset, "train", batch_size=256, context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens, windows=config.data.windows, shuffle=True, seed=config.seed,
+        equalize=False,
+    )
+
+    def targets():
+        seen = 0
+        for batch in loader:
+            yield batch["target_frame"]
+            seen += len(batch["target_frame"])
+            if seen >= limit:
+                return
+
+    return median_image(targets(), max_samples=limit, seed=config.seed)
+
+
+@torch.no_grad()
+def evaluate(
+    run_uri: str,
+    data_uri: str,
+    split: str,
+    out_uri: str | None,
+    runtime: Runtime | None = None,
+    progress: bool = True,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> dict:
+    """Score the run's latest checkpoint on ``split``; write the report under ``out_uri`` (rank 0)."""
+    runtime = runtime or Runtime.from_environment()
+    dataset = PreparedDataset(data_uri)
+    tokens = TokenizerInfo.from_manifest(dataset.manifest)
+    config, model, step = load_sequence_model(run_uri, tokens)
+    model.to(runtime.device)
+    tokenizer = dataset.tokenizer
+    temperature = config.eval.temperature if temperature is None else temperature
+    top_p = config.eval.top_p if top_p is None else top_p
+    generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+
+    floor_image = _median_of_train_targets(dataset, config, config.eval.median_windows)
+    accumulator = EvalAccumulator(floor_image)
+    loader = WindowLoader(
+        dataset, split, batch_size=config.eval.batch_size, context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
+        world_size=runtime.world_size, shuffle=False, equalize=False, with_text=True,
+    )
+    samples: list[dict] = []
+    bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
+    for batch in loader:
+        batch = runtime.to_device(batch)
+        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+        labels = batch["target_tokens"][:, 1:]
+        ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
+        shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)
+        ce_shuffled, _ = text_cross_entropy_sum(
+            model.text_logits(out["text_latent"][shuffled], batch["target_tokens"]), labels, tokens.pad_id
+        )
+        generated = model.text.generate(
+            out["text_latent"], config.data.max_tokens, temperature=temperature, top_p=top_p, generator=generator
+        )
+        hypotheses = [tokenizer.decode(row.tolist()) for row in generated.cpu()]
+        references = [tokenizer.decode(row.tolist()) for row in batch["target_tokens"].cpu()]
+        prediction = out["image"].clamp(0, 1)
+        accumulator.update(
+            pred_image=prediction.cpu(), target_image=batch["target_frame"].cpu(),
+            last_input=batch["frames"][:, -1].cpu(), text_ce_sum_true=float(ce_true),
+            text_ce_sum_shuffled=float(ce_shuffled), text_tokens=int(count),
+            visual_latent=out["visual_latent"].cpu(), text_latent=out["text_latent"].cpu(),
+            hypotheses=hypotheses, references=references,
+        )
+        for i in range(min(len(hypotheses), config.eval.samples - len(samples))):
+            samples.append(
+                {
+                    "inputs": batch["frames"][i].cpu(),
+                    "target": batch["target_frame"][i].cpu(),
+                    "prediction": prediction[i].cpu(),
+                    "input_sentences": batch["input_sentences"][i],
+                    "target_sentence": batch["target_sentences"][i],
+                    "generated_sentence": hypotheses[i],
+                }
+            )
+        bar.update(1)
+    bar.close()
+
+    states = runtime.all_gather_object(accumulator.state())
+    if not runtime.is_main:
+        return {}
+    combined = EvalAccumulator.from_states(states)
+    result = combined.compute()
+    run = read_run(run_uri)
+    report = {
+        "run": storage.redact(run_uri),
+        "data": storage.redact(data_uri),
+        "split": split,
+        "step": step,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"fusion": config.model.fusion, "copy_path": config.model.copy_path,
+                  "visual_latent": config.model.visual_latent, "text_latent": config.model.text_latent},
+        "generation": {"temperature": temperature, "top_p": top_p},
+        **result,
+    }
+    if out_uri is not None:
+        history = {"sequence": read_metrics(run_uri)}
+        for parent in run.get("init_from", []):
+            try:
+                history[read_run(parent)["stage"]] = read_metrics(parent)
+            except Exception as err:  # a moved parent run only costs its curve
+                log.warning("no loss curve for %s: %s", storage.redact(parent), err)
+        write_report(report, out_uri, metrics_history=history, samples=samples,
+                     title=f"storymm evaluation: {config.model.fusion} on {split}")
+    return report
+
+
+def format_summary(report: dict) -> str:
+    m, f = report["metrics"], report["floors"]
+
+    def num(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return "\n".join(
+        [
+            f"{report['split']}: {report['windows']} windows, step {report['step']}",
+            f"  image L1 {num(m['image_l1'])} (median floor {num(f['median_image_l1'])}, "
+            f"copy-last {num(f['copy_last_l1'])}), MSE {num(m['image_mse'])}, SSIM {num(m['ssim'])}, "
+            f"PSNR {num(m['psnr'])}, spread {num(m['prediction_spread'])}",
+            f"  text CE {num(m['text_ce_true'])} (shuffled {num(m['text_ce_shuffled'])}), "
+            f"perplexity {num(m['perplexity'])}, BLEU {num(m['bleu'])}",
+            f"  cross-modal {num(m['cross_modal_similarity'])}, retrieval R@1 {num(m['retrieval_r1'])} "
+            f"R@10 {num(m['retrieval_r10'])}",
+        ]
+    )

@@ -1,0 +1,1 @@
+"""Training: one loop (``loop.train``), three stages, backends behind ``runtime.Runtime``."""

@@ -1,0 +1,107 @@
+"""The small interface the training loop is written against, so Ray Train, Accelerate and a plain
+process run the same loop. A backend only says who this process is, where tensors live, how a
+model is wrapped for data parallelism, and how numbers are combined across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    """In-process runtime: one process, or a torch.distributed group when launched by ``torchrun``
+    (``WORLD_SIZE`` > 1 in the environment; gloo on CPU, nccl on GPU)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mixed_precision: str = "no"
+    name: str = "local"
+
+    @classmethod
+    def from_environment(cls, mixed_precision: str = "no") -> "Runtime":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return cls(rank, world, local_rank, device, mixed_precision if device.type == "cuda" else "no")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    # ------------------------------------------------------------------ model and optimisation
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        return model
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.module if hasattr(model, "module") else model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def autocast(self):
+        if self.mixed_precision in ("bf16", "fp16") and self.device.type == "cuda":
+            dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict) -> dict:
+        return {
+            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+
+    # ------------------------------------------------------------------------ collectives
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------- reporting
+
+    def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
+        """Hook for backends with their own metric/checkpoint tracking (Ray Train)."""
+
+    def should_stop(self) -> bool:
+        """True when the scheduler asked us to stop (e.g. SLURM's warning signal): checkpoint and exit."""
+        return False

@@ -1,0 +1,95 @@
+"""The three training stages: what model each builds and how a batch becomes a loss.
+
+``visual_ae`` and ``text_ae`` pretrain the autoencoders on every frame of the windows; ``sequence``
+trains the story model on top of them (loaded from their runs with ``--init-from``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from storymm import losses
+from storymm.config import Config
+from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
+
+STAGES = ("visual_ae", "text_ae", "sequence")
+
+
+@dataclass
+class TokenizerInfo:
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "TokenizerInfo":
+        info = manifest["tokenizer"]
+        return cls(info["vocab_size"], info["pad_id"], info["bos_id"], info["eos_id"])
+
+
+def build_visual(config: Config) -> VisualAutoencoder:
+    return VisualAutoencoder(
+        latent_dim=config.model.visual_latent,
+        image_size=(config.data.image_height, config.data.image_width),
+        channels=tuple(config.model.visual_channels),
+    )
+
+
+def build_text(config: Config, tokens: TokenizerInfo) -> TextAutoencoder:
+    return TextAutoencoder(
+        vocab_size=tokens.vocab_size,
+        latent_dim=config.model.text_latent,
+        embed_dim=config.model.embed_dim,
+        hidden_dim=config.model.text_hidden,
+        pad_id=tokens.pad_id,
+        bos_id=tokens.bos_id,
+        eos_id=tokens.eos_id,
+    )
+
+
+def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.Module:
+    if stage == "visual_ae":
+        return build_visual(config)
+    if stage == "text_ae":
+        return build_text(config, tokens)
+    if stage == "sequence":
+        return StoryContinuationModel(
+            build_visual(config),
+            build_text(config, tokens),
+            fusion=config.model.fusion,
+            hidden_dim=config.model.sequence_hidden,
+            copy_path=config.model.copy_path,
+        )
+    raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+
+
+def loss_weights(config: Config) -> losses.LossWeights:
+    return losses.LossWeights(**config.loss.model_dump())
+
+
+def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
+    """``fn(model, batch) -> (loss, {term: float})`` for the stage; batch already on the device."""
+    weights = loss_weights(config)
+
+    def visual(model, batch):
+        images = torch.cat([batch["frames"].flatten(0, 1), batch["target_frame"]])
+        return losses.visual_ae_loss(model(images), images, weights)
+
+    def text(model, batch):
+        sentences = torch.cat([batch["tokens"].flatten(0, 1), batch["target_tokens"]])
+        return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id)
+
+    def sequence(model, batch):
+        outputs = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+        return losses.sequence_loss(outputs, batch, weights, tokens.pad_id)
+
+    return {"visual_ae": visual, "text_ae": text, "sequence": sequence}[stage]
+
+
+def windows_per_step(stage: str, batch_size: int, context: int) -> int:
+    """Samples a step consumes, for throughput: images/sentences for the AEs, windows otherwise."""
+    return batch_size * (context + 1) if stage in ("visual_ae", "text_ae") else batch_size
