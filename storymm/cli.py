@@ -78,6 +78,20 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from storymm.config import load_config
+    from storymm.tune import parse_grid, results_markdown, run_tune
+
+    config = load_config(args.config, args.overrides)
+    summary = run_tune(
+        config, args.stage, args.data, args.runs, args.out, grid=parse_grid(args.grid) or None,
+        max_concurrent=args.max_concurrent, grace_steps=args.grace_steps,
+    )
+    print(results_markdown(summary))
+    print(f"results: {args.out}")
+    return 0 if summary["best"] is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storymm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--workers", type=int, default=1)
     _add_config_args(pipeline)
     pipeline.set_defaults(handler=cmd_pipeline)
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep: each trial a short training run, ASHA early stopping")
+    tune.add_argument("--stage", default="visual_ae", choices=["visual_ae", "text_ae", "sequence"])
+    tune.add_argument("--data", required=True, help="prepared dataset URI")
+    tune.add_argument("--runs", required=True, help="URI under which each trial gets its run folder")
+    tune.add_argument("--out", required=True, help="reports folder or URI for tune.md and tune.json")
+    tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                      help="config key and values to sweep (repeatable; all combinations); "
+                           "default model.visual_latent=16,32,64,128")
+    tune.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
+    tune.add_argument("--grace-steps", type=int, help="ASHA grace period in steps (default steps/4)")
+    _add_config_args(tune)
+    tune.set_defaults(handler=cmd_tune)
     return parser
 
 

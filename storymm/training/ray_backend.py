@@ -1,0 +1,230 @@
+"""Ray Train backend: the shared training loop (``loop.train``) on a ``TorchTrainer`` worker group.
+
+Ray owns the processes, the torch process group (gloo on CPU, nccl on GPU), restarts after a lost
+worker (``FailureConfig``) and its own progress tracking (``ray.train.report``). storymm's own
+checkpoints (``<run>/checkpoints/`` and the ``latest`` marker) stay the source of truth: when Ray
+restarts the worker group, ``train()`` runs again from the top and resumes from ``latest``, exactly
+as a rerun of the command would. What Ray keeps under ``<run>/ray/`` (its run state and tiny
+checkpoint folders that name the storymm checkpoint) is bookkeeping only.
+
+Every start of the worker group (the first and each restart) appends a line to
+``<run>/ray_attempts.jsonl`` (attempt number, the step it resumed from, world size), so a restart
+after a failure can be seen and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from storymm import storage
+from storymm.config import Config, config_from_dict
+from storymm.training.loop import TrainingError
+from storymm.training.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RAY_DIR = "ray"
+ATTEMPTS_FILE = "ray_attempts.jsonl"
+RAY_RUN_NAME = "train"
+POINTER_FILE = "storymm_checkpoint.json"
+# Set in a worker's environment (e.g. via the job's runtime env), each training worker writes its
+# pid to <dir>/rank-<r>.pid at start: tests use it to kill one worker mid-run.
+PIDFILE_DIR_ENV = "STORYMM_TEST_PIDFILE_DIR"
+MAX_FAILURES_ENV = "STORYMM_RAY_MAX_FAILURES"
+DEFAULT_MAX_FAILURES = 3
+
+
+class RayBackendError(TrainingError):
+    pass
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.train  # noqa: F401
+        import ray.train.torch  # noqa: F401
+    except ImportError as err:
+        raise RayBackendError(
+            f"--backend ray needs Ray Train: pip install 'ray[default,train,tune]' ({err})"
+        ) from None
+    return ray
+
+
+def ensure_ray(ray) -> None:
+    """Connect to a running cluster when ``RAY_ADDRESS`` is set, else start a local one."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # A job started by `ray job submit` runs with RAY_ADDRESS set to its cluster.
+    ray.init(address="auto" if address else None, log_to_driver=True)
+
+
+def ray_storage(run_uri: str) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's own files under ``<run>/ray``: the same
+    filesystem storymm uses (S3 with ``AWS_ENDPOINT_URL`` and credentials from the environment)."""
+    location = storage.locate(storage.join(run_uri, RAY_DIR))
+    if storage.is_remote(run_uri):
+        return location.path, location.fs
+    os.makedirs(location.path, exist_ok=True)
+    return location.path, None
+
+
+class RayRuntime(Runtime):
+    """A worker of a ``TorchTrainer``: rank and world size from ``ray.train.get_context()``,
+    collectives over the process group Ray created, progress reported to Ray Train."""
+
+    @classmethod
+    def from_ray_context(cls, mixed_precision: str = "no") -> "RayRuntime":
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
+        return cls(
+            rank=context.get_world_rank(),
+            world_size=context.get_world_size(),
+            local_rank=context.get_local_rank(),
+            device=device,
+            mixed_precision=mixed_precision if device.type == "cuda" else "no",
+            name="ray",
+        )
+
+    def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
+        # Every rank calls this the same number of times (the loop calls it on all ranks), which
+        # ray.train.report requires: it is a barrier across the worker group.
+        import ray.train
+
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if "total" in clean:
+            clean["loss"] = clean["total"]
+        if checkpoint_uri is None or not self.is_main:
+            ray.train.report(clean)
+            return
+        with tempfile.TemporaryDirectory(prefix="storymm-ray-ckpt-") as folder:
+            with open(os.path.join(folder, POINTER_FILE), "w") as handle:
+                json.dump({"checkpoint": storage.redact(checkpoint_uri), "step": clean.get("step")}, handle)
+            ray.train.report(
+                clean,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint-step-{int(clean.get('step', 0)):08d}",
+            )
+
+
+def _record_attempt(run_uri: str, runtime: RayRuntime) -> None:
+    from storymm.training import checkpoint
+
+    latest = checkpoint.latest_uri(run_uri)
+    start_step = 0
+    if latest is not None:
+        start_step = int(storage.basename(latest).split("-")[1].split(".")[0])
+    uri = storage.join(run_uri, ATTEMPTS_FILE)
+    previous = storage.read_text(uri) if storage.exists(uri) else ""
+    entry = {
+        "attempt": len([line for line in previous.splitlines() if line.strip()]) + 1,
+        "start_step": start_step,
+        "world_size": runtime.world_size,
+        "time": time.time(),
+    }
+    storage.write_text(uri, previous + json.dumps(entry) + "\n")
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker (and again on each worker-group restart)."""
+    from storymm.training.loop import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_dict(loop_config["config"])
+    runtime = RayRuntime.from_ray_context(config.train.mixed_precision)
+    pid_dir = os.environ.get(PIDFILE_DIR_ENV)
+    if pid_dir:
+        os.makedirs(pid_dir, exist_ok=True)
+        with open(os.path.join(pid_dir, f"rank-{runtime.rank}.pid"), "w") as handle:
+            handle.write(str(os.getpid()))
+    if runtime.is_main:
+        _record_attempt(loop_config["run_uri"], runtime)
+    runtime.barrier()
+    summary = train(
+        config, loop_config["stage"], loop_config["data_uri"], loop_config["run_uri"], runtime,
+        loop_config["init_from"], loop_config["progress"],
+    )
+    if runtime.is_main:
+        log.info("ray worker 0 finished: %s", summary)
+
+
+def run_ray(
+    config: Config,
+    stage: str,
+    data_uri: str,
+    run_uri: str,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    init_from: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    max_failures: int | None = None,
+) -> dict:
+    """Train ``stage`` on ``workers`` Ray Train workers; returns the loop's summary (rank 0's view,
+    read back from the run's checkpoint and metrics)."""
+    ray = _import_ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from storymm.training import checkpoint
+    from storymm.training.loop import read_metrics
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if max_failures is None:
+        max_failures = int(os.environ.get(MAX_FAILURES_ENV, str(DEFAULT_MAX_FAILURES)))
+    ensure_ray(ray)
+    storage_path, filesystem = ray_storage(run_uri)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": 1}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "stage": stage,
+            "data_uri": data_uri,
+            "run_uri": run_uri,
+            "init_from": list(init_from),
+            "progress": progress,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    log.info("Ray Train: %s on %d worker(s)%s, run %s", stage, workers,
+             f", {gpus_per_worker} GPU each" if use_gpu else " (CPU, gloo)", storage.redact(run_uri))
+    try:
+        trainer.fit()
+    except Exception as err:  # TrainingFailedError and friends: keep the message, drop Ray's wrapping
+        raise RayBackendError(f"Ray Train run failed for {storage.redact(run_uri)}: {err}") from err
+    state = checkpoint.load_latest(run_uri, purpose="summarising")
+    metrics = read_metrics(run_uri)
+    step = int(state["step"]) if state else 0
+    return {
+        "stage": stage,
+        "run": storage.redact(run_uri),
+        "step": step,
+        "status": state["status"] if state else "unknown",
+        "metrics": metrics[-1] if metrics else {},
+    }

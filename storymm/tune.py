@@ -1,0 +1,222 @@
+"""``storymm tune``: a Ray Tune sweep where every trial is a real (short) training run of one stage.
+
+Each trial runs the shared training loop (``loop.train``) in its own Ray worker process, with its
+own run URI ``<runs>/<trial name>`` (checkpoints, ``metrics.jsonl``, ``run.json``, so a trial can
+be inspected, evaluated or resumed like any other run). Its loss goes to Ray Tune at every logged
+step; an ASHA scheduler stops the trials that fall behind at each rung. The results table (the
+swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
+as ``tune.md`` and ``tune.json``.
+
+The grid defaults to the visual latent sizes the second seed compared (16/32/64/128); any config
+key can be swept with ``--grid KEY=V1,V2,...`` (e.g. loss weights: ``--grid loss.gradient=0,0.1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import re
+import time
+
+import yaml
+
+from storymm import storage
+from storymm.config import Config, ConfigError, config_from_dict
+from storymm.training.runtime import Runtime
+from storymm.training.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = {"model.visual_latent": [16, 32, 64, 128]}
+TABLE_MD = "tune.md"
+TABLE_JSON = "tune.json"
+
+
+def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
+    """``["model.visual_latent=16,32", "loss.gradient=0,0.1"]`` -> ``{key: [values]}`` (YAML-typed)."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        key, raw = item.split("=", 1)
+        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip() != ""]
+        if not key.strip() or not values:
+            raise ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        grid[key.strip()] = values
+    return grid
+
+
+def _set_path(tree: dict, key: str, value) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"--grid {key}: {part} is not a config section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"--grid {key}: unknown key")
+    node[parts[-1]] = value
+
+
+def trial_config(base: dict, params: dict) -> Config:
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        _set_path(tree, key, value)
+    return config_from_dict(tree)
+
+
+def trial_name(params: dict) -> str:
+    parts = [f"{key.split('.')[-1]}={value}" for key, value in sorted(params.items())]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)) or "trial"
+
+
+class TuneRuntime(Runtime):
+    """One process per trial; the loss of each logged step goes to Ray Tune (and ASHA)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._last_step = -1
+
+    def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
+        from ray import tune
+
+        step = int(metrics.get("step", -1)) if metrics else -1
+        if step <= self._last_step:  # the loop reports again at a checkpoint of the same step
+            return
+        self._last_step = step
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        clean["loss"] = clean.get("total", float("nan"))
+        tune.report(clean)
+
+
+def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str) -> None:
+    """A Ray Tune trial: one training run of ``stage`` with ``params`` applied to the base config."""
+    import torch
+
+    from storymm.training.loop import train
+
+    torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
+    config = trial_config(base, params)
+    run_uri = storage.join(runs_uri, trial_name(params))
+    train(config, stage, data_uri, run_uri, TuneRuntime(name="tune"), progress=False)
+
+
+def _format_value(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def results_markdown(summary: dict) -> str:
+    keys = summary["grid_keys"]
+    lines = [
+        f"# storymm tune: {summary['stage']}",
+        "",
+        f"{len(summary['trials'])} trials, {summary['steps']} steps each at most, ASHA on `loss` "
+        f"(grace {summary['grace_steps']} steps, reduction factor {summary['reduction_factor']}), "
+        f"{summary['seconds']:.0f} s. Data: `{summary['data']}`.",
+        "",
+        "| " + " | ".join([*keys, "loss", "step", "stopped early", "run"]) + " |",
+        "|" + "---|" * (len(keys) + 4),
+    ]
+    for trial in summary["trials"]:
+        cells = [_format_value(trial["params"][k]) for k in keys]
+        cells += [_format_value(trial["loss"]), str(trial["step"]), "yes" if trial["stopped_early"] else "no",
+                  f"`{trial['run']}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("best"):
+        best = summary["best"]
+        chosen = ", ".join(f"{k}={best['params'][k]}" for k in keys)
+        lines += ["", f"Best: {chosen} (loss {best['loss']:.4f})."]
+    return "\n".join(lines) + "\n"
+
+
+def run_tune(
+    config: Config,
+    stage: str,
+    data_uri: str,
+    runs_uri: str,
+    out_uri: str,
+    *,
+    grid: dict[str, list] | None = None,
+    max_concurrent: int = 2,
+    grace_steps: int | None = None,
+    reduction_factor: int = 2,
+) -> dict:
+    """Run the sweep; returns (and writes to ``out_uri``) the results summary."""
+    try:
+        import ray
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
+    except ImportError as err:
+        raise RuntimeError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
+    from storymm.training.ray_backend import ensure_ray
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+    grid = dict(grid or DEFAULT_GRID)
+    base = config.to_dict()
+    for params in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values())):
+        trial_config(base, params)  # fail now, not inside a trial
+    stage_cfg = getattr(config.train, stage)
+    steps = stage_cfg.steps
+    grace = grace_steps or max(stage_cfg.log_every, steps // 4)
+
+    ensure_ray(ray)
+    location = storage.locate(storage.join(runs_uri, "tune"))
+    if storage.is_remote(runs_uri):
+        storage_path, filesystem = location.path, location.fs
+    else:
+        os.makedirs(location.path, exist_ok=True)
+        storage_path, filesystem = location.path, None
+    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
+                              grace_period=grace, reduction_factor=reduction_factor)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri),
+        {"cpu": 1},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={key: tune.grid_search(values) for key, values in grid.items()},
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, max_concurrent_trials=max_concurrent,
+                                    trial_dirname_creator=lambda trial: trial_name(trial.config)),
+        run_config=tune.RunConfig(name=f"tune-{stage}", storage_path=storage_path, storage_filesystem=filesystem,
+                                  verbose=1),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    trials = []
+    for result in results:
+        params = {key: result.config[key] for key in grid}
+        metrics = result.metrics or {}
+        step = int(metrics.get("step", 0))
+        trials.append({
+            "params": params,
+            "loss": float(metrics.get("loss", float("nan"))),
+            "step": step,
+            "stopped_early": result.error is None and step < steps,
+            "error": str(result.error).splitlines()[0] if result.error else None,
+            "run": storage.redact(storage.join(runs_uri, trial_name(params))),
+        })
+    trials.sort(key=lambda t: (t["error"] is not None, t["step"] < steps, t["loss"]))
+    finished = [t for t in trials if t["error"] is None and t["step"] == steps]
+    summary = {
+        "stage": stage,
+        "data": storage.redact(data_uri),
+        "runs": storage.redact(runs_uri),
+        "grid_keys": list(grid),
+        "grid": grid,
+        "steps": steps,
+        "grace_steps": grace,
+        "reduction_factor": reduction_factor,
+        "seconds": time.perf_counter() - started,
+        "trials": trials,
+        "best": finished[0] if finished else None,
+    }
+    storage.write_text(storage.join(out_uri, TABLE_JSON), json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_uri, TABLE_MD), results_markdown(summary))
+    errors = [t for t in trials if t["error"]]
+    if errors:
+        log.warning("%d of %d trials failed: %s", len(errors), len(trials), errors[0]["error"])
+    return summary
