@@ -7,6 +7,7 @@ import logging
 import sys
 
 DEFAULT_WORK = "./storymm-work"
+EXIT_STOPPED = 75  # `storymm train` stopped early on a signal (checkpointed): rerun to resume (EX_TEMPFAIL)
 
 
 def _frames_range(text: str) -> tuple[int, int]:
@@ -55,7 +56,7 @@ def cmd_train(args) -> int:
         gpus_per_worker=args.gpus_per_worker, init_from=args.init_from,
     )
     print(f"{summary['stage']}: {summary['status']} at step {summary['step']} -> {summary['run']}")
-    return 0
+    return EXIT_STOPPED if summary["status"] == "stopped" else 0
 
 
 def cmd_evaluate(args) -> int:
