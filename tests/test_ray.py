@@ -1,0 +1,345 @@
+"""Ray Train backend and Ray Tune on a real local Ray cluster and a real S3 server (no mocks).
+
+A Ray head is started on 127.0.0.1 with `ray start --head --block` in its own session (free ports,
+private temp dir, token auth disabled); jobs go through `ray job submit` exactly as on a cluster.
+Teardown kills only that head's processes (the session it runs in), never other Ray instances on
+the machine: `ray stop` would stop every Ray process of this user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from s3server import free_ports
+from storymm import storage, synth
+from storymm.config import load_config
+from storymm.data.prepare import prepare
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+TINY = ["--config", "configs/tiny.yaml", "--set", "data.batch_size=8"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == sid:
+                pids.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _free_port_block(size: int, avoid: set[int]) -> tuple[int, int]:
+    """A block of ``size`` consecutive ports free on 127.0.0.1 (for Ray's worker processes)."""
+    import random
+    import socket
+
+    rng = random.SystemRandom()
+    for _ in range(200):
+        low = rng.randrange(20000, 32000 - size, 100)
+        if avoid & set(range(low, low + size)):
+            continue
+        try:
+            socks = []
+            for port in range(low, low + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return low, low + size - 1
+    raise RuntimeError("no free block of ports for Ray workers")
+
+
+class RayHead:
+    """One `ray start --head --block` on loopback; `stop()` kills its whole session."""
+
+    def __init__(self) -> None:
+        # Unix socket paths under the temp dir must stay short: not pytest's long tmp paths.
+        self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+        names = ["gcs", "dashboard", "client", "node_manager", "object_manager", "agent_http", "agent_grpc",
+                 "runtime_env", "metrics"]
+        self.ports = dict(zip(names, free_ports(len(names))))
+        self.worker_ports = _free_port_block(100, avoid=set(self.ports.values()))
+        self.log_path = Path(self.temp_dir) / "ray-start.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+        self.env.update(
+            RAY_AUTH_MODE="disabled",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_USAGE_STATS_ENABLED="0",
+            OMP_NUM_THREADS="1",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in jobs = this venv
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports['gcs']}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    def start(self, timeout: float = 90.0) -> "RayHead":
+        p = self.ports
+        cmd = [
+            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
+            "--num-cpus=4", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={p['dashboard']}",
+            f"--ray-client-server-port={p['client']}", f"--node-manager-port={p['node_manager']}",
+            f"--object-manager-port={p['object_manager']}", f"--dashboard-agent-listen-port={p['agent_http']}",
+            f"--dashboard-agent-grpc-port={p['agent_grpc']}", f"--runtime-env-agent-port={p['runtime_env']}",
+            f"--metrics-export-port={p['metrics']}", f"--min-worker-port={self.worker_ports[0]}",
+            f"--max-worker-port={self.worker_ports[1]}", f"--temp-dir={self.temp_dir}",
+            "--object-store-memory=200000000", "--disable-usage-stats",
+        ]
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=self.temp_dir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"Ray head not ready after {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        sid = self.proc.pid  # session leader: its pid is the session id
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its children on exit
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        for _ in range(2):  # anything left of this head (workers, agents): SIGKILL, by pid
+            for pid in _session_pids(sid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=5)
+        self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------- jobs
+
+    def cli_env(self) -> dict:
+        return dict(self.env)
+
+    def submit(self, entrypoint: list[str], env_vars: dict, *, wait: bool, timeout: float = 180) -> subprocess.CompletedProcess:
+        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps({"env_vars": env_vars})]
+        if not wait:
+            cmd.append("--no-wait")
+        return subprocess.run([*cmd, "--", *entrypoint], env=self.cli_env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def job_status(self, job_id: str) -> str:
+        """The job's status from the job server's REST API (what `ray job status` prints)."""
+        with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/{job_id}", timeout=10) as response:
+            return json.loads(response.read())["status"]
+
+    def job_logs(self, job_id: str) -> str:
+        return subprocess.run([RAY, "job", "logs", "--address", self.dashboard_url, job_id], env=self.cli_env(),
+                              capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead().start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def source_stories(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raysrc")
+    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 12), progress=False)
+    return str(root / "src")
+
+
+@pytest.fixture
+def s3_data(s3_env, source_stories):
+    """A tiny prepared dataset in a fresh bucket; yields (bucket URI, data URI)."""
+    data = f"{s3_env}/data"
+    prepare(source_stories, data, load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]), progress=False)
+    return s3_env, data
+
+
+def _job_env(s3_env_vars: dict, **extra) -> dict:
+    env = {k: v for k, v in s3_env_vars.items()}
+    env.update(OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled", **extra)
+    return env
+
+
+def _aws_env() -> dict:
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+            if k in os.environ}
+
+
+def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int) -> list[str]:
+    return ["python", "jobs/train.py", "--backend", "ray", "--workers", "2", "--stage", stage, "--data", data,
+            "--run", run, *TINY, "--set", f"train.{stage}.steps={steps}",
+            "--set", f"train.{stage}.checkpoint_every={checkpoint_every}",
+            "--set", f"train.{stage}.log_every={log_every}", "--set", f"train.{stage}.warmup_steps=2"]
+
+
+def _job_id(output: str) -> str:
+    for token in output.replace("'", " ").split():
+        if token.startswith("raysubmit_"):
+            return token.strip(".,")
+    raise AssertionError(f"no job id in:\n{output}")
+
+
+def _attempts(run: str) -> list[dict]:
+    uri = storage.join(run, "ray_attempts.jsonl")
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
+    from storymm.training.loop import read_metrics, read_run
+
+    bucket, data = s3_data
+    run = f"{bucket}/runs/visual_ae"
+    started = time.monotonic()
+    out = ray_head.submit(_train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
+                          _job_env(_aws_env()), wait=True)
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    job_id = _job_id(out.stdout + out.stderr)
+    assert ray_head.job_status(job_id) == "SUCCEEDED"
+    assert "visual_ae: completed at step 20" in out.stdout
+
+    record = read_run(run)
+    assert record["world_size"] == 2 and record["backend"] == "ray" and record["stage"] == "visual_ae"
+    checkpoints = storage.list_files(storage.join(run, "checkpoints"), suffix=".pt")
+    assert [storage.basename(u) for u in checkpoints] == ["step-00000010.pt", "step-00000020.pt"]
+    assert storage.read_text(storage.join(run, "checkpoints", "latest")).strip() == "step-00000020.pt"
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert all(m["total"] > 0 and m["samples_per_s"] > 0 for m in metrics)
+    # Ray's own state went to the same bucket (RunConfig storage on S3), naming our checkpoint
+    ray_files = storage.list_files(storage.join(run, "ray"), recursive=True)
+    pointers = [u for u in ray_files if u.endswith("storymm_checkpoint.json")]
+    assert pointers, ray_files
+    assert json.loads(storage.read_text(pointers[-1]))["checkpoint"].endswith("checkpoints/step-00000020.pt")
+    attempts = _attempts(run)
+    assert [(a["attempt"], a["start_step"], a["world_size"]) for a in attempts] == [(1, 0, 2)]
+    # credentials never reach what the job wrote
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in storage.read_text(storage.join(run, "run.json"))
+    print(f"ray job submit -> SUCCEEDED in {took:.1f}s")
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path):
+    from storymm.training.loop import read_metrics
+
+    bucket, data = s3_data
+    run = f"{bucket}/runs/ft"
+    steps, every = 120, 20
+    pid_dir = tmp_path / "pids"
+    out = ray_head.submit(_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
+                          _job_env(_aws_env(), STORYMM_TEST_PIDFILE_DIR=str(pid_dir)), wait=False, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id = _job_id(out.stdout + out.stderr)
+
+    # wait until the first checkpoint is published and training went past it
+    deadline = time.monotonic() + 120
+    observed = 0
+    while time.monotonic() < deadline:
+        metrics = read_metrics(run) if storage.exists(storage.join(run, "checkpoints", "latest")) else []
+        observed = metrics[-1]["step"] if metrics else 0
+        if observed >= every + 10:
+            break
+        assert ray_head.job_status(job_id) in ("RUNNING", "PENDING"), ray_head.job_logs(job_id)[-4000:]
+        time.sleep(0.5)
+    assert observed >= every + 10, f"training did not get past step {every + 10} in time"
+    assert observed < steps, "the run finished before the worker could be killed: use more steps"
+    victim = int((pid_dir / "rank-1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(1.0)  # a metrics write in flight lands; the survivor then blocks in the next collective
+    kill_step = read_metrics(run)[-1]["step"]
+
+    deadline = time.monotonic() + 150
+    status = "RUNNING"
+    while time.monotonic() < deadline:
+        status = ray_head.job_status(job_id)
+        if status not in ("RUNNING", "PENDING"):
+            break
+        time.sleep(1)
+    logs = ray_head.job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    attempts = _attempts(run)
+    assert len(attempts) == 2, attempts
+    resumed_from = attempts[1]["start_step"]
+    # resumed from a real checkpoint, and lost at most one checkpoint interval of steps
+    assert resumed_from > 0 and resumed_from % every == 0
+    assert resumed_from >= kill_step - every, (resumed_from, kill_step)
+    assert int((pid_dir / "rank-1.pid").read_text()) != victim  # a new worker group ran
+    metrics = read_metrics(run)
+    steps_logged = [m["step"] for m in metrics]
+    assert steps_logged == list(range(5, steps + 1, 5))  # no gap, no duplicate after the resume
+    assert storage.read_text(storage.join(run, "checkpoints", "latest")).strip() == f"step-{steps:08d}.pt"
+    assert "completed at step 120" in logs
+    print(f"killed rank 1 (pid {victim}) at step ~{kill_step}; resumed from {resumed_from}")
+
+
+def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
+    data = str(tmp_path / "data")
+    prepare(source_stories, data, load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]), progress=False)
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "reports")
+    env = ray_head.cli_env()
+    env["RAY_ADDRESS"] = ray_head.gcs_address
+    cmd = [str(BIN / "storymm"), "tune", "--stage", "visual_ae", "--data", data, "--runs", runs, "--out", out,
+           *TINY, "--set", "train.visual_ae.steps=20", "--set", "train.visual_ae.log_every=5",
+           "--set", "train.visual_ae.warmup_steps=2", "--grid", "model.visual_latent=16,64"]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((Path(out) / "tune.json").read_text())
+    assert sorted(t["params"]["model.visual_latent"] for t in summary["trials"]) == [16, 64]
+    assert all(t["error"] is None for t in summary["trials"])
+    assert summary["best"] is not None and summary["best"]["step"] == 20
+    for trial in summary["trials"]:
+        # every trial is a real run of the shared loop: its own run.json, metrics, checkpoint
+        run_dir = Path(trial["run"])
+        assert json.loads((run_dir / "run.json").read_text())["config"]["model"]["visual_latent"] == \
+            trial["params"]["model.visual_latent"]
+        logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert logged[-1] == trial["step"]
+        assert trial["stopped_early"] == (trial["step"] < 20)
+    table = (Path(out) / "tune.md").read_text()
+    assert "| model.visual_latent | loss | step | stopped early | run |" in table
