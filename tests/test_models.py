@@ -347,7 +347,8 @@ def test_sequence_shapes(copy_path):
     }
     if copy_path:
         expected.update(
-            copy_gate=(b, 1, 17, 27), copy_weights=(b, k), generated_image=(b, 3, 17, 27), copied_image=(b, 3, 17, 27)
+            copy_gate=(b, 1, 17, 27), copy_weights=(b, k), generated_image=(b, 3, 17, 27), copied_image=(b, 3, 17, 27),
+            text_copy_weights=(b, k), text_copy_gate=(b,),
         )
     assert {key: tuple(v.shape) for key, v in out.items()} == expected
     assert torch.allclose(out["attention"].sum(-1), torch.ones(b))

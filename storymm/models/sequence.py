@@ -17,6 +17,10 @@ from the GRU outputs, the frame latents and a learned "frames back from the last
 attention-weighted mix of the input images is the copied image, and a per-pixel sigmoid gate (a small
 conv over [generated, copied] plus a per-image bias from ``ctx``) blends it with the generated image.
 With A-B-A-B editing the right frame to copy is often two back; this is how the model can learn it.
+The same path exists for text: a second query attends over the input sentences' latents, and a
+sigmoid gate from ``ctx`` blends the attended sentence latent with the generated one. A pretrained
+text autoencoder decodes an input sentence's latent back into that sentence, so the model can reuse
+the sentence two frames back and only has to learn what changes.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class StoryContinuationModel(nn.Module):
                 nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
             )
             self.copy_gate_bias = nn.Linear(2 * hd, 1)
+            self.text_copy_query = nn.Linear(2 * hd, hd)
+            self.text_copy_key = nn.Linear(hd + dt, hd)
+            self.text_copy_pos = nn.Embedding(self.max_frames, hd)
+            self.text_copy_gate = nn.Linear(2 * hd, 1)
 
     # ------------------------------------------------------------------------------------------
     def freeze_autoencoders(self, flag: bool = True) -> None:
@@ -101,14 +109,33 @@ class StoryContinuationModel(nn.Module):
         attn = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("bk,bkh->bh", attn, out)
         ctx = torch.cat([pooled, h[-1]], dim=-1)
-        return {"ctx": ctx, "gru_out": out, "attention": attn, "frame_visual_latents": v}
+        return {"ctx": ctx, "gru_out": out, "attention": attn, "frame_visual_latents": v, "frame_text_latents": t}
+
+    def _text_latent(self, c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The predicted text latent; with the copy path, blended with an attended input sentence."""
+        generated = self.to_text(c["ctx"])
+        if not self.copy_path:
+            return {"text_latent": generated}
+        t = c["frame_text_latents"]
+        k = t.shape[1]
+        back = torch.arange(k - 1, -1, -1, device=t.device)
+        keys = self.text_copy_key(torch.cat([c["gru_out"], t], dim=-1)) + self.text_copy_pos(back)
+        query = self.text_copy_query(c["ctx"])
+        weights = torch.softmax(torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim), dim=-1)
+        copied = torch.einsum("bk,bkd->bd", weights, t)
+        gate = torch.sigmoid(self.text_copy_gate(c["ctx"]))
+        return {
+            "text_latent": gate * copied + (1.0 - gate) * generated,
+            "text_copy_weights": weights,
+            "text_copy_gate": gate.squeeze(-1),
+        }
 
     def predict_latents(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The predicted next-frame latents and the pooling attention (no decoding)."""
         c = self._context(frames, tokens)
         return {
             "visual_latent": self.to_visual(c["ctx"]),
-            "text_latent": self.to_text(c["ctx"]),
+            "text_latent": self._text_latent(c)["text_latent"],
             "attention": c["attention"],
         }
 
@@ -128,11 +155,13 @@ class StoryContinuationModel(nn.Module):
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
         given; ``target_visual_latent``/``target_text_latent`` (the autoencoders' encodings of the true
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
-        copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``."""
+        copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``,
+        ``text_copy_weights[B,K]`` and ``text_copy_gate[B]``."""
         c = self._context(frames, tokens)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
-        zt = self.to_text(ctx)
+        text = self._text_latent(c)
+        zt = text.pop("text_latent")
         dec = self.visual.decode(zv)
         out: dict[str, torch.Tensor] = {
             "image": dec["content"],
@@ -143,6 +172,7 @@ class StoryContinuationModel(nn.Module):
         }
         if self.copy_path:
             out.update(self._copy(frames, c, dec["content"]))
+            out.update(text)
         if target_tokens is not None:
             out["text_logits"] = self.text_logits(zt, target_tokens)
             with torch.no_grad():

@@ -1,0 +1,177 @@
+"""The training loop on real shards: metrics, checkpoints, resume (also after SIGKILL), refusal of
+tampered checkpoints, and determinism on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from storymm import synth
+from storymm.cli import main as cli_main
+from storymm.config import load_config
+from storymm.data.prepare import prepare
+from storymm.training import checkpoint
+from storymm.training.loop import TrainingError, read_metrics, read_run, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "data.batch_size=8",
+    "model.visual_channels=[8,16,16]",
+    "model.visual_latent=16",
+    "model.text_latent=16",
+    "model.embed_dim=16",
+    "model.text_hidden=32",
+    "model.sequence_hidden=32",
+]
+
+
+def small_config(*extra: str):
+    return load_config(ROOT / "configs/tiny.yaml", SMALL + list(extra))
+
+
+@pytest.fixture(scope="module")
+def data_uri(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    synth.synthesize(str(root / "src"), 40, seed=3, frames=(6, 10), progress=False)
+    prepare(str(root / "src"), str(root / "data"), small_config(), progress=False)
+    return str(root / "data")
+
+
+def test_train_writes_metrics_checkpoints_and_resumes(data_uri, tmp_path):
+    run = str(tmp_path / "vis")
+    config = small_config("train.visual_ae.steps=6", "train.visual_ae.log_every=2",
+                          "train.visual_ae.checkpoint_every=4")
+    summary = train(config, "visual_ae", data_uri, run, progress=False)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    for term in ("total", "l1", "gradient", "context", "samples_per_s", "lr"):
+        assert term in metrics[-1], term
+    assert metrics[-1]["samples_per_s"] > 0
+    names = sorted(p.name for p in (tmp_path / "vis/checkpoints").iterdir())
+    assert names == ["latest", "step-00000004.pt", "step-00000006.pt"]
+    assert (tmp_path / "vis/checkpoints/latest").read_text().strip() == "step-00000006.pt"
+    assert read_run(run)["stage"] == "visual_ae"
+
+    # Same command with more steps continues the count instead of starting over.
+    longer = small_config("train.visual_ae.steps=10", "train.visual_ae.log_every=2",
+                          "train.visual_ae.checkpoint_every=4")
+    summary = train(longer, "visual_ae", data_uri, run, progress=False)
+    assert summary["step"] == 10
+    assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8, 10]
+    # Only the newest KEEP checkpoints stay.
+    assert sorted(p.name for p in (tmp_path / "vis/checkpoints").glob("*.pt")) == [
+        "step-00000008.pt", "step-00000010.pt"]
+
+
+def test_training_is_deterministic_and_resume_matches_uninterrupted(data_uri, tmp_path):
+    settings = ["train.text_ae.steps=8", "train.text_ae.log_every=1", "train.text_ae.checkpoint_every=3"]
+    train(small_config(*settings), "text_ae", data_uri, str(tmp_path / "a"), progress=False)
+    train(small_config(*settings), "text_ae", data_uri, str(tmp_path / "b"), progress=False)
+    a = [m["total"] for m in read_metrics(str(tmp_path / "a"))]
+    b = [m["total"] for m in read_metrics(str(tmp_path / "b"))]
+    assert a == b
+
+    # Stop after 5 steps (checkpoint at 3 and 5), then finish: identical to the uninterrupted curve.
+    short = [s.replace("steps=8", "steps=5") for s in settings]
+    train(small_config(*short), "text_ae", data_uri, str(tmp_path / "c"), progress=False)
+    train(small_config(*settings), "text_ae", data_uri, str(tmp_path / "c"), progress=False)
+    c = [m["total"] for m in read_metrics(str(tmp_path / "c"))]
+    assert c == pytest.approx(a, rel=1e-5)
+
+
+def test_sequence_stage_starts_from_autoencoder_runs(data_uri, tmp_path):
+    vis, txt, seq = (str(tmp_path / n) for n in ("vis", "txt", "seq"))
+    config = small_config("train.visual_ae.steps=2", "train.text_ae.steps=2", "train.sequence.steps=3",
+                          "train.sequence.log_every=1")
+    train(config, "visual_ae", data_uri, vis, progress=False)
+    train(config, "text_ae", data_uri, txt, progress=False)
+    train(config, "sequence", data_uri, seq, init_from=[vis, txt], progress=False)
+    state = checkpoint.load_latest(seq)
+    assert state["step"] == 3
+    run = read_run(seq)
+    assert run["init_from"] == [vis, txt]
+    terms = read_metrics(seq)[-1]
+    for term in ("l1", "text", "text_accuracy", "alignment", "total"):
+        assert term in terms, term
+
+    with pytest.raises(TrainingError, match="holds a sequence run"):
+        train(config, "visual_ae", data_uri, seq, progress=False)
+    with pytest.raises(TrainingError, match="takes visual_ae or text_ae"):
+        train(config, "sequence", data_uri, str(tmp_path / "seq2"), init_from=[seq], progress=False)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/storymm-pwned",))
+
+
+def test_tampered_checkpoint_is_refused(data_uri, tmp_path, capsys):
+    run = str(tmp_path / "vis")
+    config = small_config("train.visual_ae.steps=2")
+    train(config, "visual_ae", data_uri, run, progress=False)
+    target = tmp_path / "vis/checkpoints/step-00000002.pt"
+    state = torch.load(target, weights_only=True)
+    state["payload"] = _Exploit()
+    with open(target, "wb") as handle:
+        torch.save(state, handle)
+    Path("/tmp/storymm-pwned").unlink(missing_ok=True)
+
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
+        checkpoint.load_latest(run)
+    code = cli_main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--stage", "visual_ae",
+                     "--data", data_uri, "--run", run, *sum((["--set", s] for s in SMALL), []),
+                     "--set", "train.visual_ae.steps=4"])
+    assert code == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not Path("/tmp/storymm-pwned").exists()
+
+
+def test_bad_stage_and_missing_run_have_clear_errors(data_uri, tmp_path, capsys):
+    with pytest.raises(TrainingError, match="unknown stage"):
+        train(small_config(), "decoder", data_uri, str(tmp_path / "x"), progress=False)
+    with pytest.raises(TrainingError, match="not a storymm run"):
+        read_run(str(tmp_path / "nothing"))
+
+
+def _train_command(data_uri: str, run: str, steps: int) -> list[str]:
+    sets = SMALL + [f"train.sequence.steps={steps}", "train.sequence.checkpoint_every=5",
+                    "train.sequence.log_every=1"]
+    return [sys.executable, "-m", "storymm.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
+            "--stage", "sequence", "--data", data_uri, "--run", run, *sum((["--set", s] for s in sets), [])]
+
+
+def test_sigkilled_run_resumes_from_last_checkpoint(data_uri, tmp_path):
+    run = str(tmp_path / "seq")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_command(data_uri, run, 40), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "seq/checkpoints/latest"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text().strip() >= "step-00000010.pt":
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    else:
+        pytest.fail("no checkpoint at step 10 within 120 s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(marker.read_text().strip()[5:13])
+    assert 10 <= killed_at < 40
+
+    done = subprocess.run(_train_command(data_uri, run, 40), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr and f"step-{killed_at:08d}.pt" in done.stderr
+    assert "sequence: completed at step 40" in done.stdout
+    steps = [m["step"] for m in read_metrics(run)]
+    assert steps == list(range(1, 41)), "the metrics log has a gap or a repeat after the resume"
