@@ -93,6 +93,32 @@ def cmd_tune(args) -> int:
     return 0 if summary["best"] is not None else 1
 
 
+def cmd_nightly(args) -> int:
+    from storymm.nightly import run_nightly
+
+    night = run_nightly(args.runs, args.data, args.reports, tolerance_uri=args.tolerance, date=args.date,
+                        split=args.split)
+    print("\n".join(night["lines"]))
+    return night["exit_code"]
+
+
+def cmd_compare(args) -> int:
+    from storymm.compare import compare
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    result = compare(args.sources, args.out, names=names, data_uri=args.data, split=args.split)
+    print(result["markdown"])
+    print(f"comparison: {result['files']['html']}")
+    return 0
+
+
+def cmd_report_url(args) -> int:
+    from storymm.reports import report_url
+
+    print(report_url(args.uri, expires=args.expires))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storymm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,6 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grace-steps", type=int, help="ASHA grace period in steps (default steps/4)")
     _add_config_args(tune)
     tune.set_defaults(handler=cmd_tune)
+    nightly = commands.add_parser(
+        "nightly", help="evaluate each run's latest checkpoint, update the nightly index, flag regressions",
+        description="Exit codes: 0 nothing regressed, 3 a metric regressed beyond tolerance, "
+                    "4 an evaluation failed (recorded as failed), 2 bad arguments.")
+    nightly.add_argument("--runs", nargs="+", required=True, metavar="RUN_URI", help="sequence runs to evaluate")
+    nightly.add_argument("--data", required=True, help="prepared dataset URI")
+    nightly.add_argument("--reports", required=True, help="reports URI; nights go under REPORTS/nightly/<date>/")
+    nightly.add_argument("--tolerance", metavar="FILE", help="YAML {default: {relative, absolute}, metrics: {...}}")
+    nightly.add_argument("--date", help="night to write, YYYY-MM-DD (default: today, UTC)")
+    nightly.add_argument("--split", default="test", choices=["train", "val", "test"])
+    nightly.set_defaults(handler=cmd_nightly)
+
+    comp = commands.add_parser("compare", help="side-by-side table of reports (or runs) as Markdown and HTML")
+    comp.add_argument("sources", nargs="+", metavar="RUN_OR_REPORT_URI",
+                      help="report folders (report.json) or sequence runs (evaluated on --data first)")
+    comp.add_argument("--out", required=True, help="folder or URI for compare.md, compare.html, compare.json")
+    comp.add_argument("--names", help="column names, comma-separated (default: last path component)")
+    comp.add_argument("--data", help="prepared dataset URI, to evaluate sources that are runs")
+    comp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    comp.set_defaults(handler=cmd_compare)
+
+    report = commands.add_parser("report", help="report helpers")
+    report_commands = report.add_subparsers(dest="report_command", required=True)
+    url = report_commands.add_parser("url", help="print a link to a report page (presigned for s3://)")
+    url.add_argument("uri", metavar="REPORT_URI", help="report folder, nightly folder or .html page")
+    url.add_argument("--expires", type=int, default=3600, help="seconds the presigned link is valid (default 3600)")
+    url.set_defaults(handler=cmd_report_url)
     return parser
 
 

@@ -1,0 +1,505 @@
+"""Nightly evaluation: score the latest checkpoint of each tracked run, keep a history, raise alarms.
+
+``storymm nightly --runs RUN_URI… --data DATA_URI --reports REPORTS_URI [--tolerance F] [--date D]``
+writes, under ``REPORTS_URI/nightly/`` (a local folder or ``s3://``):
+
+- ``<date>/<run-name>/``: the evaluation report of each run (``report.json``, ``report.html``, …);
+  ``run-name`` is the last path component of the run URI (``-2``, ``-3`` appended on a clash),
+- ``<date>/night.json``: every run's status (``ok`` / ``failed`` with the redacted error), checkpoint
+  step, metrics, floors, the night it was compared with and the metrics that regressed; written
+  last, so its presence means the night is complete,
+- ``index.json``, ``index.md``, ``index.html``: every night, newest first, with per-run status, and
+  ``trends/<metric>.png``: one plot per metric across nights (embedded in ``index.html``, so the
+  page is self-contained; ``index.md`` points at the PNGs beside it).
+
+The index is rebuilt from the ``night.json`` files, so rerunning a date replaces that night (its
+folder is cleared first) and the index keeps one entry per date.
+
+Each run is compared with its previous night: the latest earlier date on which the same run (by
+URI) was evaluated successfully. A metric regressed when it is worse, in its direction
+(:data:`storymm.metrics.HIGHER_IS_BETTER`), by more than ``max(absolute, relative * |previous|)``
+from the tolerance file (or became non-finite). Exit codes: :data:`EXIT_OK`, :data:`EXIT_REGRESSION`,
+:data:`EXIT_FAILED` (an evaluation failed; takes precedence over a regression, both are printed).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from storymm import storage
+from storymm.metrics import HIGHER_IS_BETTER
+from storymm.reports import _CSS, _fig_png, _figure, _fmt, _jsonable, _plain
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_REGRESSION = 3
+EXIT_FAILED = 4
+
+NIGHTLY_DIR = "nightly"
+NIGHT_FILE = "night.json"
+TRENDS_DIR = "trends"
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+#: Metrics that describe the data or serve as a reference, not the model's quality: not compared.
+DEFAULT_IGNORE = ("text_ce_shuffled", "target_spread", "prediction_spread")
+DEFAULT_RELATIVE = 0.05
+DEFAULT_ABSOLUTE = 0.0
+
+
+# ------------------------------------------------------------------------------- tolerances
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    relative: float = DEFAULT_RELATIVE
+    absolute: float = DEFAULT_ABSOLUTE
+
+    def allowed(self, previous: float) -> float:
+        return max(self.absolute, self.relative * abs(previous))
+
+
+@dataclass
+class Tolerances:
+    """``default`` for every metric, per-metric overrides, metrics never compared, extra directions."""
+
+    default: Tolerance = field(default_factory=Tolerance)
+    metrics: dict[str, Tolerance] = field(default_factory=dict)
+    ignore: frozenset[str] = frozenset(DEFAULT_IGNORE)
+    directions: dict[str, bool] = field(default_factory=dict)
+
+    def for_metric(self, name: str) -> Tolerance:
+        return self.metrics.get(name, self.default)
+
+    def higher_is_better(self, name: str) -> bool | None:
+        return self.directions.get(name, HIGHER_IS_BETTER.get(name))
+
+    def as_dict(self) -> dict:
+        return {
+            "default": {"relative": self.default.relative, "absolute": self.default.absolute},
+            "metrics": {k: {"relative": v.relative, "absolute": v.absolute} for k, v in sorted(self.metrics.items())},
+            "ignore": sorted(self.ignore),
+        }
+
+
+def _tolerance(value: Any, where: str, base: Tolerance) -> tuple[Tolerance, bool | None]:
+    if value is None:
+        return base, None
+    if not isinstance(value, dict):
+        raise ValueError(f"tolerance {where}: expected a mapping like {{relative: 0.05, absolute: 0.0}}")
+    unknown = set(value) - {"relative", "absolute", "higher_is_better"}
+    if unknown:
+        raise ValueError(f"tolerance {where}.{sorted(unknown)[0]}: unknown key (relative, absolute, higher_is_better)")
+    numbers = {}
+    for key in ("relative", "absolute"):
+        if key in value:
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                raise ValueError(f"tolerance {where}.{key}: expected a number >= 0, got {number!r}")
+            numbers[key] = float(number)
+    direction = value.get("higher_is_better")
+    if direction is not None and not isinstance(direction, bool):
+        raise ValueError(f"tolerance {where}.higher_is_better: expected true or false, got {direction!r}")
+    return Tolerance(numbers.get("relative", base.relative), numbers.get("absolute", base.absolute)), direction
+
+
+def parse_tolerances(data: Any) -> Tolerances:
+    """Tolerances from the YAML structure ``{default: {...}, metrics: {name: {...}}, ignore: [...]}``.
+
+    A metric's entry overrides only the keys it names (the rest come from ``default``).
+    """
+    if data is None:
+        return Tolerances()
+    if not isinstance(data, dict):
+        raise ValueError("tolerance file: expected a mapping with default / metrics / ignore")
+    unknown = set(data) - {"default", "metrics", "ignore"}
+    if unknown:
+        raise ValueError(f"tolerance {sorted(unknown)[0]}: unknown key (default, metrics, ignore)")
+    default, _ = _tolerance(data.get("default"), "default", Tolerance())
+    metrics: dict[str, Tolerance] = {}
+    directions: dict[str, bool] = {}
+    per_metric = data.get("metrics") or {}
+    if not isinstance(per_metric, dict):
+        raise ValueError("tolerance metrics: expected a mapping of metric name to {relative, absolute}")
+    for name, value in per_metric.items():
+        metrics[str(name)], direction = _tolerance(value, f"metrics.{name}", default)
+        if direction is not None:
+            directions[str(name)] = direction
+    ignore = data.get("ignore", list(DEFAULT_IGNORE))
+    if ignore is None:
+        ignore = []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise ValueError("tolerance ignore: expected a list of metric names")
+    return Tolerances(default, metrics, frozenset(ignore), directions)
+
+
+def load_tolerances(uri: str | None) -> Tolerances:
+    if uri is None:
+        return Tolerances()
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as err:
+        raise ValueError(f"tolerance file {storage.redact(uri)} is not valid YAML: {err}") from None
+    return parse_tolerances(data)
+
+
+# ------------------------------------------------------------------------------- comparison
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> list[dict]:
+    """The metrics of ``current`` worse than ``previous`` beyond tolerance (in metric order)."""
+    regressions = []
+    for name, before in previous.items():
+        if name in tolerances.ignore or not _finite(before):
+            continue
+        higher = tolerances.higher_is_better(name)
+        if higher is None:
+            continue  # direction unknown: never an alarm
+        after = current.get(name)
+        tol = tolerances.for_metric(name)
+        entry = {"metric": name, "previous": before, "current": after, "higher_is_better": higher,
+                 "allowed": tol.allowed(before)}
+        if not _finite(after):
+            if name in current:  # became NaN/inf (stored as null): a regression
+                regressions.append({**entry, "change": None, "relative_change": None})
+            continue
+        worse = (before - after) if higher else (after - before)
+        if worse > 0 and worse > tol.allowed(before):
+            change = after - before
+            entry.update(change=change, relative_change=(change / abs(before)) if before else None)
+            regressions.append(entry)
+    return regressions
+
+
+def _num(value: Any) -> str:
+    return "n/a" if not _finite(value) else f"{value:.4g}"
+
+
+def regression_line(name: str, regressions: list[dict]) -> str:
+    """``REGRESSION: <run>: bleu 0.41 -> 0.3 (-26.8%), image_l1 …``"""
+    parts = []
+    for r in regressions:
+        rel = r.get("relative_change")
+        pct = f" ({rel * 100:+.1f}%)" if rel is not None else ""
+        parts.append(f"{r['metric']} {_num(r['previous'])} -> {_num(r['current'])}{pct}")
+    return f"REGRESSION: {name}: " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------- the night
+
+
+def today_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+
+def check_date(text: str) -> str:
+    if not _DATE.match(str(text)):
+        raise ValueError(f"--date expects YYYY-MM-DD, got {text!r}")
+    try:
+        return _dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError(f"--date expects a real calendar date (YYYY-MM-DD), got {text!r}") from None
+
+
+def run_names(run_uris: list[str]) -> list[str]:
+    """Folder names for the runs: last path component, made filesystem-safe and unique."""
+    names: list[str] = []
+    for uri in run_uris:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", storage.basename(storage.redact(uri))).strip("._") or "run"
+        name, n = base, 1
+        while name in names or name in (NIGHT_FILE, TRENDS_DIR):
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+def _safe_error(err: BaseException) -> str:
+    """The error as one redacted string, with any credential from the environment masked."""
+    text = storage.redact(f"{type(err).__name__}: {err}")
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "REDACTED")
+    return text
+
+
+def nightly_root(reports_uri: str) -> str:
+    return storage.join(reports_uri, NIGHTLY_DIR)
+
+
+def read_nights(reports_uri: str) -> list[dict]:
+    """Every complete night under ``REPORTS_URI/nightly`` (those with a night.json), oldest first."""
+    root = nightly_root(reports_uri)
+    nights = []
+    for name in storage.list_dirs(root):
+        if not _DATE.match(name):
+            continue
+        uri = storage.join(root, name, NIGHT_FILE)
+        try:
+            nights.append(json.loads(storage.read_text(uri)))
+        except FileNotFoundError:
+            log.warning("night %s has no %s (interrupted?): left out of the index", name, NIGHT_FILE)
+        except json.JSONDecodeError as err:
+            log.warning("night %s: unreadable %s (%s): left out of the index", name, NIGHT_FILE, err)
+    return sorted(nights, key=lambda n: n["date"])
+
+
+def previous_result(nights: list[dict], date: str, run: str) -> tuple[str, dict] | None:
+    """``(date, entry)`` of the latest night before ``date`` on which ``run`` was evaluated ok."""
+    for night in sorted(nights, key=lambda n: n["date"], reverse=True):
+        if night["date"] >= date:
+            continue
+        for entry in night.get("runs", []):
+            if entry.get("run") == run and entry.get("status") == "ok":
+                return night["date"], entry
+    return None
+
+
+def run_nightly(
+    run_uris: list[str],
+    data_uri: str,
+    reports_uri: str,
+    *,
+    tolerance_uri: str | None = None,
+    date: str | None = None,
+    split: str = "test",
+    evaluate_fn=None,
+) -> dict:
+    """Evaluate every run for one night, write the night and the index; returns the night dict.
+
+    The night dict carries ``exit_code`` and ``lines`` (what the command prints).
+    """
+    if not run_uris:
+        raise ValueError("nightly needs at least one run URI (--runs)")
+    if evaluate_fn is None:
+        from storymm.evaluation import evaluate as evaluate_fn
+    date = check_date(date) if date else today_utc()
+    tolerances = load_tolerances(tolerance_uri)
+    root = nightly_root(reports_uri)
+    night_uri = storage.join(root, date)
+    history = read_nights(reports_uri)
+    storage.delete(night_uri)  # rerunning a date replaces it
+
+    entries = []
+    for run_uri, name in zip(run_uris, run_names(run_uris)):
+        shown = storage.redact(run_uri)
+        entry: dict[str, Any] = {"name": name, "run": shown, "status": "ok", "error": None, "step": None,
+                                 "report": f"{name}/report.html", "previous": None, "regressions": []}
+        log.info("nightly %s: evaluating %s", date, shown)
+        try:
+            report = evaluate_fn(run_uri, data_uri, split, storage.join(night_uri, name), progress=False)
+            entry.update(step=report.get("step"), windows=report.get("windows"),
+                         metrics=report.get("metrics") or {}, floors=report.get("floors") or {})
+        except Exception as err:  # recorded, never skipped
+            log.error("nightly %s: evaluating %s failed: %s", date, shown, _safe_error(err))
+            entry.update(status="failed", error=_safe_error(err), report=None)
+        if entry["status"] == "ok":
+            found = previous_result(history, date, shown)
+            if found is not None:
+                prev_date, prev = found
+                entry["previous"] = {"date": prev_date, "step": prev.get("step")}
+                entry["regressions"] = compare_metrics(prev.get("metrics") or {}, entry["metrics"], tolerances)
+        entries.append(entry)
+
+    failed = [e for e in entries if e["status"] == "failed"]
+    regressed = [e for e in entries if e["regressions"]]
+    exit_code = EXIT_FAILED if failed else EXIT_REGRESSION if regressed else EXIT_OK
+    lines = []
+    for e in entries:
+        if e["status"] == "ok":
+            vs = f", compared with {e['previous']['date']}" if e["previous"] else ", no earlier night to compare"
+            lines.append(f"ok: {e['name']}: step {e['step']}{vs}")
+    lines += [regression_line(e["name"], e["regressions"]) for e in regressed]
+    lines += [f"FAILED: {e['name']}: {e['error']}" for e in failed]
+    night = {
+        "date": date,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": storage.redact(data_uri),
+        "split": split,
+        "status": "failed" if failed else "regression" if regressed else "ok",
+        "exit_code": exit_code,
+        "tolerances": tolerances.as_dict(),
+        "runs": entries,
+    }
+    night = _jsonable(night)
+    storage.write_text(storage.join(night_uri, NIGHT_FILE), json.dumps(night, indent=2, ensure_ascii=False) + "\n")
+    nights = [n for n in history if n["date"] != date] + [night]
+    write_index(reports_uri, nights)
+    night["lines"] = lines + [f"index: {storage.redact(storage.join(root, 'index.html'))}"]
+    return night
+
+
+# ------------------------------------------------------------------------------- the index
+
+
+def _metric_order(nights: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for night in nights:
+        for entry in night.get("runs", []):
+            for name, value in (entry.get("metrics") or {}).items():
+                if name not in seen and (_finite(value) or value is None):
+                    seen.append(name)
+    known = [m for m in HIGHER_IS_BETTER if m in seen]
+    return known + [m for m in seen if m not in known]
+
+
+def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
+    """PNG: one line per run, the metric's value on each night the run was evaluated ok."""
+    series: dict[str, tuple[list, list]] = {}
+    for night in sorted(nights, key=lambda n: n["date"]):
+        day = _dt.date.fromisoformat(night["date"])
+        for entry in night.get("runs", []):
+            value = (entry.get("metrics") or {}).get(metric)
+            if entry.get("status") != "ok" or not _finite(value):
+                continue
+            xs, ys = series.setdefault(entry["name"], ([], []))
+            xs.append(day)
+            ys.append(float(value))
+    if not series:
+        return None
+    fig = _figure(figsize=(6.0, 3.2))
+    ax = fig.subplots()
+    for name, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, marker="o", linewidth=1.4, label=_plain(name))
+    direction = HIGHER_IS_BETTER.get(metric)
+    hint = "" if direction is None else " (higher is better)" if direction else " (lower is better)"
+    ax.set_title(_plain(metric + hint))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(_fmt(value))
+
+
+def _md(value: Any) -> str:
+    return html.escape(_fmt(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+_STATUS_STYLE = """
+.ok { color: #17692e; font-weight: 600; } .failed { color: #b00020; font-weight: 600; }
+.regression { color: #b35c00; font-weight: 600; } td.worse { background: #fde2e1; }
+.trends img { width: 580px; margin: 4px; }
+"""
+
+
+def _regressed_names(entry: dict) -> set[str]:
+    return {r["metric"] for r in entry.get("regressions") or []}
+
+
+def write_index(reports_uri: str, nights: list[dict]) -> dict:
+    """Write ``index.json``, ``index.md``, ``index.html`` and ``trends/*.png``; returns index.json's dict."""
+    root = nightly_root(reports_uri)
+    nights = sorted(nights, key=lambda n: n["date"], reverse=True)
+    metrics = _metric_order(nights)
+    trends: dict[str, bytes] = {}
+    for metric in metrics:
+        png = plot_trend(metric, nights)
+        if png is not None:
+            trends[metric] = png
+            storage.write_bytes(storage.join(root, TRENDS_DIR, f"{metric}.png"), png)
+
+    index = {
+        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "nights": [
+            {
+                "date": n["date"],
+                "status": n.get("status"),
+                "exit_code": n.get("exit_code"),
+                "runs": [
+                    {k: e.get(k) for k in ("name", "run", "status", "error", "step", "report", "previous",
+                                           "metrics", "regressions")}
+                    for e in n.get("runs", [])
+                ],
+            }
+            for n in nights
+        ],
+        "trends": {m: f"{TRENDS_DIR}/{m}.png" for m in trends},
+    }
+    index = _jsonable(index)
+
+    # ---- Markdown (images beside the page)
+    md = ["# storymm nightly evaluation", "", f"Updated {index['updated']}. {len(nights)} night(s), newest first.", ""]
+    columns = ["run", "status", "step", *metrics, "regressed", "report"]
+    for night in index["nights"]:
+        md += [f"## {_md(night['date'])}: {_md(night['status'])}", ""]
+        md.append("| " + " | ".join(_md(c) for c in columns) + " |")
+        md.append("|" + "|".join("---" for _ in columns) + "|")
+        for e in night["runs"]:
+            bad = _regressed_names(e)
+            cells = [_md(e["name"]), _md(e["status"]), _md(e["step"])]
+            cells += [("**" + _md(v) + "**") if m in bad else _md(v)
+                      for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)]
+            cells.append(_md(", ".join(sorted(bad)) or None))
+            cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else _md(e.get("error")))
+            md.append("| " + " | ".join(cells) + " |")
+        md.append("")
+    md += ["## Trends", ""]
+    md += [f"![{_md(m)}]({TRENDS_DIR}/{m}.png)" for m in trends] or ["No successful evaluation yet."]
+    md.append("")
+
+    # ---- HTML (self-contained: trend plots embedded)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>storymm nightly evaluation</title>",
+        f"<style>{_CSS}{_STATUS_STYLE}</style></head><body>",
+        "<h1>storymm nightly evaluation</h1>",
+        f"<p>Updated {html.escape(index['updated'])}. {len(nights)} night(s), newest first. "
+        "Cells shaded red regressed against the run's previous night beyond tolerance.</p>",
+        "<h2>Trends</h2>",
+        '<div class="trends">',
+    ]
+    for metric, png in trends.items():
+        b64 = base64.b64encode(png).decode("ascii")
+        parts.append(f'<img alt="{html.escape(metric)} trend" src="data:image/png;base64,{b64}">')
+    if not trends:
+        parts.append("<p>No successful evaluation yet.</p>")
+    parts.append("</div>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    for night in index["nights"]:
+        status = str(night["status"])
+        parts.append(f'<h2>{html.escape(night["date"])}: <span class="{html.escape(status)}">'
+                     f"{html.escape(status)}</span></h2>")
+        parts.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>")
+        for e in night["runs"]:
+            bad = _regressed_names(e)
+            cells = [f'<td title="{html.escape(str(e["run"]))}">{html.escape(str(e["name"]))}</td>',
+                     f'<td class="{html.escape(str(e["status"]))}">{html.escape(str(e["status"]))}</td>',
+                     f"<td>{_esc(e['step'])}</td>"]
+            for m in metrics:
+                value = (e.get("metrics") or {}).get(m)
+                cells.append(f'<td class="worse">{_esc(value)}</td>' if m in bad else f"<td>{_esc(value)}</td>")
+            cells.append(f"<td>{html.escape(', '.join(sorted(bad)) or '—')}</td>")
+            if e.get("report"):
+                href = html.escape(f"{night['date']}/{e['report']}", quote=True)
+                cells.append(f'<td><a href="{href}">report</a></td>')
+            else:
+                cells.append(f"<td>{html.escape(str(e.get('error') or '—'))}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</tbody>\n</table>")
+    parts.append("</body></html>")
+
+    storage.write_text(storage.join(root, "index.md"), "\n".join(md))
+    storage.write_text(storage.join(root, "index.html"), "\n".join(parts) + "\n")
+    storage.write_text(storage.join(root, "index.json"), json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    return index
