@@ -138,7 +138,7 @@ class RayHead:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its children on exit
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=8)
             except subprocess.TimeoutExpired:
                 pass
         for _ in range(2):  # anything left of this head (workers, agents): SIGKILL, by pid
@@ -270,7 +270,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
 
     bucket, data = s3_data
     run = f"{bucket}/runs/ft"
-    steps, every = 120, 20
+    steps, every = 60, 10
     pid_dir = tmp_path / "pids"
     out = ray_head.submit(_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
                           _job_env(_aws_env(), STORYMM_TEST_PIDFILE_DIR=str(pid_dir)), wait=False, timeout=60)
@@ -283,11 +283,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
     while time.monotonic() < deadline:
         metrics = read_metrics(run) if storage.exists(storage.join(run, "checkpoints", "latest")) else []
         observed = metrics[-1]["step"] if metrics else 0
-        if observed >= every + 10:
+        if observed >= every + 5:
             break
         assert ray_head.job_status(job_id) in ("RUNNING", "PENDING"), ray_head.job_logs(job_id)[-4000:]
         time.sleep(0.5)
-    assert observed >= every + 10, f"training did not get past step {every + 10} in time"
+    assert observed >= every + 5, f"training did not get past step {every + 5} in time"
     assert observed < steps, "the run finished before the worker could be killed: use more steps"
     victim = int((pid_dir / "rank-1.pid").read_text())
     os.kill(victim, signal.SIGKILL)
@@ -314,7 +314,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
     steps_logged = [m["step"] for m in metrics]
     assert steps_logged == list(range(5, steps + 1, 5))  # no gap, no duplicate after the resume
     assert storage.read_text(storage.join(run, "checkpoints", "latest")).strip() == f"step-{steps:08d}.pt"
-    assert "completed at step 120" in logs
+    assert f"completed at step {steps}" in logs
     print(f"killed rank 1 (pid {victim}) at step ~{kill_step}; resumed from {resumed_from}")
 
 
