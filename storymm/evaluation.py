@@ -22,7 +22,7 @@ from storymm.reports import write_report
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run, resolve_config
 from storymm.training.runtime import Runtime
-from storymm.training.stages import TokenizerInfo, build_model
+from storymm.training.stages import TokenizerInfo, build_model, loader_options
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,14 @@ def evaluate(
     loader = WindowLoader(
         dataset, split, batch_size=config.eval.batch_size, context_frames=config.data.context_frames,
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
-        world_size=runtime.world_size, shuffle=False, equalize=False, with_text=True,
+        world_size=runtime.world_size, shuffle=False, equalize=False, with_text=True, **loader_options(config),
     )
     samples: list[dict] = []
     bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
     for batch in loader:
         batch = runtime.to_device(batch)
-        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+        extra = {"tags": batch["tags"]} if "tags" in batch else {}
+        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
         labels = batch["target_tokens"][:, 1:]
         ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
         shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)

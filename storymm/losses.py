@@ -9,6 +9,11 @@ Alignment terms compare the *predicted* next-frame latents with the autoencoders
 true next frame (``target_visual_latent`` / ``target_text_latent`` in the model outputs, computed
 without gradient): ``alignment`` = 1 - cosine, ``infonce`` = symmetric contrastive loss over the batch
 (which also penalises predicting the same latent for every story).
+
+``cross_modal_infonce`` (beyond the seeds) is InfoNCE between the *predicted* visual latent and the
+*predicted* text latent of the same window: window i's image latent should be closer to its own text
+latent than to any other window's in the batch (and back).  It trains exactly what the evaluation's
+``cross_modal_similarity`` and ``retrieval_r1/r10`` measure; both latents need the same dimension.
 """
 
 from __future__ import annotations
@@ -114,8 +119,6 @@ class VGGPerceptual(nn.Module):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from torchvision.models import vgg16
-
         if weights_path is None:
             weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILENAME)
         if not os.path.isfile(weights_path):
@@ -123,9 +126,22 @@ class VGGPerceptual(nn.Module):
                 f"perceptual loss needs VGG16 weights at {weights_path!r} (torchvision's {VGG16_FILENAME}); "
                 "nothing is downloaded: copy the file there, pass its path, or set the perceptual weight to 0"
             )
-        net = vgg16(weights=None)
-        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        feats = net.features[:16].eval()
+        # Only the convolutional trunk is built and read: the file may be torchvision's whole VGG16
+        # state_dict or just its ``features.0-15`` entries (what the tests save: 7 MB instead of 528 MB).
+        from torchvision.models.vgg import cfgs, make_layers
+
+        features = make_layers(cfgs["D"], batch_norm=False)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        wanted = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        feats = features[:16]  # up to relu3_3: the only layers used
+        missing = [k for k in feats.state_dict() if k not in wanted]
+        if missing:
+            raise ValueError(
+                f"{weights_path!r} is not a VGG16 state_dict: missing features.{missing[0]} "
+                f"(and {len(missing) - 1} more)"
+            )
+        feats.load_state_dict({k: v for k, v in wanted.items() if int(k.split(".")[0]) < 16})
+        feats = feats.eval()
         for p in feats.parameters():
             p.requires_grad_(False)
         self.slices = nn.ModuleList([feats[:4], feats[4:9], feats[9:16]])
@@ -166,6 +182,7 @@ class LossWeights:
     infonce: float = 0.0
     perceptual: float = 0.0
     infonce_temperature: float = 0.07
+    cross_modal_infonce: float = 0.0
 
 
 def _image_terms(
@@ -269,5 +286,14 @@ def sequence_loss(
             t = sum(info_nce(p, q, weights.infonce_temperature) for p, q in pairs) / len(pairs)
             total = total + weights.infonce * t
             terms["infonce"] = t.detach()
+    if weights.cross_modal_infonce:
+        v, u = outputs["visual_latent"], outputs["text_latent"]
+        if v.shape[-1] != u.shape[-1]:
+            raise ValueError(
+                f"cross_modal_infonce needs visual and text latents of one size, got {v.shape[-1]} and {u.shape[-1]}"
+            )
+        t = info_nce(v, u, weights.infonce_temperature)
+        total = total + weights.cross_modal_infonce * t
+        terms["cross_modal_infonce"] = t.detach()
     terms["total"] = total.detach()
     return total, _floats(terms)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -69,6 +70,30 @@ class PreparedDataset:
         return pq.read_table(storage.open_input_file(uri), columns=list(columns))
 
 
+TAG_COLUMNS = ("objects", "actions", "locations")
+_TAG_STOPWORDS = frozenset({"a", "an", "the", "of", "to", "and", "in", "on", "at"})
+
+
+def hash_tags(objects: list[str], actions: list[str], locations: list[str], vocab: int, max_tags: int) -> list[int]:
+    """One frame's ``<gdo>/<gda>/<gdl>`` spans -> up to ``max_tags`` ids in ``1..vocab-1`` (0 is padding).
+
+    Each span gives its whole lower-cased phrase and its words (minus a few stopwords), prefixed by
+    the kind (``o:red circle``, ``o:red``, ``o:circle``, ``a:moves``, ``l:meadow``), hashed with CRC-32
+    into ``vocab - 1`` buckets: no vocabulary to build or ship, the same ids on every machine, and
+    collisions are rare at 1024 buckets for a few hundred distinct tags. Duplicates are dropped; the
+    order is objects, actions, locations, so truncation drops locations first."""
+    keys: list[str] = []
+    for prefix, spans in (("o", objects), ("a", actions), ("l", locations)):
+        for span in spans or ():
+            phrase = " ".join(str(span).lower().split())
+            if not phrase:
+                continue
+            words = [w for w in phrase.split() if w not in _TAG_STOPWORDS]
+            keys += [f"{prefix}:{key}" for key in [phrase, *words]]
+    ids = list(dict.fromkeys(1 + zlib.crc32(k.encode()) % (vocab - 1) for k in keys))
+    return ids[:max_tags]
+
+
 @dataclass(frozen=True)
 class StoryRef:
     shard: int  # index into the split's shard list
@@ -96,6 +121,8 @@ def _frames_array(column, height: int, width: int) -> np.ndarray:
 class WindowLoader:
     """Batches for one rank: ``frames [B,K,3,H,W]``, ``tokens [B,K,L]``, ``target_frame [B,3,H,W]``,
     ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id).
+    With ``tag_vocab > 0`` also ``tags [B,K,max_tags]`` int64: each input frame's hashed
+    objects/actions/locations (``hash_tags``; 0 = padding), read from the shards' tag columns.
 
     ``equalize=True`` (training) gives every rank the same number of full batches; ``False``
     (evaluation) yields every window of this rank's stories, the last batch possibly short.
@@ -117,6 +144,8 @@ class WindowLoader:
         shuffle_buffer: int = 2048,
         equalize: bool = True,
         with_text: bool = False,
+        tag_vocab: int = 0,
+        max_tags: int = 12,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
@@ -127,6 +156,7 @@ class WindowLoader:
         self.max_tokens, self.mode, self.rank, self.world_size = max_tokens, windows, rank, world_size
         self.shuffle, self.seed, self.shuffle_buffer, self.equalize = shuffle, seed, shuffle_buffer, equalize
         self.with_text = with_text
+        self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_batch = 0
@@ -206,10 +236,22 @@ class WindowLoader:
         in turn keeps the chunk's story order.
         """
         columns = ["frames", "token_ids"] + (["sentences", "story_id"] if self.with_text else [])
-        frame_parts, token_parts, sentences, lengths = [], [], [], []
+        if self.tag_vocab:
+            columns += list(TAG_COLUMNS)
+        frame_parts, token_parts, sentences, lengths, tag_parts = [], [], [], [], []
         for shard in dict.fromkeys(story.shard for story in chunk):
             rows = [story.row for story in chunk if story.shard == shard]
-            table = self.dataset.read_shard(self.shards[shard], columns).take(rows)
+            try:
+                table = self.dataset.read_shard(self.shards[shard], columns).take(rows)
+            except Exception as err:
+                if self.tag_vocab and any(c in str(err) for c in TAG_COLUMNS):
+                    raise DatasetError(
+                        f"tag features need the shards' {'/'.join(TAG_COLUMNS)} columns, which "
+                        f"{self.shards[shard]['path']} lacks: re-run prepare"
+                    ) from None
+                raise
+            if self.tag_vocab:
+                tag_parts.append(self._tag_ids(table))
             frame_parts.append(_frames_array(table.column("frames"), self.dataset.height, self.dataset.width))
             token_ids = table.column("token_ids").to_pylist()
             token_parts.append(self._pad_tokens(token_ids))
@@ -218,7 +260,21 @@ class WindowLoader:
                 for story_id, story in zip(table.column("story_id").to_pylist(), table.column("sentences").to_pylist()):
                     sentences.extend((story_id, sentence) for sentence in story)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        return np.concatenate(frame_parts), np.concatenate(token_parts), offsets, sentences
+        tags = np.concatenate(tag_parts) if self.tag_vocab else None
+        return np.concatenate(frame_parts), np.concatenate(token_parts), offsets, sentences, tags
+
+    def _tag_ids(self, table) -> np.ndarray:
+        """[frames of the table's stories, max_tags] hashed tag ids, 0-padded."""
+        columns = [table.column(c).to_pylist() for c in TAG_COLUMNS]
+        rows = [
+            hash_tags(o, a, l, self.tag_vocab, self.max_tags)
+            for story in zip(*columns)
+            for o, a, l in zip(*story)
+        ]
+        out = np.zeros((len(rows), self.max_tags), dtype=np.int64)
+        for index, ids in enumerate(rows):
+            out[index, : len(ids)] = ids
+        return out
 
     def _pad_tokens(self, stories: list[list[list[int]]]) -> np.ndarray:
         rows = [ids for story in stories for ids in story]
@@ -229,7 +285,8 @@ class WindowLoader:
             out[index, : len(ids)] = ids
         return out
 
-    def _batch(self, frames: np.ndarray, tokens: np.ndarray, index: np.ndarray, sentences) -> dict:
+    def _batch(self, frames: np.ndarray, tokens: np.ndarray, index: np.ndarray, sentences,
+               tags: np.ndarray | None = None) -> dict:
         """``index`` [B, K+1] absolute frame rows → tensors."""
         pixels = torch.from_numpy(frames[index]).permute(0, 1, 4, 2, 3).float().div_(255.0)
         ids = torch.from_numpy(tokens[index])
@@ -239,6 +296,8 @@ class WindowLoader:
             "target_frame": pixels[:, -1].contiguous(),
             "target_tokens": ids[:, -1].contiguous(),
         }
+        if tags is not None:  # input frames only: the target's tags would leak the answer
+            batch["tags"] = torch.from_numpy(tags[index[:, :-1]])
         if self.with_text:
             batch["story_ids"] = [sentences[row[-1]][0] for row in index]
             batch["input_sentences"] = [[sentences[i][1] for i in row[:-1]] for row in index]
@@ -266,21 +325,21 @@ class WindowLoader:
                 skip -= len(pairs)
                 continue
             pairs, skip = pairs[skip:], 0
-            frames, tokens, offsets, sentences = self._load_chunk(chunk)
+            frames, tokens, offsets, sentences, tags = self._load_chunk(chunk)
             rows = (offsets[pairs[:, 0]] + pairs[:, 1])[:, None] + steps[None, :]
             start = 0
             if carried:
                 take = min(self.batch_size - carried, len(rows))
-                carry.append(self._batch(frames, tokens, rows[:take], sentences))
+                carry.append(self._batch(frames, tokens, rows[:take], sentences, tags))
                 carried, start = carried + take, take
                 if carried == self.batch_size:
                     yield _concat_batches(carry)
                     carry, carried = [], 0
             while len(rows) - start >= self.batch_size:
-                yield self._batch(frames, tokens, rows[start:start + self.batch_size], sentences)
+                yield self._batch(frames, tokens, rows[start:start + self.batch_size], sentences, tags)
                 start += self.batch_size
             if start < len(rows):
-                carry.append(self._batch(frames, tokens, rows[start:], sentences))
+                carry.append(self._batch(frames, tokens, rows[start:], sentences, tags))
                 carried += len(rows) - start
         if carried and not self.equalize:
             yield _concat_batches(carry)

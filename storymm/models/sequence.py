@@ -21,6 +21,12 @@ The same path exists for text: a second query attends over the input sentences' 
 sigmoid gate from ``ctx`` blends the attended sentence latent with the generated one. A pretrained
 text autoencoder decodes an input sentence's latent back into that sentence, so the model can reuse
 the sentence two frames back and only has to learn what changes.
+
+Variants (``docs/variants.md``): ``tag_vocab > 0`` adds the frame's hashed objects/actions/locations
+tags (``tags[B,K,T]``, 0 = padding, from ``WindowLoader(tag_vocab=...)``) as an extra input embedding:
+the mean of the tags' embeddings, through a zero-initialised Linear, is added to the fused frame vector
+before the GRU.  A visual autoencoder built with ``skips=True`` decodes the predicted latent with skip
+connections from the encoder features of the last input frame (see ``models/visual.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class StoryContinuationModel(nn.Module):
         hidden_dim: int = 128,
         copy_path: bool = False,
         max_frames: int = 64,
+        tag_vocab: int = 0,
     ):
         super().__init__()
         self.visual = visual
@@ -61,6 +68,12 @@ class StoryContinuationModel(nn.Module):
         self.attn_score = nn.Linear(hd, 1, bias=False)
         self.to_visual = nn.Sequential(nn.Linear(2 * hd, dv), nn.LayerNorm(dv))
         self.to_text = nn.Sequential(nn.Linear(2 * hd, dt), nn.LayerNorm(dt))
+        self.tag_vocab = int(tag_vocab)
+        if self.tag_vocab:
+            self.tag_embed = nn.Embedding(self.tag_vocab, hd, padding_idx=0)
+            self.tag_proj = nn.Linear(hd, hd)
+            nn.init.zeros_(self.tag_proj.weight)  # starts as the model without tags
+            nn.init.zeros_(self.tag_proj.bias)
 
         if self.copy_path:
             self.max_frames = int(max_frames)
@@ -101,9 +114,20 @@ class StoryContinuationModel(nn.Module):
         t = self.text.encode(tokens.flatten(0, 1)).view(b, k, -1)
         return v, t
 
-    def _context(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def tag_features(self, tags: torch.Tensor) -> torch.Tensor:
+        """``tags[B,K,T]`` (0 = padding) -> ``[B,K,Hd]``: projected mean of the tag embeddings."""
+        emb = self.tag_embed(tags)  # padding rows are zero
+        count = (tags != 0).sum(-1, keepdim=True).clamp(min=1).to(emb.dtype)
+        return self.tag_proj(emb.sum(-2) / count)
+
+    def _context(self, frames: torch.Tensor, tokens: torch.Tensor,
+                 tags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         v, t = self.encode_frames(frames, tokens)
         fused = self.fusion(v, t)  # [B,K,Hd]
+        if self.tag_vocab:
+            if tags is None:
+                raise ValueError("this model uses tag features (model.tag_features): pass the batch's 'tags'")
+            fused = fused + self.tag_features(tags)
         out, h = self.gru(fused)  # out [B,K,Hd], h [1,B,Hd]
         scores = self.attn_score(torch.tanh(self.attn_proj(out))).squeeze(-1)  # [B,K]
         attn = torch.softmax(scores, dim=-1)
@@ -130,9 +154,10 @@ class StoryContinuationModel(nn.Module):
             "text_copy_gate": gate.squeeze(-1),
         }
 
-    def predict_latents(self, frames: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict_latents(self, frames: torch.Tensor, tokens: torch.Tensor,
+                        tags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The predicted next-frame latents and the pooling attention (no decoding)."""
-        c = self._context(frames, tokens)
+        c = self._context(frames, tokens, tags)
         return {
             "visual_latent": self.to_visual(c["ctx"]),
             "text_latent": self._text_latent(c)["text_latent"],
@@ -150,6 +175,7 @@ class StoryContinuationModel(nn.Module):
         tokens: torch.Tensor,
         target_tokens: torch.Tensor | None = None,
         target_frame: torch.Tensor | None = None,
+        tags: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
@@ -157,12 +183,15 @@ class StoryContinuationModel(nn.Module):
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
         copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``,
         ``text_copy_weights[B,K]`` and ``text_copy_gate[B]``."""
-        c = self._context(frames, tokens)
+        c = self._context(frames, tokens, tags)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
         text = self._text_latent(c)
         zt = text.pop("text_latent")
-        dec = self.visual.decode(zv)
+        if getattr(self.visual, "decoder_skips", False):
+            dec = self.visual.decode(zv, self.visual.encode_with_features(frames[:, -1])[1])
+        else:
+            dec = self.visual.decode(zv)
         out: dict[str, torch.Tensor] = {
             "image": dec["content"],
             "context": dec["context"],
@@ -213,7 +242,8 @@ class StoryContinuationModel(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        tags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next sentence ``tokens[B,max_len]`` (bos first, pad after eos) from the predicted text latent."""
-        zt = self.predict_latents(frames, tokens)["text_latent"]
+        zt = self.predict_latents(frames, tokens, tags)["text_latent"]
         return self.text.generate(zt, max_len, temperature=temperature, top_p=top_p, generator=generator)

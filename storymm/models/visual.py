@@ -12,6 +12,25 @@ latent (dead units).  Here:
   any size works (60x125 default, 32x64, odd sizes).
 * GroupNorm instead of BatchNorm: behaviour does not depend on the batch size or on train/eval mode,
   which matters when the autoencoder is frozen inside the sequence model or trained data-parallel.
+
+Variants (``docs/variants.md``): ``backbone="resnet18"`` (torchvision trunk, seed parity),
+``extra_layers`` (residual 3x3 refinements before the content head) and ``skips`` (U-Net style skip
+connections, below).  Their defaults build exactly the original module (same parameters, same
+state_dict keys), so existing checkpoints still load.
+
+Skip connections and the predicted latent.  A U-Net autoencoder whose decoder always sees the input's
+encoder features can reconstruct through the skips and leave the latent unused; but the sequence model
+decodes a *predicted* latent, for a frame whose encoder features do not exist.  So here:
+
+* skips are *additive* (``h + Conv1x1(feature)``, projections zero-initialised, so a fresh model decodes
+  as if there were none) and ``decode(z)`` without ``skips`` is the plain latent decoder;
+* in training each sample's skips are zeroed with probability ``skip_dropout`` (default 0.5): the
+  decoder must reconstruct from the latent alone half the time, so the latent keeps the content;
+* in the visual AE stage the skips come from the image being reconstructed; in the sequence model
+  (``StoryContinuationModel``) they come from the encoder features of the *last input frame*, the
+  nearest real frame, which gives the decoder the spatial detail of the shot (the copy path picks the
+  right frame; the skips sharpen what is generated).  Encoder maps are matched to decoder stages by
+  stride (nearest in log2), so both backbones work.
 """
 
 from __future__ import annotations
@@ -61,9 +80,19 @@ class _CNNEncoder(nn.Module):
         layers.append(_conv_block(cin, cin, 1))
         self.net = nn.Sequential(*layers)
         self.out_channels = cin
+        self.feature_channels = tuple(channels)
+        self.feature_strides = tuple(2 ** (i + 1) for i in range(len(channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(output, [map after each stride-2 block, fine to coarse])``."""
+        maps = []
+        for layer in self.net[:-1]:
+            x = layer(x)
+            maps.append(x)
+        return self.net[-1](x), maps
 
 
 class _ResNet18Encoder(nn.Module):
@@ -82,9 +111,20 @@ class _ResNet18Encoder(nn.Module):
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
         )
         self.out_channels = 512
+        self.feature_channels = (64, 64, 128, 256, 512)
+        self.feature_strides = (2, 4, 8, 16, 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(output, [stem (stride 2), layer1 (4), layer2 (8), layer3 (16), layer4 (32)])``."""
+        maps = []
+        for index, layer in enumerate(self.net):
+            x = layer(x)
+            if index in (2, 4, 5, 6, 7):
+                maps.append(x)
+        return x, maps
 
 
 class VisualAutoencoder(nn.Module):
@@ -98,6 +138,10 @@ class VisualAutoencoder(nn.Module):
         backbone_weights: local file with ResNet-18 weights (``torch.load(weights_only=True)``).
         pool_size: grid the encoder features are adaptively pooled to before the latent Linear.
         context_scale: ``context`` is ``ceil(H/context_scale) x ceil(W/context_scale)``.
+        extra_layers: residual stride-1 conv blocks at the last decoder resolution (before the
+            content head); 0 = none (the original decoder).
+        skips: U-Net style additive skip connections from encoder feature maps (module docstring).
+        skip_dropout: per-sample probability, in training, that a sample's skips are zeroed.
     """
 
     def __init__(
@@ -109,6 +153,9 @@ class VisualAutoencoder(nn.Module):
         backbone_weights: str | None = None,
         pool_size: tuple[int, int] = (4, 8),
         context_scale: int = 4,
+        extra_layers: int = 0,
+        skips: bool = False,
+        skip_dropout: float = 0.5,
     ):
         super().__init__()
         self.latent_dim = int(latent_dim)
@@ -157,6 +204,27 @@ class VisualAutoencoder(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(32, 3, 1),
         )
+        # ---- variants (absent at their defaults: the original state_dict) ---------------------
+        self.extra_layers = int(extra_layers)
+        if self.extra_layers:
+            self.refine = nn.ModuleList([_conv_block(cin, cin, 1) for _ in range(self.extra_layers)])
+        self.decoder_skips = bool(skips)
+        self.skip_dropout = float(skip_dropout)
+        if self.decoder_skips:
+            # decoder stage i: seed (stride 2^n_up), then after up block j (stride 2^(n_up-1-j))
+            stage_channels = [dec_ch[0], *outs]
+            stage_strides = [2 ** (n_up - i) for i in range(n_up)]
+            enc_strides = self.backbone.feature_strides
+            self.skip_sources = [
+                min(range(len(enc_strides)), key=lambda k: (abs(math.log2(enc_strides[k] / st)), k))
+                for st in stage_strides
+            ]
+            self.skip_proj = nn.ModuleList()
+            for stage, source in enumerate(self.skip_sources):
+                proj = nn.Conv2d(self.backbone.feature_channels[source], stage_channels[stage], 1)
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
+                self.skip_proj.append(proj)
 
     # ------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,14 +232,37 @@ class VisualAutoencoder(nn.Module):
         h = self.pool(self.backbone(x))
         return self.to_latent(h.flatten(1))
 
-    def decode(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``z[N,D]`` -> ``dict(content=[N,3,H,W], context=[N,3,ceil(H/4),ceil(W/4)])``, both sigmoid."""
+    def encode_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(z[N,D], encoder feature maps fine to coarse)``: the latent and what the skips read."""
+        out, maps = self.backbone.features(x)
+        return self.to_latent(self.pool(out).flatten(1)), maps
+
+    def _skip(self, stage: int, h: torch.Tensor, skips: list[torch.Tensor] | None, keep: torch.Tensor | None):
+        if not self.decoder_skips or skips is None:
+            return h
+        feature = skips[self.skip_sources[stage]]
+        if feature.shape[-2:] != h.shape[-2:]:
+            feature = F.interpolate(feature, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        add = self.skip_proj[stage](feature)
+        return h + (add if keep is None else add * keep)
+
+    def decode(self, z: torch.Tensor, skips: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``z[N,D]`` -> ``dict(content=[N,3,H,W], context=[N,3,ceil(H/4),ceil(W/4)])``, both sigmoid.
+
+        ``skips``: encoder feature maps (``encode_with_features``) of a related image, used only when
+        the model was built with ``skips=True``; ``None`` decodes from the latent alone."""
         h = self.from_latent(z).view(z.shape[0], self.seed_channels, *self.seed_hw)
+        keep = None
+        if self.decoder_skips and skips is not None and self.training and self.skip_dropout > 0:
+            keep = (torch.rand(z.shape[0], 1, 1, 1, device=z.device) >= self.skip_dropout).to(h.dtype)
+        h = self._skip(0, h, skips, keep)
         ctx_feat = h if self._context_stage == 0 else None
         for i, block in enumerate(self.up):
-            h = block(h)
+            h = self._skip(i + 1, block(h), skips, keep)
             if i + 1 == self._context_stage:
                 ctx_feat = h
+        for block in getattr(self, "refine", ()):
+            h = h + block(h)
         content = self.content_head(h)
         if content.shape[-2:] != self.image_size:
             content = F.interpolate(content, size=self.image_size, mode="bilinear", align_corners=False)
@@ -181,6 +272,10 @@ class VisualAutoencoder(nn.Module):
         return {"content": torch.sigmoid(content), "context": torch.sigmoid(context)}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.encode(x)
-        out = self.decode(z)
+        if self.decoder_skips:
+            z, maps = self.encode_with_features(x)
+            out = self.decode(z, maps)
+        else:
+            z = self.encode(x)
+            out = self.decode(z)
         return {"latent": z, "content": out["content"], "context": out["context"]}

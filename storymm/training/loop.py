@@ -21,7 +21,7 @@ from storymm.config import Config, config_from_dict
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.runtime import Runtime
-from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, windows_per_step
+from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def train(
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
         world_size=runtime.world_size, shuffle=True, seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer, equalize=True,
+        **(loader_options(config) if stage == "sequence" else {}),
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:

@@ -2,12 +2,20 @@
 
 ``visual_ae`` and ``text_ae`` pretrain the autoencoders on every frame of the windows; ``sequence``
 trains the story model on top of them (loaded from their runs with ``--init-from``).
+
+Every model variant reaches the models here (``docs/variants.md``): ``model.visual_backbone``,
+``backbone_weights``, ``decoder_extra_layers``, ``decoder_skips``/``skip_dropout`` (visual AE),
+``model.text_encoder`` (LSTM or frozen MiniLM), ``model.tag_features`` (sequence model input, and
+the loader's ``tags``), and the loss terms ``loss.perceptual`` (VGG16 on ``loss.perceptual_weights``),
+``loss.gradient`` and ``loss.cross_modal_infonce``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import dataclasses
 
 import torch
 
@@ -36,11 +44,19 @@ def build_visual(config: Config) -> VisualAutoencoder:
         latent_dim=config.model.visual_latent,
         image_size=(config.data.image_height, config.data.image_width),
         channels=tuple(config.model.visual_channels),
+        backbone=config.model.visual_backbone,
+        backbone_weights=config.model.backbone_weights,
+        extra_layers=config.model.decoder_extra_layers,
+        skips=config.model.decoder_skips,
+        skip_dropout=config.model.skip_dropout,
     )
 
 
 def build_text(config: Config, tokens: TokenizerInfo) -> TextAutoencoder:
-    return TextAutoencoder(
+    cls = TextAutoencoder
+    if config.model.text_encoder == "minilm":
+        from storymm.models.minilm import MiniLMTextAutoencoder as cls
+    return cls(
         vocab_size=tokens.vocab_size,
         latent_dim=config.model.text_latent,
         embed_dim=config.model.embed_dim,
@@ -63,29 +79,56 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             fusion=config.model.fusion,
             hidden_dim=config.model.sequence_hidden,
             copy_path=config.model.copy_path,
+            tag_vocab=config.model.tag_vocab if config.model.tag_features else 0,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
 
 def loss_weights(config: Config) -> losses.LossWeights:
-    return losses.LossWeights(**config.loss.model_dump())
+    fields = {f.name for f in dataclasses.fields(losses.LossWeights)}
+    return losses.LossWeights(**{k: v for k, v in config.loss.model_dump().items() if k in fields})
+
+
+def loader_options(config: Config) -> dict:
+    """Extra ``WindowLoader`` arguments the model needs (the tags, with ``model.tag_features``)."""
+    if config.model.tag_features:
+        return {"tag_vocab": config.model.tag_vocab, "max_tags": config.model.max_tags}
+    return {}
+
+
+def build_perceptual(config: Config) -> torch.nn.Module | None:
+    """The frozen VGG16 perceptual module when ``loss.perceptual > 0`` (a clear error without weights)."""
+    if not config.loss.perceptual:
+        return None
+    path = config.loss.perceptual_weights
+    try:
+        return losses.VGGPerceptual(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"loss.perceptual = {config.loss.perceptual}: {err}") from None
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
     """``fn(model, batch) -> (loss, {term: float})`` for the stage; batch already on the device."""
     weights = loss_weights(config)
+    perceptual = build_perceptual(config) if stage in ("visual_ae", "sequence") else None
+
+    def _perceptual_on(device):
+        if perceptual is not None and perceptual.mean.device != device:
+            perceptual.to(device)
+        return perceptual
 
     def visual(model, batch):
         images = torch.cat([batch["frames"].flatten(0, 1), batch["target_frame"]])
-        return losses.visual_ae_loss(model(images), images, weights)
+        return losses.visual_ae_loss(model(images), images, weights, _perceptual_on(images.device))
 
     def text(model, batch):
         sentences = torch.cat([batch["tokens"].flatten(0, 1), batch["target_tokens"]])
         return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id)
 
     def sequence(model, batch):
-        outputs = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
-        return losses.sequence_loss(outputs, batch, weights, tokens.pad_id)
+        extra = {"tags": batch["tags"]} if "tags" in batch else {}
+        outputs = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+        return losses.sequence_loss(outputs, batch, weights, tokens.pad_id, _perceptual_on(batch["target_frame"].device))
 
     return {"visual_ae": visual, "text_ae": text, "sequence": sequence}[stage]
 
