@@ -14,13 +14,11 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
 import re
 import tempfile
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -245,6 +243,15 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @_retrying
 def write_bytes(uri: str, data: bytes) -> None:
     """Publish ``data`` at ``uri`` atomically: readers never see a partial file."""
@@ -254,6 +261,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; publish with the usual mode
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -340,15 +348,3 @@ def open_input_file(uri: str):
     loc = locate(uri)
     return _retrying(loc.fs.open_input_file)(loc.path)
 
-
-def local_scratch(prefix: str = "storymm-") -> str:
-    """A private local folder for staging files before they are published."""
-    return tempfile.mkdtemp(prefix=prefix)
-
-
-def unique_suffix() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def bytes_io(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)

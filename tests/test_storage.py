@@ -453,3 +453,11 @@ def test_s3_round_trip_on_moto(monkeypatch):
     finally:
         storage._s3_filesystem_cached.cache_clear()
         server.stop()
+
+
+def test_local_files_are_published_with_the_usual_mode(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = tmp_path / "out" / "f.txt"
+    storage.write_text(str(target), "x")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~storage._UMASK
