@@ -373,6 +373,8 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
             ys.append(float(value))
     if not series:
         return None
+    import matplotlib.dates as mdates
+
     fig = _figure(figsize=(6.0, 3.2))
     ax = fig.subplots()
     for name, (xs, ys) in sorted(series.items()):
@@ -380,6 +382,14 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
     direction = HIGHER_IS_BETTER.get(metric)
     hint = "" if direction is None else " (higher is better)" if direction else " (lower is better)"
     ax.set_title(_plain(metric + hint))
+    days = sorted({d for xs, _ in series.values() for d in xs})
+    if len(days) <= 10:  # one tick per night, never hours
+        ax.set_xticks(days)
+    else:
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=10))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    if len(days) == 1:
+        ax.set_xlim(days[0] - _dt.timedelta(days=1), days[0] + _dt.timedelta(days=1))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
@@ -398,12 +408,29 @@ def _md(value: Any) -> str:
 _STATUS_STYLE = """
 .ok { color: #17692e; font-weight: 600; } .failed { color: #b00020; font-weight: 600; }
 .regression { color: #b35c00; font-weight: 600; } td.worse { background: #fde2e1; }
-.trends img { width: 580px; margin: 4px; }
+.trends img { width: 560px; margin: 4px; }
+.scroll { overflow-x: auto; } td.error { min-width: 280px; max-width: 420px; color: #b00020; }
 """
 
 
 def _regressed_names(entry: dict) -> set[str]:
     return {r["metric"] for r in entry.get("regressions") or []}
+
+
+def _latest_html(nights: list[dict]) -> list[str]:
+    if not nights:
+        return ["<p>No night yet.</p>"]
+    night = nights[0]
+    runs = night.get("runs", [])
+    counts = {
+        "ok": sum(e.get("status") == "ok" and not e.get("regressions") for e in runs),
+        "regression": sum(bool(e.get("regressions")) for e in runs),
+        "failed": sum(e.get("status") == "failed" for e in runs),
+    }
+    status = str(night.get("status"))
+    summary = ", ".join(f'<span class="{k}">{v} {k}</span>' for k, v in counts.items())
+    return [f'<p><strong>Latest night {html.escape(night["date"])}: <span class="{html.escape(status)}">'
+            f"{html.escape(status)}</span></strong> ({summary}).</p>"]
 
 
 def write_index(reports_uri: str, nights: list[dict]) -> dict:
@@ -439,7 +466,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
 
     # ---- Markdown (images beside the page)
     md = ["# storymm nightly evaluation", "", f"Updated {index['updated']}. {len(nights)} night(s), newest first.", ""]
-    columns = ["run", "status", "step", *metrics, "regressed", "report"]
+    columns = ["run", "status", "step", "report / error", "regressed", *metrics]
     for night in index["nights"]:
         md += [f"## {_md(night['date'])}: {_md(night['status'])}", ""]
         md.append("| " + " | ".join(_md(c) for c in columns) + " |")
@@ -447,10 +474,10 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
         for e in night["runs"]:
             bad = _regressed_names(e)
             cells = [_md(e["name"]), _md(e["status"]), _md(e["step"])]
+            cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else _md(e.get("error")))
+            cells.append(_md(", ".join(sorted(bad)) or None))
             cells += [("**" + _md(v) + "**") if m in bad else _md(v)
                       for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)]
-            cells.append(_md(", ".join(sorted(bad)) or None))
-            cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else _md(e.get("error")))
             md.append("| " + " | ".join(cells) + " |")
         md.append("")
     md += ["## Trends", ""]
@@ -466,6 +493,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
         "<h1>storymm nightly evaluation</h1>",
         f"<p>Updated {html.escape(index['updated'])}. {len(nights)} night(s), newest first. "
         "Cells shaded red regressed against the run's previous night beyond tolerance.</p>",
+        *_latest_html(index["nights"]),
         "<h2>Trends</h2>",
         '<div class="trends">',
     ]
@@ -476,27 +504,35 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
         parts.append("<p>No successful evaluation yet.</p>")
     parts.append("</div>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    for night in index["nights"]:
-        status = str(night["status"])
-        parts.append(f'<h2>{html.escape(night["date"])}: <span class="{html.escape(status)}">'
-                     f"{html.escape(status)}</span></h2>")
-        parts.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>")
+
+    def night_table(night: dict) -> list[str]:
+        rows = [f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>']
         for e in night["runs"]:
             bad = _regressed_names(e)
             cells = [f'<td title="{html.escape(str(e["run"]))}">{html.escape(str(e["name"]))}</td>',
                      f'<td class="{html.escape(str(e["status"]))}">{html.escape(str(e["status"]))}</td>',
                      f"<td>{_esc(e['step'])}</td>"]
-            for m in metrics:
-                value = (e.get("metrics") or {}).get(m)
-                cells.append(f'<td class="worse">{_esc(value)}</td>' if m in bad else f"<td>{_esc(value)}</td>")
-            cells.append(f"<td>{html.escape(', '.join(sorted(bad)) or '—')}</td>")
             if e.get("report"):
                 href = html.escape(f"{night['date']}/{e['report']}", quote=True)
                 cells.append(f'<td><a href="{href}">report</a></td>')
             else:
-                cells.append(f"<td>{html.escape(str(e.get('error') or '—'))}</td>")
-            parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</tbody>\n</table>")
+                cells.append(f'<td class="error">{html.escape(str(e.get("error") or "—"))}</td>')
+            cells.append(f"<td>{html.escape(', '.join(sorted(bad)) or '—')}</td>")
+            for m in metrics:
+                value = (e.get("metrics") or {}).get(m)
+                cells.append(f'<td class="worse">{_esc(value)}</td>' if m in bad else f"<td>{_esc(value)}</td>")
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        rows.append("</tbody>\n</table></div>")
+        return rows
+
+    if index["nights"]:  # the newest night's table right under its summary, above the trends
+        parts[parts.index("<h2>Trends</h2>"):parts.index("<h2>Trends</h2>")] = night_table(index["nights"][0])
+    parts.append("<h2>Every night</h2>")
+    for night in index["nights"]:
+        status = str(night["status"])
+        parts.append(f'<h3>{html.escape(night["date"])}: <span class="{html.escape(status)}">'
+                     f"{html.escape(status)}</span></h3>")
+        parts += night_table(night)
     parts.append("</body></html>")
 
     storage.write_text(storage.join(root, "index.md"), "\n".join(md))

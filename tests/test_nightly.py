@@ -92,7 +92,8 @@ def world(s3_server, tmp_path_factory):
                 tensor.fill_(-50.0)
                 hits += 1
         assert hits >= 1, sorted(state["model"])
-        checkpoint.save(run, state, int(state["step"]) + 1)
+        state["step"] = int(state["step"]) + 1
+        checkpoint.save(run, state, state["step"])
 
         w["night2"] = cli("nightly", "--runs", run, *common, "--date", "2026-01-02")
         w["index_after_2"] = read_json(storage.join(nightly_uri, "index.json"))
@@ -280,6 +281,11 @@ def non_white(pixels) -> float:
     return float((pixels.min(axis=-1) < 200).mean())
 
 
+def table_header(pixels) -> float:
+    """Fraction of pixels in the table headers' background colour (#f2f2f2 in the pages' CSS)."""
+    return float((pixels == 242).all(axis=-1).mean())
+
+
 @pytest.mark.slow
 def test_chromium_renders_report_and_index(world, tmp_path):
     import numpy as np
@@ -294,12 +300,14 @@ def test_chromium_renders_report_and_index(world, tmp_path):
     assert pixels.shape[:2] == (3200, 1200)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "report rendered as a flat page"
     assert non_white(pixels) > 0.03
+    assert table_header(pixels) > 0.002, "no table in the report screenshot"
     # the images are there: the sample grid (coloured synthetic frames) and the loss curves
     assert colourful(pixels) > 0.01, f"no image region in the report screenshot ({colourful(pixels):.4f})"
 
     pixels = screenshot(index_page, tmp_path / "index.png", 1600)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100, "index rendered as a flat page"
-    assert non_white(pixels) > 0.02
+    assert non_white(pixels) > 0.015
+    assert table_header(pixels) > 0.002, "no table in the index screenshot"
     assert colourful(pixels) > 0.001, f"no trend plot in the index screenshot ({colourful(pixels):.4f})"
 
 
