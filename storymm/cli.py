@@ -79,6 +79,15 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from storymm.experiment import run_experiment
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    run_experiment(args.data, args.work, names, args.overrides, split=args.split, backend=args.backend,
+                   workers=args.workers)
+    return 0
+
+
 def cmd_tune(args) -> int:
     from storymm.config import load_config
     from storymm.tune import parse_grid, results_markdown, run_tune
@@ -164,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--workers", type=int, default=1)
     _add_config_args(pipeline)
     pipeline.set_defaults(handler=cmd_pipeline)
+
+    experiment = commands.add_parser(
+        "experiment", help="train and evaluate several configs on the same data; WORK/reports/comparison.md")
+    experiment.add_argument("--data", required=True, help="prepared dataset URI (shared by every config)")
+    experiment.add_argument("--work", required=True, help="work URI: runs/<config>/<stage>, reports/<config>/")
+    experiment.add_argument("--configs", default="baseline,gate,gate_retrained",
+                            help="comma-separated config names (configs/<name>.yaml) or YAML paths")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override applied to every config (repeatable)")
+    experiment.add_argument("--split", default="test", choices=["train", "val", "test"])
+    experiment.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
+    experiment.add_argument("--workers", type=int, default=1)
+    experiment.set_defaults(handler=cmd_experiment)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep: each trial a short training run, ASHA early stopping")
     tune.add_argument("--stage", default="visual_ae", choices=["visual_ae", "text_ae", "sequence"])
