@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from s3server import free_ports
 from storymm import storage, synth
@@ -158,9 +159,11 @@ class RayHead:
     def cli_env(self) -> dict:
         return dict(self.env)
 
-    def submit(self, entrypoint: list[str], env_vars: dict, *, wait: bool, timeout: float = 180) -> subprocess.CompletedProcess:
+    def submit(self, entrypoint: list[str], env_vars: dict, *, wait: bool, timeout: float = 180,
+               excludes: list[str] | None = None) -> subprocess.CompletedProcess:
+        runtime_env = {"env_vars": env_vars, **({"excludes": excludes} if excludes else {})}
         cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
-               "--runtime-env-json", json.dumps({"env_vars": env_vars})]
+               "--runtime-env-json", json.dumps(runtime_env)]
         if not wait:
             cmd.append("--no-wait")
         return subprocess.run([*cmd, "--", *entrypoint], env=self.cli_env(), cwd=REPO, capture_output=True,
@@ -236,8 +239,11 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     bucket, data = s3_data
     run = f"{bucket}/runs/visual_ae"
     started = time.monotonic()
+    # the job runs with the runtime env the cluster manifests use, plus this S3 server's variables
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env()), "STORYMM_TORCH_THREADS": "1"}
     out = ray_head.submit(_train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
-                          _job_env(_aws_env()), wait=True)
+                          env_vars, wait=True, excludes=runtime_env["excludes"])
     took = time.monotonic() - started
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     job_id = _job_id(out.stdout + out.stderr)
