@@ -102,12 +102,16 @@ def world(s3_server, tmp_path_factory):
         w["night2_json"] = read_json(storage.join(nightly_uri, "2026-01-02", "night.json"))
 
         # Rerun of night 2 through the Ray job entry point, as a separate process (real exit code).
+        # A report left by a run that is no longer tracked must not survive the rerun.
+        stale = storage.join(nightly_uri, "2026-01-02", "retired", "report.html")
+        storage.write_text(stale, "<html>old</html>")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         w["rerun"] = subprocess.run(
             [sys.executable, "jobs/nightly_eval.py", "--runs", run, *common, "--date", "2026-01-02"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         w["index_after_rerun"] = read_json(storage.join(nightly_uri, "index.json"))
         w["files_after_rerun"] = storage.list_files(storage.join(nightly_uri, "2026-01-02"), recursive=True)
+        w["stale_left"] = storage.exists(stale)
         w["night2_json_rerun"] = read_json(storage.join(nightly_uri, "2026-01-02", "night.json"))
 
         # A run folder with run.json but no checkpoint yet.
@@ -175,6 +179,7 @@ def test_rerunning_a_night_replaces_it(world):
     assert "REGRESSION: seq: " in rerun.stdout and "image_l1" in rerun.stdout
     assert [n["date"] for n in world["index_after_rerun"]["nights"]] == ["2026-01-02", "2026-01-01"]
     assert world["files_after_rerun"] == world["files_after_2"]
+    assert not world["stale_left"]
     before, after = world["night2_json"], world["night2_json_rerun"]
     assert after["runs"][0]["metrics"] == before["runs"][0]["metrics"]
     assert after["runs"][0]["previous"]["date"] == "2026-01-01"  # not itself
