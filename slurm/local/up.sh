@@ -13,7 +13,8 @@
 set -euo pipefail
 
 DIR=${STORYMM_SLURM_DIR:-/tmp/storymm-slurm}
-CPUS=${STORYMM_SLURM_CPUS:-$(nproc)}
+# nproc alone honours OMP_NUM_THREADS (a shell with OMP_NUM_THREADS=1 would get a 1-CPU node)
+CPUS=${STORYMM_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 WAIT=${STORYMM_SLURM_WAIT:-60}
 
 for bin in slurmctld slurmd sinfo; do
