@@ -116,7 +116,6 @@ def test_perceptual_without_weights_file_is_a_clear_error(tmp_path):
     config = small_config("loss.perceptual=0.1", f"loss.perceptual_weights={tmp_path / 'nope.pth'}")
     with pytest.raises(FileNotFoundError, match="loss.perceptual .*VGG16 weights"):
         build_perceptual(config)
-    (tmp_path / "bad.pth").write_bytes(b"")
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a VGG16 state_dict"):
         build_perceptual(small_config("loss.perceptual=0.1", f"loss.perceptual_weights={tmp_path / 'bad.pth'}"))
@@ -162,7 +161,7 @@ def test_hash_tags_are_stable_and_bounded():
 def test_resnet18_visual_ae_with_perceptual_and_gradient_losses(data_uri, vgg_weights, tmp_path):
     config = small_config("model.visual_backbone=resnet18", "model.decoder_extra_layers=2",
                           "loss.perceptual=0.1", f"loss.perceptual_weights={vgg_weights}", "loss.gradient=0.1",
-                          "train.visual_ae.steps=10", "train.visual_ae.lr=0.003")
+                          "train.visual_ae.steps=8", "train.visual_ae.lr=0.003", "data.batch_size=3")
     run = str(tmp_path / "vis")
     train(config, "visual_ae", data_uri, run, progress=False)
     last = assert_loss_falls(run)
@@ -171,8 +170,9 @@ def test_resnet18_visual_ae_with_perceptual_and_gradient_losses(data_uri, vgg_we
 
 
 def test_skip_decoder_visual_ae_and_sequence(data_uri, vgg_weights, tmp_path):
-    config = small_config("model.decoder_skips=true", "model.decoder_extra_layers=1", "train.visual_ae.steps=10",
-                          "train.sequence.steps=10", "loss.perceptual=0.05", f"loss.perceptual_weights={vgg_weights}")
+    config = small_config("model.decoder_skips=true", "model.decoder_extra_layers=1", "train.visual_ae.steps=8",
+                          "train.sequence.steps=10", "loss.perceptual=0.05", f"loss.perceptual_weights={vgg_weights}",
+                          "data.batch_size=4")
     vis, seq = str(tmp_path / "vis"), str(tmp_path / "seq")
     train(config, "visual_ae", data_uri, vis, progress=False)
     assert_loss_falls(vis)
@@ -241,7 +241,7 @@ def test_experiment_refuses_mismatched_data_before_training(data_uri, tmp_path):
 def test_experiment_three_seed_configs_end_to_end(data_uri, vgg_weights, tmp_path, capsys):
     work = tmp_path / "work"
     sets = SMALL + FAST + [
-        "data.image_height=32", "data.image_width=64", "data.max_tokens=20", "train.mixed_precision=no",
+        "data.image_height=32", "data.image_width=64", "data.max_tokens=20",
         "train.visual_ae.steps=3", "train.text_ae.steps=3", "train.sequence.steps=3",
         f"loss.perceptual_weights={vgg_weights}", "eval.median_windows=64", "eval.samples=2",
     ]
