@@ -4,8 +4,8 @@
 #   sbatch slurm/evaluate.sh RUN_URI DATA_URI [OUT_URI]
 #   RUN_URI=… DATA_URI=… OUT_URI=… SPLIT=test sbatch slurm/evaluate.sh
 #
-# Submit from the repository root (or set STORYMM_REPO). OUT_URI defaults to RUN_URI/reports/<split>-<UTC date and time>, so nightly reports accumulate.
-# The nightly schedule is slurm/nightly.scrontab (until `storymm nightly` exists, it runs this script).
+# Submit from the repository root (or set STORYMM_REPO). OUT_URI defaults to RUN_URI/reports/<split>-<UTC date and time>, so repeated evaluations accumulate.
+# The nightly evaluation of several runs with regression checks is `storymm nightly`: slurm/nightly.scrontab.
 #
 #SBATCH --job-name=storymm-eval
 #SBATCH --nodes=1
