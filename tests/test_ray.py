@@ -276,7 +276,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
 
     bucket, data = s3_data
     run = f"{bucket}/runs/ft"
-    steps, every = 60, 10
+    steps, every = 40, 10
     pid_dir = tmp_path / "pids"
     out = ray_head.submit(_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
                           _job_env(_aws_env(), STORYMM_TEST_PIDFILE_DIR=str(pid_dir)), wait=False, timeout=60)
