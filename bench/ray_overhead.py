@@ -78,6 +78,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="storymm-ray-bench-")
+    ray_tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths live under it
     overrides = [
         f"data.batch_size={args.batch_size}", f"train.{args.stage}.steps={args.steps}",
         f"train.{args.stage}.log_every={args.log_every}", f"train.{args.stage}.checkpoint_every={args.steps}",
@@ -93,7 +94,7 @@ def main() -> int:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="rb-", dir="/tmp"))
+                 _temp_dir=ray_tmp)
         results = {}
         plan = [("local-0", "local")]
         for i in range(1, args.rounds + 1):
@@ -110,6 +111,7 @@ def main() -> int:
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     ratios = []
     for i in range(1, args.rounds + 1):
