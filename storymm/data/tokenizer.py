@@ -6,6 +6,8 @@ used, and the manifest records its hash.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import hashlib
 import os
 from pathlib import Path
@@ -60,17 +62,33 @@ def _from_vocab_bytes(vocab: bytes) -> Tokenizer:
     return wrapper._tokenizer
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _trained_vocab(sentences: Iterable[str], vocab_size: int) -> list[str]:
+    """A WordPiece vocabulary from the training sentences: special tokens, every character seen (as a
+    word start and as a ``##`` continuation, so nothing is ever [UNK]), then whole words by falling
+    frequency (ties alphabetical) up to ``vocab_size``. Deterministic by construction: the library's
+    trainer numbers and even picks its pieces in hash-map order, which changes from process to process
+    and made the same data give different shard bytes."""
+    probe = BertWordPieceTokenizer(lowercase=True)._tokenizer
+    counts: Counter[str] = Counter()
+    for sentence in sentences:
+        text = probe.normalizer.normalize_str(sentence)
+        counts.update(word for word, _ in probe.pre_tokenizer.pre_tokenize_str(text))
+    chars = sorted({c for word in counts for c in word})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    room = max(0, vocab_size - len(vocab))
+    words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
+    return vocab + words[:room]
+
+
 def build_tokenizer(spec: str, sentences: Iterable[str] | None = None, vocab_size: int = 4000) -> Tokenizer:
     """``spec``: 'bert-base-uncased', a path/URI of a vocab.txt or tokenizer.json, or 'train'."""
     if spec == "train":
         if sentences is None:
             raise TokenizerError("tokenizer 'train' needs the training sentences")
-        wrapper = BertWordPieceTokenizer(lowercase=True)
-        wrapper.train_from_iterator(sentences, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-        tokenizer = wrapper._tokenizer
-        tokenizer.post_processor = processors.BertProcessing(
-            ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
-        )
+        tokenizer = _from_vocab_bytes("\n".join(_trained_vocab(sentences, vocab_size)).encode("utf-8"))
         return tokenizer
     if spec == "bert-base-uncased":
         path = _packaged_bert_vocab()

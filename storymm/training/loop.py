@@ -229,12 +229,15 @@ def train(
                     bar.set_postfix(loss=f"{last_terms['total']:.4f}", sps=f"{last_terms['samples_per_s']:.0f}")
                 runtime.report(last_terms)
 
-            if step % stage_cfg.checkpoint_every == 0 or step == stage_cfg.steps:
-                runtime.report(last_terms, save("running" if step < stage_cfg.steps else "completed"))
+            finished = step >= stage_cfg.steps
+            stopping = not finished and runtime.should_stop()
+            if step % stage_cfg.checkpoint_every == 0 or finished or stopping:
+                state = "completed" if finished else "stopped" if stopping else "running"
+                runtime.report(last_terms, save(state))
                 saved_at = step
-            if step >= stage_cfg.steps:
+            if finished:
                 break
-            if runtime.should_stop():
+            if stopping:
                 status = "stopped"
                 break
         if status == "stopped" or step >= stage_cfg.steps:
