@@ -211,13 +211,20 @@ def run_ray(
             "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+            # v1's trainer actor only coordinates; without this it holds a CPU of its own and
+            # 2 workers never start on a 2-CPU machine
+            **({"trainer_resources": {"CPU": 0}} if os.environ.get(TRAIN_V2_ENV) == "0" else {}),
+        ),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # v1 prints a metrics table per report; storymm's own progress bar and log say it all
+            **({"verbose": 0} if os.environ.get(TRAIN_V2_ENV) == "0" else {}),
         ),
     )
     log.info("Ray Train: %s on %d worker(s)%s, run %s", stage, workers,
