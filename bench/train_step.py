@@ -1,0 +1,144 @@
+"""Training-step throughput of the gate model: storymm's loop vs a straight PyTorch loop, and the loader
+against the step it feeds, all measured in one run.
+
+Three measurements per config, same model, same batch size, same thread count:
+
+* reference: a plain single-process loop (forward, backward, AdamW step) over one batch held in
+  memory: the best a training step can do here, with no data, logging or checkpoint work;
+* storymm: ``storymm.training.loop.train`` (the code every backend runs) streaming real shards,
+  taking steady-state ``samples_per_s`` from its ``metrics.jsonl`` (first logging window dropped);
+* loader: windows/s the ``WindowLoader`` alone delivers, to show it keeps ahead of the step.
+
+Model FLOPs per sample come from ``torch.utils.flop_counter`` on one forward+backward (matmuls and
+convolutions; element-wise work is not counted), so achieved FLOP/s = FLOPs/sample x samples/s.
+
+    python bench/train_step.py                       # tiny and gate (seed-parity 60x125) configs
+    python bench/train_step.py --configs configs/tiny.yaml --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from storymm import synth
+from storymm.config import load_config
+from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.data.prepare import prepare
+from storymm.losses import sequence_loss
+from storymm.training.loop import read_metrics, train
+from storymm.training.runtime import Runtime
+from storymm.training.stages import TokenizerInfo, build_model, loss_weights
+
+
+def _loader(dataset, config):
+    return WindowLoader(dataset, "train", batch_size=config.data.batch_size,
+                        context_frames=config.data.context_frames, max_tokens=config.data.max_tokens,
+                        windows=config.data.windows, shuffle=True, seed=config.seed,
+                        shuffle_buffer=config.data.shuffle_buffer)
+
+
+def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
+    """(samples/s, FLOPs per sample) of a bare loop over one in-memory batch."""
+    tokens = TokenizerInfo.from_manifest(dataset.manifest)
+    torch.manual_seed(0)
+    model = build_model("sequence", config, tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    weights = loss_weights(config)
+    batch = next(iter(_loader(dataset, config)))
+
+    def step():
+        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+        loss, _ = sequence_loss(out, batch, weights, tokens.pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops_per_sample = counter.get_total_flops() / config.data.batch_size
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * config.data.batch_size / (time.perf_counter() - start), flops_per_sample
+
+
+def storymm_rate(config, data_uri: str, run_uri: str, steps: int) -> float:
+    """Steady-state samples/s the shared training loop logs (the first logging window dropped)."""
+    log_every = max(5, steps // 6)
+    config = config.model_copy(deep=True)
+    config.train.sequence.steps = steps + log_every
+    config.train.sequence.log_every = log_every
+    config.train.sequence.checkpoint_every = 10**9  # one checkpoint at the end, as in a real run
+    train(config, "sequence", data_uri, run_uri, Runtime(), progress=False)
+    rates = [m["samples_per_s"] for m in read_metrics(run_uri)][1:]
+    return sum(rates) / len(rates)
+
+
+def loader_rate(config, dataset, seconds: float) -> float:
+    loader = _loader(dataset, config)
+    windows, start, epoch = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            windows += len(batch["target_tokens"])
+            if time.perf_counter() - start > seconds:
+                break
+        epoch += 1
+    return windows / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="configs/tiny.yaml,configs/gate.yaml")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    parser.add_argument("--stories", type=int, default=120)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    scratch = tempfile.mkdtemp(prefix="storymm-bench-step-")
+    source = os.path.join(scratch, "source")
+    synth.synthesize(source, args.stories, seed=0, progress=False)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device cpu")
+    results = []
+    for path in args.configs.split(","):
+        name = os.path.splitext(os.path.basename(path))[0]
+        config = load_config(path)
+        data_uri = os.path.join(scratch, f"data-{name}")
+        prepare(source, data_uri, config, progress=False)
+        dataset = PreparedDataset(data_uri)
+        ref, flops = reference_rate(config, dataset, args.steps)
+        ours = storymm_rate(config, data_uri, os.path.join(scratch, f"run-{name}"), args.steps)
+        feed = loader_rate(config, dataset, seconds=5.0)
+        row = {
+            "config": name, "image": f"{config.data.image_height}x{config.data.image_width}",
+            "batch": config.data.batch_size, "vocab": dataset.manifest["tokenizer"]["vocab_size"],
+            "reference_samples_per_s": ref, "storymm_samples_per_s": ours, "loop_vs_reference": ours / ref,
+            "loader_windows_per_s": feed, "loader_vs_step": feed / ours,
+            "gflops_per_sample": flops / 1e9, "achieved_gflops_per_s": flops * ours / 1e9,
+        }
+        results.append(row)
+        print(f"{name} ({row['image']}, batch {row['batch']}, vocab {row['vocab']}):")
+        print(f"  plain PyTorch loop, in-memory batch : {ref:8.1f} samples/s")
+        print(f"  storymm loop, streaming shards      : {ours:8.1f} samples/s  ratio {ours / ref:.2f}x")
+        print(f"  WindowLoader alone                  : {feed:8.1f} windows/s ratio {feed / ours:.1f}x the step")
+        print(f"  model FLOPs {flops / 1e9:.3f} GFLOP/sample (fwd+bwd), achieved {flops * ours / 1e9:.2f} GFLOP/s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
