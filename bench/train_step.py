@@ -48,17 +48,21 @@ def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
     """(samples/s, FLOPs per sample) of a bare loop over one in-memory batch."""
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
     torch.manual_seed(0)
-    model = build_model("sequence", config, tokens)
+    runtime = Runtime.from_environment(config.train.mixed_precision)  # cuda + bf16 when there is a GPU
+    model = build_model("sequence", config, tokens).to(runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     weights = loss_weights(config)
-    batch = next(iter(_loader(dataset, config)))
+    batch = runtime.to_device(next(iter(_loader(dataset, config))))
 
     def step():
-        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
-        loss, _ = sequence_loss(out, batch, weights, tokens.pad_id)
+        with runtime.autocast():
+            out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+            loss, _ = sequence_loss(out, batch, weights, tokens.pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -81,7 +85,8 @@ def storymm_rate(config, data_uri: str, run_uri: str, steps: int) -> float:
     config.train.sequence.steps = steps + log_every
     config.train.sequence.log_every = log_every
     config.train.sequence.checkpoint_every = 10**9  # one checkpoint at the end, as in a real run
-    train(config, "sequence", data_uri, run_uri, Runtime(), progress=False)
+    train(config, "sequence", data_uri, run_uri, Runtime.from_environment(config.train.mixed_precision),
+          progress=False)
     rates = [m["samples_per_s"] for m in read_metrics(run_uri)][1:]
     return sum(rates) / len(rates)
 
@@ -109,8 +114,9 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp(prefix="storymm-bench-step-")
     source = os.path.join(scratch, "source")
     synth.synthesize(source, args.stories, seed=0, progress=False)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device cpu")
+          f"{torch.get_num_threads()} threads, device {device}")
     results = []
     for path in args.configs.split(","):
         name = os.path.splitext(os.path.basename(path))[0]
