@@ -101,6 +101,9 @@ def _best(values: list[Any], higher: bool | None) -> set[int]:
     return {i for i, v in finite if v == target}
 
 
+CONTROL_METRICS = frozenset({"text_ce_shuffled", "target_spread"})
+
+
 def comparison_rows(reports: list[dict]) -> list[dict]:
     """Rows ``{label, kind, higher_is_better, values, best}``: metrics, then floors, then metadata."""
     def union(key: str) -> list[str]:
@@ -117,8 +120,10 @@ def comparison_rows(reports: list[dict]) -> list[dict]:
     for name in metrics:
         values = [(r.get("metrics") or {}).get(name) for r in reports]
         higher = HIGHER_IS_BETTER.get(name)
+        # controls, not goals: the shuffled-condition CE and the data's own spread get no ★
+        best = [] if name in CONTROL_METRICS else sorted(_best(values, higher))
         rows.append({"label": name, "kind": "metric", "higher_is_better": higher, "values": values,
-                     "best": sorted(_best(values, higher))})
+                     "best": best})
     for name in union("floors"):
         rows.append({"label": f"floor: {name}", "kind": "floor", "higher_is_better": None,
                      "values": [(r.get("floors") or {}).get(name) for r in reports], "best": []})
