@@ -3,7 +3,7 @@
     storymm experiment --data DATA_URI --work URI [--configs baseline,gate,gate_retrained] [--set k=v …]
 
 For each config (a name under ``configs/`` or a YAML path) it trains ``visual_ae``, ``text_ae`` and
-``sequence`` (``storymm.training.backends.run_training``, the sequence stage started from the two
+``sequence`` (``storymm.training.backends.train_stages``, the sequence stage started from the two
 autoencoder runs) under ``WORK/runs/<name>/<stage>``, evaluates the sequence run on ``--split``
 (``storymm.evaluation.evaluate``) into ``WORK/reports/<name>/``, and writes the comparison of all
 of them, every metric and every floor, to ``WORK/reports/comparison.md`` (plus ``comparison.html``
@@ -27,11 +27,11 @@ from pathlib import Path
 from storymm import storage
 from storymm.config import Config, ConfigError, load_config
 from storymm.data.loader import PreparedDataset
+from storymm.training.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ("baseline", "gate", "gate_retrained")
-STAGES = ("visual_ae", "text_ae", "sequence")
 COMPARISON = "comparison"
 
 
@@ -151,7 +151,7 @@ def run_experiment(
 ) -> dict:
     """Train and evaluate every config on ``data_uri``; write ``WORK/reports/comparison.md``."""
     from storymm.evaluation import evaluate, format_summary
-    from storymm.training.backends import run_training
+    from storymm.training.backends import train_stages
 
     started = time.perf_counter()
     loaded = load_configs(list(configs), overrides)
@@ -161,13 +161,9 @@ def run_experiment(
     names, reports, sources = [], [], []
     for index, (name, config) in enumerate(loaded.items(), start=1):
         runs = {stage: storage.join(work_uri, "runs", name, stage) for stage in STAGES}
-        for stage in STAGES:
-            say(f"[{index}/{len(loaded)} {name}] training {stage} -> {storage.redact(runs[stage])}")
-            init = [runs["visual_ae"], runs["text_ae"]] if stage == "sequence" else []
-            summary = run_training(config, stage, data_uri, runs[stage], backend=backend, workers=workers,
-                                   init_from=init, progress=progress)
-            if summary.get("status") not in ("completed", None):
-                raise ExperimentError(f"{name}/{stage} did not complete ({summary.get('status')}); rerun to resume")
+        prefix = f"[{index}/{len(loaded)} {name}]"
+        train_stages(config, data_uri, runs, backend=backend, workers=workers, progress=progress,
+                     announce=lambda stage, uri, prefix=prefix: say(f"{prefix} training {stage} -> {storage.redact(uri)}"))
         report_uri = storage.join(reports_uri, name)
         say(f"[{index}/{len(loaded)} {name}] evaluating on {split} -> {storage.redact(report_uri)}")
         report = evaluate(runs["sequence"], data_uri, split, report_uri, progress=progress)

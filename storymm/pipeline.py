@@ -19,7 +19,7 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.prepare import MANIFEST_FILE, prepare, summarize
 from storymm.evaluation import evaluate, format_summary
-from storymm.training.backends import run_training
+from storymm.training.backends import train_stages
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,9 @@ def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers:
         "text_ae": storage.join(runs, "text_ae"),
         "sequence": storage.join(runs, f"sequence-{fusion}"),
     }
-    for number, stage in enumerate(("visual_ae", "text_ae", "sequence"), start=3):
-        say(f"[{number}/6] training {stage} -> {storage.redact(stage_runs[stage])}")
-        init = [stage_runs["visual_ae"], stage_runs["text_ae"]] if stage == "sequence" else []
-        summary = run_training(config, stage, data, stage_runs[stage], backend=backend, workers=workers,
-                               init_from=init, progress=progress)
-        if summary.get("status") not in ("completed", None):
-            raise RuntimeError(f"{stage} did not complete ({summary.get('status')}); rerun to resume")
+    numbers = {"visual_ae": 3, "text_ae": 4, "sequence": 5}
+    train_stages(config, data, stage_runs, backend=backend, workers=workers, progress=progress,
+                 announce=lambda stage, uri: say(f"[{numbers[stage]}/6] training {stage} -> {storage.redact(uri)}"))
 
     say(f"[6/6] evaluating on the test split -> {storage.redact(report_uri)}")
     report = evaluate(stage_runs["sequence"], data, "test", report_uri, progress=progress)

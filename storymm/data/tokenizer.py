@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
 from storymm import storage

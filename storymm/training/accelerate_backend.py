@@ -91,13 +91,6 @@ class AccelerateRuntime(Runtime):
 
     # ------------------------------------------------------------------------ collectives
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:  # NCCL only reduces tensors on the GPU; the loop hands CPU tensors
-            on_device = tensor.to(self.device)
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-            tensor.copy_(on_device.to(tensor.device))
-        return tensor
-
     def barrier(self) -> None:
         if self.distributed:
             self.accelerator.wait_for_everyone()

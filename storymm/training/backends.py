@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+from storymm import storage
 from storymm.config import Config
-from storymm.training.loop import train
+from storymm.training.loop import TrainingError, train
 from storymm.training.runtime import Runtime
+from storymm.training.stages import STAGES
 
 BACKENDS = ("local", "ray", "accelerate")
 
@@ -35,3 +39,30 @@ def run_training(
 
         return run_accelerate(config, stage, data_uri, run_uri, init_from=init_from, progress=progress)
     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def train_stages(
+    config: Config,
+    data_uri: str,
+    runs: dict[str, str],
+    *,
+    backend: str = "local",
+    workers: int = 1,
+    progress: bool = True,
+    announce: Callable[[str, str], None] = lambda stage, run_uri: None,
+) -> None:
+    """Train ``visual_ae``, ``text_ae``, then ``sequence`` started from them, into ``runs[stage]``.
+
+    Each stage resumes where it stopped, so rerunning after an interruption continues; a stage
+    that ends without completing (stopped by a signal) raises instead of training on top of it.
+    """
+    for stage in STAGES:
+        announce(stage, runs[stage])
+        init = [runs["visual_ae"], runs["text_ae"]] if stage == "sequence" else []
+        summary = run_training(config, stage, data_uri, runs[stage], backend=backend, workers=workers,
+                               init_from=init, progress=progress)
+        if summary.get("status") not in ("completed", None):
+            raise TrainingError(
+                f"{stage} run {storage.redact(runs[stage])} did not complete ({summary.get('status')}); "
+                "rerun to resume"
+            )

@@ -75,8 +75,12 @@ class Runtime:
     # ------------------------------------------------------------------------ collectives
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum in place across ranks. The loop hands CPU tensors; NCCL only reduces GPU ones."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            if on_device is not tensor:
+                tensor.copy_(on_device)
         return tensor
 
     def all_gather_object(self, obj) -> list:
