@@ -10,18 +10,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `from s3server import ...`
 
-from s3server import SeaweedS3Server  # noqa: E402
+from s3server import SeaweedS3Server, point_storage_at  # noqa: E402
 
 # ------------------------------------------------------------------------------------- S3
-
-_AWS_VARS_TO_CLEAR = (
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-)
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +32,29 @@ def s3_env(s3_server, monkeypatch):
 
     Also clears ``storymm.storage``'s cached S3 filesystem before and after the test.
     """
-    for name in _AWS_VARS_TO_CLEAR:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
     from storymm import storage
 
-    storage._s3_filesystem_cached.cache_clear()
-    if not s3_server.running:  # a previous test stopped it
-        s3_server.start()
+    point_storage_at(s3_server, monkeypatch)
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(bucket)
     yield f"s3://{bucket}"
     storage._s3_filesystem_cached.cache_clear()
+
+
+# ------------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def tiny_data_uri(tmp_path_factory) -> str:
+    """40 synthetic stories prepared with configs/tiny.yaml in shards of 5 rows (read-only: shared
+    by the loader, Accelerate and SLURM tests)."""
+    from storymm import synth
+    from storymm.config import load_config
+    from storymm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 12), progress=False)
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                         ["data.rows_per_shard=5"])
+    prepare(str(root / "src"), str(root / "data"), config, progress=False)
+    return str(root / "data")

@@ -381,3 +381,27 @@ def _kill_all() -> None:
             server._remove_sockets()
         except Exception:
             pass
+
+
+AWS_VARS_TO_CLEAR = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def point_storage_at(server: "SeaweedS3Server", monkeypatch) -> None:
+    """Make ``storymm.storage`` (and child processes) talk to ``server``: AWS variables set through
+    ``monkeypatch``, stray ones removed, the cached S3 filesystem dropped, the server (re)started."""
+    for name in AWS_VARS_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    from storymm import storage
+
+    storage._s3_filesystem_cached.cache_clear()
+    if not server.running:  # a previous test stopped it
+        server.start()

@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from storymm import synth
 from storymm.cli import EXIT_STOPPED
-from storymm.config import load_config
-from storymm.data.prepare import prepare
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, read_run
 
@@ -88,12 +85,8 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("accelerate-data")
-    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 12), progress=False)
-    prepare(str(root / "src"), str(root / "data"), load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]),
-            progress=False)
-    return str(root / "data")
+def dataset(tiny_data_uri) -> str:
+    return tiny_data_uri
 
 
 def test_runtime_maps_onto_accelerator_and_remembers_the_stop_signal():

@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from storymm import synth
-from storymm.config import load_config
 from storymm.data.loader import DatasetError, PreparedDataset, WindowLoader, windows_of
-from storymm.data.prepare import prepare
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 12), progress=False)
-    prepare(str(root / "src"), str(root / "data"), load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]),
-            progress=False)
-    return PreparedDataset(str(root / "data"))
+def dataset(tiny_data_uri):
+    return PreparedDataset(tiny_data_uri)
 
 
 def _loader(dataset, split="train", **kw):

@@ -21,24 +21,23 @@ import torch
 
 from storymm import nightly, storage, synth
 from storymm.cli import main as cli_main
-from storymm.config import load_config
 from storymm.data.prepare import prepare
 from storymm.reports import report_url, write_report
 from storymm.training import checkpoint
 from storymm.training.loop import train
 
+from s3server import point_storage_at
+from small import SMALL as SMALL_MODEL
+from small import small_config as shared_small_config
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.batch_size=8", "model.visual_channels=[8,16,16]", "model.visual_latent=16", "model.text_latent=16",
-         "model.embed_dim=16", "model.text_hidden=32", "model.sequence_hidden=32", "eval.median_windows=50",
-         "eval.samples=3"]
+SMALL = SMALL_MODEL + ["eval.median_windows=50", "eval.samples=3"]
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
-_AWS_VARS_TO_CLEAR = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
-                      "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def small_config(*extra: str):
-    return load_config(ROOT / "configs/tiny.yaml", SMALL + list(extra))
+    return shared_small_config("eval.median_windows=50", "eval.samples=3", *extra)
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -60,13 +59,7 @@ def world(s3_server, tmp_path_factory):
     """Train a tiny run in a bucket; night 1 (ok), night 2 (worse checkpoint), rerun of night 2, and
     night 3 with an extra run that has no checkpoint. Returns what each step printed and left."""
     mp = pytest.MonkeyPatch()
-    for name in _AWS_VARS_TO_CLEAR:
-        mp.delenv(name, raising=False)
-    for name, value in s3_server.env().items():
-        mp.setenv(name, value)
-    storage._s3_filesystem_cached.cache_clear()
-    if not s3_server.running:
-        s3_server.start()
+    point_storage_at(s3_server, mp)
     bucket = "s3://" + s3_server.create_bucket()
     try:
         src, data, run, reports = (storage.join(bucket, n) for n in ("src", "data", "runs/seq", "reports"))

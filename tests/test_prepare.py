@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from storymm import storage, synth
+from storymm import synth
 from storymm.config import load_config
 from storymm.data.gdi import StoryParseError, frame_texts, parse_story
 from storymm.data.loader import DatasetError, PreparedDataset

@@ -15,11 +15,11 @@ import pytest
 from storymm import storage
 from storymm.data.loader import PreparedDataset, WindowLoader
 
+from small import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.batch_size=8", "model.visual_channels=[8,16,16]", "model.visual_latent=16",
-         "model.text_latent=16", "model.embed_dim=16", "model.text_hidden=32", "model.sequence_hidden=32",
-         "train.visual_ae.steps=3", "train.text_ae.steps=3", "train.sequence.steps=4",
-         "train.sequence.checkpoint_every=2", "eval.median_windows=50"]
+SHORT = SMALL + ["train.visual_ae.steps=3", "train.text_ae.steps=3", "train.sequence.steps=4",
+                 "train.sequence.checkpoint_every=2", "eval.median_windows=50"]
 
 
 def storymm(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
         seen.append({story for batch in batches for story in batch["story_ids"]})
     assert not seen[0] & seen[1]
 
-    common = ["--config", "configs/tiny.yaml", "--data", data, *sets(*SMALL)]
+    common = ["--config", "configs/tiny.yaml", "--data", data, *sets(*SHORT)]
     for stage in ("visual_ae", "text_ae"):
         outputs.append(storymm("train", "--stage", stage, "--run", storage.join(runs, stage), *common, env=env))
     outputs.append(storymm("train", "--stage", "sequence", "--run", storage.join(runs, "seq"), "--init-from",

@@ -3,7 +3,6 @@ tampered checkpoints, and determinism on CPU."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,25 +15,13 @@ import torch
 
 from storymm import synth
 from storymm.cli import main as cli_main
-from storymm.config import load_config
 from storymm.data.prepare import prepare
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run, train
 
+from small import SMALL, small_config
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "data.batch_size=8",
-    "model.visual_channels=[8,16,16]",
-    "model.visual_latent=16",
-    "model.text_latent=16",
-    "model.embed_dim=16",
-    "model.text_hidden=32",
-    "model.sequence_hidden=32",
-]
-
-
-def small_config(*extra: str):
-    return load_config(ROOT / "configs/tiny.yaml", SMALL + list(extra))
 
 
 @pytest.fixture(scope="module")

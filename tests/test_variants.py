@@ -22,22 +22,16 @@ from storymm.models import VisualAutoencoder
 from storymm.training.loop import read_metrics, train
 from storymm.training.stages import TokenizerInfo, build_model, build_perceptual
 
+from small import SMALL
+from small import small_config as shared_small_config
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "data.batch_size=8",
-    "model.visual_channels=[8,16,16]",
-    "model.visual_latent=16",
-    "model.text_latent=16",
-    "model.embed_dim=16",
-    "model.text_hidden=32",
-    "model.sequence_hidden=32",
-]
 FAST = ["train.visual_ae.warmup_steps=2", "train.text_ae.warmup_steps=2", "train.sequence.warmup_steps=2",
         "train.visual_ae.log_every=1", "train.text_ae.log_every=1", "train.sequence.log_every=1"]
 
 
 def small_config(*extra: str, base: str = "tiny"):
-    return load_config(ROOT / f"configs/{base}.yaml", SMALL + FAST + list(extra))
+    return shared_small_config(*FAST, *extra, base=base)
 
 
 @pytest.fixture(scope="module")

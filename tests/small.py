@@ -1,0 +1,25 @@
+"""Model sizes small enough that a training step takes milliseconds, shared by the tests that train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storymm.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: ``--set`` overrides shrinking every model of configs/tiny.yaml (and of the seed configs).
+SMALL = [
+    "data.batch_size=8",
+    "model.visual_channels=[8,16,16]",
+    "model.visual_latent=16",
+    "model.text_latent=16",
+    "model.embed_dim=16",
+    "model.text_hidden=32",
+    "model.sequence_hidden=32",
+]
+
+
+def small_config(*extra: str, base: str = "tiny") -> Config:
+    """``configs/<base>.yaml`` with ``SMALL`` and then ``extra`` applied."""
+    return load_config(ROOT / f"configs/{base}.yaml", SMALL + list(extra))
