@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import math
 import re
 from typing import Any
 
 from storymm import storage
 from storymm.metrics import HIGHER_IS_BETTER
-from storymm.reports import _CSS, _fmt, _jsonable
+from storymm.reports import _CSS, _finite, _fmt, _jsonable
+from storymm.reports import _md_cell as _md
 
 INFO_KEYS = ("run", "step", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
@@ -28,10 +28,6 @@ MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
 
 class CompareError(ValueError):
     pass
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _report_json_uri(uri: str) -> str | None:
@@ -140,10 +136,6 @@ def comparison_rows(reports: list[dict]) -> list[dict]:
 
 def _arrow(higher: bool | None) -> str:
     return "" if higher is None else " ↑" if higher else " ↓"
-
-
-def _md(value: Any) -> str:
-    return html.escape(_fmt(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 def render(names: list[str], rows: list[dict], sources: list[str]) -> tuple[str, str]:

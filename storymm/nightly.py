@@ -29,7 +29,6 @@ import datetime as _dt
 import html
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ import yaml
 
 from storymm import storage
 from storymm.metrics import HIGHER_IS_BETTER
-from storymm.reports import _CSS, _fig_png, _figure, _fmt, _jsonable, _plain
+from storymm.reports import _CSS, _fig_png, _figure, _finite, _fmt, _jsonable, _plain
+from storymm.reports import _md_cell as _md
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,6 @@ def load_tolerances(uri: str | None) -> Tolerances:
 
 
 # ------------------------------------------------------------------------------- comparison
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> list[dict]:
@@ -399,10 +395,6 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
 
 def _esc(value: Any) -> str:
     return html.escape(_fmt(value))
-
-
-def _md(value: Any) -> str:
-    return html.escape(_fmt(value)).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 _STATUS_STYLE = """

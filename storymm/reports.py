@@ -87,6 +87,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _finite(value: Any) -> bool:
+    """A real, finite number (not a bool, None, NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _md_cell(value: Any) -> str:
     text = html.escape(_fmt(value))
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
