@@ -215,6 +215,15 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm, dataset, tmp_pat
     assert "requeueing job" in text
     # SLURM holds a requeued job back (~2 min BeginTime); let it start now instead of waiting
     assert info["Reason"] in ("BeginTime", "None", "Priority", "Resources"), info["Reason"]
+    # ...but not before the first run's allocation is released: slurmd refuses to launch a job whose
+    # credential it revoked within the same second ("Job credential revoked"), which is why SLURM
+    # holds requeued jobs back in the first place
+    def node_idle():
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() == "idle"
+
+    _wait(node_idle, 60, "the node to be released by the first run")
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
 
     info = _wait_job(slurm, job)
