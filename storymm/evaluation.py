@@ -15,31 +15,33 @@ import torch
 from tqdm import tqdm
 
 from storymm import storage
+from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.losses import text_cross_entropy_sum
 from storymm.metrics import EvalAccumulator, median_image
 from storymm.reports import write_report
 from storymm.training import checkpoint
-from storymm.training.loop import TrainingError, read_metrics, read_run, resolve_config
+from storymm.training.loop import TrainingError, read_metrics, read_run
 from storymm.training.runtime import Runtime
-from storymm.training.stages import TokenizerInfo, build_model, loader_options
+from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, loader_options
 
 log = logging.getLogger(__name__)
 
 
 def load_sequence_model(run_uri: str, tokens: TokenizerInfo):
-    """The run's config and its latest sequence model (eval mode, on CPU), plus the checkpoint step."""
+    """The run's record (``run.json``), its config and latest sequence model (eval mode, on CPU),
+    and the checkpoint step."""
     run = read_run(run_uri)
     if run["stage"] != "sequence":
         raise TrainingError(f"{storage.redact(run_uri)} is a {run['stage']} run; evaluate takes a sequence run")
-    config = resolve_config(run_uri)
+    config = config_from_dict(run["config"])
     state = checkpoint.load_latest(run_uri, purpose="evaluating")
     if state is None:
         raise TrainingError(f"{storage.redact(run_uri)} has no checkpoint to evaluate")
     model = build_model("sequence", config, tokens)
     model.load_state_dict(state["model"])
     model.eval()
-    return config, model, int(state["step"])
+    return run, config, model, int(state["step"])
 
 
 def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> torch.Tensor:
@@ -75,7 +77,7 @@ def evaluate(
     runtime = runtime or Runtime.from_environment()
     dataset = PreparedDataset(data_uri)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
-    config, model, step = load_sequence_model(run_uri, tokens)
+    run, config, model, step = load_sequence_model(run_uri, tokens)
     model.to(runtime.device)
     tokenizer = dataset.tokenizer
     temperature = config.eval.temperature if temperature is None else temperature
@@ -93,8 +95,7 @@ def evaluate(
     bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
     for batch in loader:
         batch = runtime.to_device(batch)
-        extra = {"tags": batch["tags"]} if "tags" in batch else {}
-        out = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+        out = forward_sequence(model, batch)
         labels = batch["target_tokens"][:, 1:]
         ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
         shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)
@@ -133,7 +134,6 @@ def evaluate(
         return {}
     combined = EvalAccumulator.from_states(states)
     result = combined.compute()
-    run = read_run(run_uri)
     report = {
         "run": storage.redact(run_uri),
         "data": storage.redact(data_uri),

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from storymm import storage
-from storymm.config import Config, config_from_dict
+from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.runtime import Runtime
@@ -247,8 +247,3 @@ def train(
         runtime.report(last_terms, save(status))
     bar.close()
     return {"stage": stage, "run": storage.redact(run_uri), "step": step, "status": status, "metrics": last_terms}
-
-
-def resolve_config(run_uri: str) -> Config:
-    """The config a run was trained with (for evaluation)."""
-    return config_from_dict(read_run(run_uri)["config"])

@@ -12,10 +12,8 @@ the loader's ``tags``), and the loss terms ``loss.perceptual`` (VGG16 on ``loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
-
-import dataclasses
 
 import torch
 
@@ -85,8 +83,8 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
 
 
 def loss_weights(config: Config) -> losses.LossWeights:
-    fields = {f.name for f in dataclasses.fields(losses.LossWeights)}
-    return losses.LossWeights(**{k: v for k, v in config.loss.model_dump().items() if k in fields})
+    names = {f.name for f in fields(losses.LossWeights)}
+    return losses.LossWeights(**{k: v for k, v in config.loss.model_dump().items() if k in names})
 
 
 def loader_options(config: Config) -> dict:
@@ -105,6 +103,12 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
         return losses.VGGPerceptual(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"loss.perceptual = {config.loss.perceptual}: {err}") from None
+
+
+def forward_sequence(model, batch: dict) -> dict:
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them)."""
+    extra = {"tags": batch["tags"]} if "tags" in batch else {}
+    return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
@@ -126,9 +130,7 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
         return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id)
 
     def sequence(model, batch):
-        extra = {"tags": batch["tags"]} if "tags" in batch else {}
-        outputs = model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
-        return losses.sequence_loss(outputs, batch, weights, tokens.pad_id, _perceptual_on(batch["target_frame"].device))
+        return losses.sequence_loss(forward_sequence(model, batch), batch, weights, tokens.pad_id, _perceptual_on(batch["target_frame"].device))
 
     return {"visual_ae": visual, "text_ae": text, "sequence": sequence}[stage]
 
