@@ -48,13 +48,9 @@ def s3_env(s3_server, monkeypatch):
 def tiny_data_uri(tmp_path_factory) -> str:
     """40 synthetic stories prepared with configs/tiny.yaml in shards of 5 rows (read-only: shared
     by the loader, Accelerate and SLURM tests)."""
-    from storymm import synth
     from storymm.config import load_config
-    from storymm.data.prepare import prepare
 
-    root = tmp_path_factory.mktemp("tiny-data")
-    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 12), progress=False)
-    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
-                         ["data.rows_per_shard=5"])
-    prepare(str(root / "src"), str(root / "data"), config, progress=False)
-    return str(root / "data")
+    from small import ROOT, small_dataset
+
+    config = load_config(ROOT / "configs/tiny.yaml", ["data.rows_per_shard=5"])
+    return small_dataset(str(tmp_path_factory.mktemp("tiny-data")), 40, seed=5, frames=(6, 12), config=config)

@@ -1,10 +1,13 @@
-"""Model sizes small enough that a training step takes milliseconds, shared by the tests that train."""
+"""Model sizes small enough that a training step takes milliseconds, and small prepared datasets,
+shared by the tests that train."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from storymm import storage, synth
 from storymm.config import Config, load_config
+from storymm.data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +26,12 @@ SMALL = [
 def small_config(*extra: str, base: str = "tiny") -> Config:
     """``configs/<base>.yaml`` with ``SMALL`` and then ``extra`` applied."""
     return load_config(ROOT / f"configs/{base}.yaml", SMALL + list(extra))
+
+
+def small_dataset(root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None) -> str:
+    """Synthesise ``stories`` into ``<root>/src`` and prepare them into ``<root>/data`` (local or
+    s3://) with ``config`` (default ``small_config()``); returns the data URI."""
+    src, data = storage.join(root, "src"), storage.join(root, "data")
+    synth.synthesize(src, stories, seed=seed, frames=frames, progress=False)
+    prepare(src, data, config or small_config(), progress=False)
+    return data

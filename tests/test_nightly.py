@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from storymm import nightly, storage, synth
+from storymm import nightly, storage
 from storymm.cli import main as cli_main
-from storymm.data.prepare import prepare
 from storymm.reports import report_url, write_report
 from storymm.training import checkpoint
 from storymm.training.loop import train
@@ -29,6 +28,7 @@ from storymm.training.loop import train
 from s3server import point_storage_at
 from small import SMALL as SMALL_MODEL
 from small import small_config as shared_small_config
+from small import small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SMALL_MODEL + ["eval.median_windows=50", "eval.samples=3"]
@@ -62,9 +62,8 @@ def world(s3_server, tmp_path_factory):
     point_storage_at(s3_server, mp)
     bucket = "s3://" + s3_server.create_bucket()
     try:
-        src, data, run, reports = (storage.join(bucket, n) for n in ("src", "data", "runs/seq", "reports"))
-        synth.synthesize(src, 40, seed=3, frames=(6, 10), progress=False)
-        prepare(src, data, small_config(), progress=False)
+        run, reports = (storage.join(bucket, n) for n in ("runs/seq", "reports"))
+        data = small_dataset(bucket, 40, seed=3, frames=(6, 10), config=small_config())
         train(small_config("train.sequence.steps=6", "train.sequence.checkpoint_every=3",
                            "train.sequence.log_every=1"), "sequence", data, run, progress=False)
         nightly_uri = storage.join(reports, "nightly")

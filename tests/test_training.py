@@ -13,23 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from storymm import synth
 from storymm.cli import main as cli_main
-from storymm.data.prepare import prepare
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run, train
 
-from small import SMALL, small_config
+from small import SMALL, small_config, small_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    synth.synthesize(str(root / "src"), 40, seed=3, frames=(6, 10), progress=False)
-    prepare(str(root / "src"), str(root / "data"), small_config(), progress=False)
-    return str(root / "data")
+    return small_dataset(str(tmp_path_factory.mktemp("training")), 40, seed=3, frames=(6, 10))
 
 
 def test_train_writes_metrics_checkpoints_and_resumes(data_uri, tmp_path):

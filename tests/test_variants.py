@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from storymm import synth
 from storymm.cli import main as cli_main
 from storymm.config import ConfigError, load_config
 from storymm.data.loader import PreparedDataset, WindowLoader, hash_tags
-from storymm.data.prepare import prepare
 from storymm.evaluation import evaluate
 from storymm.experiment import ExperimentError, run_experiment
 from storymm.metrics import HIGHER_IS_BETTER
@@ -22,7 +20,7 @@ from storymm.models import VisualAutoencoder
 from storymm.training.loop import read_metrics, train
 from storymm.training.stages import TokenizerInfo, build_model, build_perceptual
 
-from small import SMALL
+from small import SMALL, small_dataset
 from small import small_config as shared_small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,19 +34,14 @@ def small_config(*extra: str, base: str = "tiny"):
 
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory):
-    root = tmp_path_factory.mktemp("variants")
-    synth.synthesize(str(root / "src"), 40, seed=5, frames=(6, 10), progress=False)
-    prepare(str(root / "src"), str(root / "data"), small_config(), progress=False)
-    return str(root / "data")
+    return small_dataset(str(tmp_path_factory.mktemp("variants")), 40, seed=5, frames=(6, 10), config=small_config())
 
 
 @pytest.fixture(scope="module")
 def bert_data_uri(tmp_path_factory):
     """Shards tokenized with bert-base-uncased (MiniLM reads those ids directly)."""
-    root = tmp_path_factory.mktemp("variants-bert")
-    synth.synthesize(str(root / "src"), 16, seed=6, frames=(6, 8), progress=False)
-    prepare(str(root / "src"), str(root / "data"), small_config("data.tokenizer=bert-base-uncased"), progress=False)
-    return str(root / "data")
+    return small_dataset(str(tmp_path_factory.mktemp("variants-bert")), 16, seed=6, frames=(6, 8),
+                         config=small_config("data.tokenizer=bert-base-uncased"))
 
 
 @pytest.fixture(scope="module")
