@@ -7,6 +7,7 @@ whole split in memory. Images stay as raw bytes here; prepare decodes them exact
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +18,42 @@ from storymm import storage
 SOURCE_SPLITS = ("train", "test")
 SOURCE_COLUMNS = ("story_id", "images", "frame_count", "chain_of_thought", "story")
 HF_PREFIX = "hf:"
+
+#: The ways users hold StoryReasoning as parquet, tried in this order (``<split>`` is train or test).
+#: The second is what ``huggingface-cli download``/``snapshot_download`` of the dataset gives.
+PARQUET_LAYOUTS = (
+    "<source>/<split>/*.parquet",
+    "<source>/data/<split>-*.parquet",
+    "<source>/<split>-*.parquet",
+)
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z]+)(-[^/]*)?\.parquet$")
+
+
+def _split_by_file_name(files: list[str]) -> dict[str, list[str]]:
+    """Group hub-style files (``train-00000-of-00002.parquet``) by the split their name starts with."""
+    by_split: dict[str, list[str]] = {split: [] for split in SOURCE_SPLITS}
+    for uri in files:
+        match = _SPLIT_FILE.match(storage.basename(uri))
+        if match and match["split"] in by_split:
+            by_split[match["split"]].append(uri)
+    return by_split
+
+
+def find_parquet_files(uri: str) -> dict[str, list[str]]:
+    """Source parquet files per split, in the first of ``PARQUET_LAYOUTS`` that matches; sorted by
+    name within a split, so shard order (and so the prepared bytes) does not depend on the layout."""
+    in_folders = {split: storage.list_files(storage.join(uri, split), suffix=".parquet") for split in SOURCE_SPLITS}
+    if any(in_folders.values()):
+        return in_folders
+    for folder in (storage.join(uri, "data"), uri):
+        by_name = _split_by_file_name(storage.list_files(folder, suffix=".parquet"))
+        if any(by_name.values()):
+            return by_name
+    raise FileNotFoundError(
+        f"no StoryReasoning parquet files under {storage.redact(uri)}: looked for "
+        f"{', '.join(PARQUET_LAYOUTS)} with <split> one of {'/'.join(SOURCE_SPLITS)} "
+        "(a Hugging Face snapshot download has the second layout)"
+    )
 
 
 @dataclass
@@ -31,14 +68,12 @@ class Source:
 
 
 class ParquetSource(Source):
+    """Parquet files at a local path or storage URI, in any of ``PARQUET_LAYOUTS``; read row group
+    by row group, so a split never has to fit in memory."""
+
     def __init__(self, uri: str):
         self.uri = uri
-        self.files = {split: storage.list_files(storage.join(uri, split), suffix=".parquet") for split in SOURCE_SPLITS}
-        if not any(self.files.values()):
-            raise FileNotFoundError(
-                f"no parquet files under {storage.redact(uri)}/train/ or /test/ "
-                "(expected <source>/train/*.parquet and <source>/test/*.parquet)"
-            )
+        self.files = find_parquet_files(uri)
         rows = {}
         for split, files in self.files.items():
             rows[split] = sum(pq.ParquetFile(storage.open_input_file(f)).metadata.num_rows for f in files)
