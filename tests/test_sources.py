@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from storymm import storage, synth
+from storymm.cli import main as cli_main
 from storymm.data.prepare import MANIFEST_FILE, prepare
 from storymm.data.sources import PARQUET_LAYOUTS, ParquetSource, open_source
 
-from small import small_config
+from small import ROOT, SMALL, small_config
 
 
 def _rows(uris: list[str]) -> list[dict]:
@@ -71,7 +72,12 @@ def test_hub_layouts_prepare_to_the_same_shards_locally(folders_source, folders_
     assert [storage.basename(u) for u in source.files["train"]] == [
         "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert source.rows == ParquetSource(folders_source).rows
-    manifest = _prepared(hub, str(tmp_path / "data"))
+    data = str(tmp_path / "data")  # through the command users run
+    overrides = [arg for override in SMALL for arg in ("--set", override)]
+    assert cli_main(["prepare", "--source", hub, "--out", data, "--config", str(ROOT / "configs/tiny.yaml"),
+                     *overrides]) in (0, None)
+    manifest = json.loads(storage.read_text(storage.join(data, MANIFEST_FILE)))
+    manifest.pop("source")
     assert _shard_hashes(manifest) == _shard_hashes(folders_manifest)
     assert manifest == folders_manifest
 
