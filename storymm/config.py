@@ -163,20 +163,62 @@ def _apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
+#: A config file may start from another one (``base: gate.yaml``, relative to the file's folder; the
+#: suffix may be left out) and state only what differs.
+BASE_KEY = "base"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at} ({problem}): fix the syntax") from None
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping with its ``base:`` chain resolved (the base first, this file over it)."""
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: base chain loops ({loop}): remove one base")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    loaded = _yaml(text, str(path)) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY} must name another config file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.suffix:
+        base_path = base_path.with_suffix(".yaml")
+    if not base_path.exists():
+        raise ConfigError(f"{path}: {BASE_KEY} {base!r} not found (looked for {base_path})")
+    return _merge(_read_tree(base_path, (*chain, path.resolve())), loaded)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a YAML config (or the defaults when ``path`` is None), resolve its ``base:`` chain and
+    apply ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded
+        tree = _read_tree(Path(path))
     for assignment in overrides:
         _apply_override(tree, assignment)
     try:

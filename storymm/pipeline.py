@@ -35,6 +35,7 @@ def _needs_prepare(data_uri: str, config: Config) -> bool:
         "split_seed": config.seed,
         "val_fraction": config.data.val_fraction,
         "tokenizer_spec": config.data.tokenizer,
+        "requested_vocab_size": config.data.tokenizer_vocab_size if config.data.tokenizer == "train" else None,
     }
     have = {
         "image_size": manifest["image_size"],
@@ -42,6 +43,7 @@ def _needs_prepare(data_uri: str, config: Config) -> bool:
         "split_seed": manifest["split_seed"],
         "val_fraction": manifest["val_fraction"],
         "tokenizer_spec": manifest["tokenizer"]["spec"],
+        "requested_vocab_size": manifest["tokenizer"].get("requested_vocab_size"),
     }
     return wanted != have
 

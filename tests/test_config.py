@@ -36,3 +36,40 @@ def test_bad_value_is_named():
 def test_overrides_are_typed():
     config = load_config("configs/tiny.yaml", ["data.batch_size=7", "data.tokenizer=train", "seed=3"])
     assert config.data.batch_size == 7 and config.data.tokenizer == "train" and config.seed == 3
+
+
+def test_base_chain_merges_sections_and_replaces_values(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "data:\n  batch_size: 5\n  image_height: 40\nmodel:\n  visual_channels: [8, 16, 32]\n"
+        "train:\n  sequence: {steps: 50, lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("base: parent\ndata:\n  batch_size: 6\ntrain:\n  sequence: {steps: 70}\n")
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\nmodel:\n  visual_channels: [4, 8]\n")
+    config = load_config(tmp_path / "grandchild.yaml", ["data.image_height=44"])
+    assert (config.data.batch_size, config.data.image_height) == (6, 44)  # child over parent; --set over all
+    assert config.model.visual_channels == [4, 8]  # lists are replaced, not merged
+    assert (config.train.sequence.steps, config.train.sequence.lr) == (70, 0.01)  # nested mappings merge
+
+
+def test_shipped_seed_configs_state_only_differences_from_gate():
+    gate, retrained = load_config("configs/gate.yaml"), load_config("configs/gate_retrained.yaml")
+    assert retrained.model.visual_backbone == "resnet18" and retrained.model.visual_latent == 128
+    assert retrained.data == gate.data and retrained.train.sequence == gate.train.sequence
+    assert len(open("configs/gate_retrained.yaml").read().split("\nbase:")[1].splitlines()) < 20
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "base: missing.yaml\n"}, r"base 'missing.yaml' not found"),
+        ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, r"base chain loops"),
+        ({"a.yaml": "base: [x]\n"}, r"base must name another config file"),
+        ({"a.yaml": "data:\n  batch_size: [1\n"}, r"a\.yaml: not valid YAML at line \d+, column \d+"),
+        ({"a.yaml": "base: b\n", "b.yaml": "data: {batch_size: 3\n"}, r"b\.yaml: not valid YAML"),
+    ],
+)
+def test_bad_base_or_yaml_is_one_clear_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(tmp_path / "a.yaml")
+    assert "\n" not in str(raised.value)

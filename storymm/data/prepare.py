@@ -262,6 +262,7 @@ def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = Tr
         "val_fraction": cfg.val_fraction,
         "tokenizer": {
             "spec": storage.redact(cfg.tokenizer),
+            "requested_vocab_size": cfg.tokenizer_vocab_size if cfg.tokenizer == "train" else None,
             "file": TOKENIZER_FILE,
             "sha256": tokenizer.sha256(),
             "vocab_size": tokenizer.vocab_size,
