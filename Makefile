@@ -7,7 +7,7 @@ WORK   ?= ./storymm-work
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup system-packages demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# SLURM, Chromium and iproute2 for the real-component tests, when this machine can install them.
+system-packages:
+	@bash scripts/system-packages.sh
+
 demo: setup
 	$(VENV)/bin/storymm pipeline --config $(CONFIG) --work $(WORK)
 
-test: setup
+test: setup system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -54,3 +54,21 @@ def tiny_data_uri(tmp_path_factory) -> str:
 
     config = load_config(ROOT / "configs/tiny.yaml", ["data.rows_per_shard=5"])
     return small_dataset(str(tmp_path_factory.mktemp("tiny-data")), 40, seed=5, frames=(6, 12), config=config)
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly which tests did not run and why: a skipped SLURM, browser or multi-node test means
+    the run did not test what the README claims (`make test` installs their packages when it can)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons: dict[str, list[str]] = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons.setdefault(reason.removeprefix("Skipped: "), []).append(report.nodeid.split("::")[0])
+    terminalreporter.section("TESTS THAT DID NOT RUN", sep="#", bold=True, yellow=True)
+    for reason, files in sorted(reasons.items()):
+        terminalreporter.write_line(f"{len(files)} skipped: {reason} [{', '.join(sorted(set(files)))}]", yellow=True)

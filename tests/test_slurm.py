@@ -3,7 +3,7 @@ two Accelerate processes (gloo, DDP), checkpoints and metrics; the warning signa
 checkpoints, requeues and resumes to the end; and the same run under a plain `accelerate launch`
 gives the same loss curve.
 
-Needs Debian's slurm-wlm (`.ci/run` installs it) and root (the local daemons run as root).
+Needs Debian's slurm-wlm (`make test` installs it as root: scripts/system-packages.sh) and root (the local daemons run as root).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def slurm(tmp_path_factory):
     """A single-node cluster from slurm/local/up.sh in a temp dir; environment dict for its clients."""
     missing = [b for b in SLURM_BINARIES if _which(b) is None]
     if missing:
-        pytest.skip(f"SLURM binaries missing ({', '.join(missing)}): apt-get install slurm-wlm (.ci/run does)")
+        pytest.skip(f"SLURM binaries missing ({', '.join(missing)}): apt-get install slurm-wlm (make test does as root)")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM daemons (slurm/local/up.sh) run as root; this test runs as a non-root user")
     state = tmp_path_factory.mktemp("slurm")
