@@ -75,6 +75,7 @@ class LossConfig(_Section):
     perceptual_weights: str | None = Field(None, description="local VGG16 state_dict file (vgg16-397923af.pth)")
     cross_modal_infonce: float = Field(
         0.0, ge=0, description="InfoNCE between the predicted visual and text latents of the same window")
+    infonce_temperature: float = Field(0.07, gt=0, le=10, description="softmax temperature of both InfoNCE terms")
 
 
 class StageConfig(_Section):
@@ -119,6 +120,17 @@ class Config(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_stage_keys(self) -> Config:
+        # every accepted key is honoured: the autoencoder stages have no pretrained parts to freeze
+        for stage in ("visual_ae", "text_ae"):
+            if getattr(self.train, stage).freeze_autoencoders:
+                raise ValueError(
+                    f"train.{stage}.freeze_autoencoders: only the sequence stage has pretrained autoencoders "
+                    "to freeze (train.sequence.freeze_autoencoders)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_cross_modal(self) -> "Config":

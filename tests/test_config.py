@@ -73,3 +73,12 @@ def test_bad_base_or_yaml_is_one_clear_error(tmp_path, files, message):
     with pytest.raises(ConfigError, match=message) as raised:
         load_config(tmp_path / "a.yaml")
     assert "\n" not in str(raised.value)
+
+
+def test_every_accepted_key_is_honoured_or_refused():
+    with pytest.raises(ConfigError, match=r"train\.visual_ae\.freeze_autoencoders: only the sequence stage"):
+        load_config(None, ["train.visual_ae.freeze_autoencoders=true"])
+    assert load_config(None, ["train.sequence.freeze_autoencoders=true"]).train.sequence.freeze_autoencoders
+    from storymm.training.stages import loss_weights
+
+    assert loss_weights(load_config(None, ["loss.infonce_temperature=0.2"])).infonce_temperature == 0.2
