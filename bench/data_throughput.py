@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from storymm import storage, synth
+from storymm import storage
 from storymm.config import load_config
+from storymm.data import synth
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.data.prepare import prepare
 from storymm.data.sources import open_source

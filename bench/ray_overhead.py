@@ -40,8 +40,8 @@ os.environ["STORYMM_TORCH_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-from storymm import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
+from storymm.data import synth  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training.backends import run_training  # noqa: E402
 from storymm.training.loop import read_metrics  # noqa: E402

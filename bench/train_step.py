@@ -27,12 +27,12 @@ import time
 
 import torch
 
-from storymm import synth
 from storymm.config import load_config
+from storymm.data import synth
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.data.prepare import prepare
-from storymm.losses import sequence_loss
 from storymm.training.loop import read_metrics, train
+from storymm.training.losses import sequence_loss
 from storymm.training.runtime import Runtime
 from storymm.training.stages import TokenizerInfo, build_model, loss_weights
 

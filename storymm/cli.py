@@ -29,7 +29,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args) -> int:
-    from storymm.synth import synthesize
+    from storymm.data.synth import synthesize
 
     summary = synthesize(args.out, args.stories, seed=args.seed, frames=args.frames)
     print(f"synthesised {summary['train']} train and {summary['test']} test stories under {summary['out']}")
@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from storymm.evaluation import evaluate, format_summary
+    from storymm.evaluation.evaluate import evaluate, format_summary
 
     report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p)
     if report:
@@ -90,7 +90,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_tune(args) -> int:
     from storymm.config import load_config
-    from storymm.tune import parse_grid, results_markdown, run_tune
+    from storymm.training.tune import parse_grid, results_markdown, run_tune
 
     config = load_config(args.config, args.overrides)
     summary = run_tune(
@@ -103,7 +103,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_nightly(args) -> int:
-    from storymm.nightly import run_nightly
+    from storymm.evaluation.nightly import run_nightly
 
     night = run_nightly(args.runs, args.data, args.reports, tolerance_uri=args.tolerance, date=args.date,
                         split=args.split)
@@ -112,7 +112,7 @@ def cmd_nightly(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from storymm.compare import compare
+    from storymm.evaluation.compare import compare
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     result = compare(args.sources, args.out, names=names, data_uri=args.data, split=args.split)
@@ -122,7 +122,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report_url(args) -> int:
-    from storymm.reports import report_url
+    from storymm.evaluation.report import report_url
 
     print(report_url(args.uri, expires=args.expires))
     return 0

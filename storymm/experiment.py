@@ -5,7 +5,7 @@
 For each config (a name under ``configs/`` or a YAML path) it trains ``visual_ae``, ``text_ae`` and
 ``sequence`` (``storymm.training.backends.train_stages``, the sequence stage started from the two
 autoencoder runs) under ``WORK/runs/<name>/<stage>``, evaluates the sequence run on ``--split``
-(``storymm.evaluation.evaluate``) into ``WORK/reports/<name>/``, and writes the comparison of all
+(``storymm.evaluation.evaluate.evaluate``) into ``WORK/reports/<name>/``, and writes the comparison of all
 of them, every metric and every floor, to ``WORK/reports/comparison.md`` (plus ``comparison.html``
 and ``comparison.json``) with the renderer of ``storymm compare``.
 
@@ -92,7 +92,7 @@ def _preflight(configs: dict[str, Config], dataset: PreparedDataset) -> None:
 
 
 def _simple_markdown(names: list[str], reports: list[dict]) -> str:
-    """Fallback table (metrics then floors) when ``storymm.compare`` is not available."""
+    """Fallback table (metrics then floors) when ``storymm.evaluation.compare`` is not available."""
 
     def fmt(value) -> str:
         if isinstance(value, float) and math.isfinite(value):
@@ -111,9 +111,9 @@ def _simple_markdown(names: list[str], reports: list[dict]) -> str:
 
 
 def write_comparison(names: list[str], reports: list[dict], sources: list[str], out_uri: str) -> dict:
-    """``comparison.md/.html/.json`` under ``out_uri``; uses ``storymm.compare``'s renderer if present."""
+    """``comparison.md/.html/.json`` under ``out_uri``; uses ``storymm.evaluation.compare``'s renderer if present."""
     try:
-        from storymm.compare import comparison_rows, render
+        from storymm.evaluation.compare import comparison_rows, render
     except ImportError:  # pragma: no cover - compare ships with storymm
         comparison_rows = render = None
     files = {}
@@ -150,7 +150,7 @@ def run_experiment(
     say=print,
 ) -> dict:
     """Train and evaluate every config on ``data_uri``; write ``WORK/reports/comparison.md``."""
-    from storymm.evaluation import evaluate, format_summary
+    from storymm.evaluation.evaluate import evaluate, format_summary
     from storymm.training.backends import train_stages
 
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import time
 from storymm import storage
 from storymm.config import Config
 from storymm.data.prepare import MANIFEST_FILE, prepare, summarize
-from storymm.evaluation import evaluate, format_summary
+from storymm.evaluation.evaluate import evaluate, format_summary
 from storymm.training.backends import train_stages
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers:
     report_uri = storage.join(work_uri, "reports", fusion)
 
     if not storage.list_files(storage.join(source, "train"), suffix=".parquet"):
-        from storymm.synth import synthesize
+        from storymm.data.synth import synthesize
 
         say(f"[1/6] synthesising {config.synth.stories} stories into {storage.redact(source)}")
         synthesize(source, config.synth.stories, seed=config.seed,

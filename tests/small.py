@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storymm import storage, synth
+from storymm import storage
 from storymm.config import Config, load_config
+from storymm.data import synth
 from storymm.data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storymm import losses as L
+from storymm.training import losses as L
 
 PAD = 0
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from storymm.metrics import EvalAccumulator, median_image, retrieval_recall, ssim_window
+from storymm.evaluation.metrics import EvalAccumulator, median_image, retrieval_recall, ssim_window
 
 H, W = 8, 10
 

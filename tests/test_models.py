@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from storymm.losses import LossWeights, sequence_loss, text_ae_loss, text_cross_entropy, visual_ae_loss
 from storymm.models import (
     FUSIONS,
     StoryContinuationModel,
@@ -22,6 +21,7 @@ from storymm.models import (
     build_fusion,
     register_fusion,
 )
+from storymm.training.losses import LossWeights, sequence_loss, text_ae_loss, text_cross_entropy, visual_ae_loss
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 30
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from storymm import nightly, storage
+from storymm import storage
 from storymm.cli import main as cli_main
-from storymm.reports import report_url, write_report
+from storymm.evaluation import nightly
+from storymm.evaluation.report import report_url, write_report
 from storymm.training import checkpoint
 from storymm.training.loop import train
 

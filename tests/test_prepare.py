@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from storymm import synth
 from storymm.config import load_config
+from storymm.data import synth
 from storymm.data.gdi import StoryParseError, frame_texts, parse_story
 from storymm.data.loader import DatasetError, PreparedDataset
 from storymm.data.prepare import MANIFEST_FILE, assign_split, prepare

@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s3server import free_ports
-from storymm import storage, synth
+from storymm import storage
 from storymm.config import load_config
+from storymm.data import synth
 from storymm.data.prepare import prepare
+
+from s3server import free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from storymm import storage
-from storymm.reports import render_table, write_report
+from storymm.evaluation.report import render_table, write_report
 
 XSS = "<script>alert(1)</script>"
 
@@ -133,7 +133,7 @@ def test_everything_from_data_is_escaped(tmp_path):
 
 
 def test_floor_marks():
-    from storymm.reports import metrics_rows
+    from storymm.evaluation.report import metrics_rows
 
     report = _report()
     report["metrics"]["image_mse"] = 0.06  # worse than the median floor, better than copy-last
@@ -183,7 +183,7 @@ def test_non_finite_values_become_null(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 10, 12), (10, 12, 3)])
 def test_image_layouts(shape):
-    from storymm.reports import _to_hwc_uint8
+    from storymm.evaluation.report import _to_hwc_uint8
 
     arr = np.random.default_rng(1).random(shape).astype(np.float32)
     out = _to_hwc_uint8(torch.from_numpy(arr) if shape[0] == 3 else arr)

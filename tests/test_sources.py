@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storymm import storage, synth
+from storymm import storage
 from storymm.cli import main as cli_main
+from storymm.data import synth
 from storymm.data.prepare import MANIFEST_FILE, prepare
 from storymm.data.sources import PARQUET_LAYOUTS, ParquetSource, open_source
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from storymm import synth
+from storymm.data import synth
 
 GDI = re.compile(r"<gdi image(\d+)>(.*?)</gdi>", re.S)
 TAG = re.compile(r"<(/?)(gd[a-z])\b([^>]*)>")

@@ -13,9 +13,9 @@ import torch
 from storymm.cli import main as cli_main
 from storymm.config import ConfigError, load_config
 from storymm.data.loader import PreparedDataset, WindowLoader, hash_tags
-from storymm.evaluation import evaluate
+from storymm.evaluation.evaluate import evaluate
+from storymm.evaluation.metrics import HIGHER_IS_BETTER
 from storymm.experiment import ExperimentError, run_experiment
-from storymm.metrics import HIGHER_IS_BETTER
 from storymm.models import VisualAutoencoder
 from storymm.training.loop import read_metrics, train
 from storymm.training.stages import TokenizerInfo, build_model, build_perceptual

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from storymm import losses
 from storymm.config import Config
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
+from storymm.training import losses
 
 STAGES = ("visual_ae", "text_ae", "sequence")
 

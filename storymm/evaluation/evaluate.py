@@ -17,11 +17,11 @@ from tqdm import tqdm
 from storymm import storage
 from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset, WindowLoader
-from storymm.losses import text_cross_entropy_sum
-from storymm.metrics import EvalAccumulator, median_image
-from storymm.reports import write_report
+from storymm.evaluation.metrics import EvalAccumulator, median_image
+from storymm.evaluation.report import write_report
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run
+from storymm.training.losses import text_cross_entropy_sum
 from storymm.training.runtime import Runtime
 from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, loader_options
 

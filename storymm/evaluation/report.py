@@ -389,7 +389,7 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{safe_title}</h1>",
         f"<p>Generated {html.escape(generated)}. Metric definitions: see the README "
-        "(<code>storymm.metrics</code>). ✓ means better than the floor (lower error).</p>",
+        "(<code>storymm.evaluation.metrics</code>). ✓ means better than the floor (lower error).</p>",
     ]
     if meta_rows:
         parts += ["<h2>Run</h2>", meta_html.replace("<table>", '<table class="meta">', 1)]

@@ -17,7 +17,7 @@ folder is cleared first) and the index keeps one entry per date.
 
 Each run is compared with its previous night: the latest earlier date on which the same run (by
 URI) was evaluated successfully. A metric regressed when it is worse, in its direction
-(:data:`storymm.metrics.HIGHER_IS_BETTER`), by more than ``max(absolute, relative * |previous|)``
+(:data:`storymm.evaluation.metrics.HIGHER_IS_BETTER`), by more than ``max(absolute, relative * |previous|)``
 from the tolerance file (or became non-finite). Exit codes: :data:`EXIT_OK`, :data:`EXIT_REGRESSION`,
 :data:`EXIT_FAILED` (an evaluation failed; takes precedence over a regression, both are printed).
 """
@@ -37,9 +37,9 @@ from typing import Any
 import yaml
 
 from storymm import storage
-from storymm.metrics import HIGHER_IS_BETTER
-from storymm.reports import _CSS, _fig_png, _figure, _finite, _fmt, _jsonable, _plain
-from storymm.reports import _md_cell as _md
+from storymm.evaluation.metrics import HIGHER_IS_BETTER
+from storymm.evaluation.report import _CSS, _fig_png, _figure, _finite, _fmt, _jsonable, _plain
+from storymm.evaluation.report import _md_cell as _md
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def run_nightly(
     if not run_uris:
         raise ValueError("nightly needs at least one run URI (--runs)")
     if evaluate_fn is None:
-        from storymm.evaluation import evaluate as evaluate_fn
+        from storymm.evaluation.evaluate import evaluate as evaluate_fn
     date = check_date(date) if date else today_utc()
     tolerances = load_tolerances(tolerance_uri)
     root = nightly_root(reports_uri)

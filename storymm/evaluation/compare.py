@@ -5,7 +5,7 @@ folder; a run is evaluated first (on ``--data``, split ``--split``, report writt
 ``OUT/reports/<name>/``) and without ``--data`` it is a clear error. Writes ``compare.md``,
 ``compare.html`` and ``compare.json`` under ``--out``: one column per source, one row per metric
 (the best value of each row marked, in the metric's direction from
-:data:`storymm.metrics.HIGHER_IS_BETTER`), then one row per floor, then the run metadata.
+:data:`storymm.evaluation.metrics.HIGHER_IS_BETTER`), then one row per floor, then the run metadata.
 All text from the reports (names, run URIs) is HTML-escaped in both pages.
 """
 
@@ -18,9 +18,9 @@ import re
 from typing import Any
 
 from storymm import storage
-from storymm.metrics import HIGHER_IS_BETTER
-from storymm.reports import _CSS, _finite, _fmt, _jsonable
-from storymm.reports import _md_cell as _md
+from storymm.evaluation.metrics import HIGHER_IS_BETTER
+from storymm.evaluation.report import _CSS, _finite, _fmt, _jsonable
+from storymm.evaluation.report import _md_cell as _md
 
 INFO_KEYS = ("run", "step", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
@@ -80,7 +80,7 @@ def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = 
                     f"on the {split} split first, or pass its report folder"
                 )
             if evaluate_fn is None:
-                from storymm.evaluation import evaluate as evaluate_fn
+                from storymm.evaluation.evaluate import evaluate as evaluate_fn
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
             report = evaluate_fn(uri, data_uri, split, storage.join(out_uri, "reports", safe), progress=False)
         out.append((name, storage.redact(uri), report))
