@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 from storymm import storage
 from storymm.config import Config, ConfigError, load_config
+from storymm.evaluation.compare import comparison_rows, render
 from storymm.data.loader import PreparedDataset
 from storymm.training.stages import STAGES
 
@@ -91,39 +91,11 @@ def _preflight(configs: dict[str, Config], dataset: PreparedDataset) -> None:
             raise ExperimentError(f"{name}: {err}") from None
 
 
-def _simple_markdown(names: list[str], reports: list[dict]) -> str:
-    """Fallback table (metrics then floors) when ``storymm.evaluation.compare`` is not available."""
-
-    def fmt(value) -> str:
-        if isinstance(value, float) and math.isfinite(value):
-            return f"{value:.4f}"
-        return "n/a" if value is None else str(value)
-
-    lines = ["# storymm experiment", "", "| metric | " + " | ".join(names) + " |",
-             "|---|" + "|".join("---" for _ in names) + "|"]
-    for section, prefix in (("metrics", ""), ("floors", "floor: ")):
-        keys: list[str] = []
-        for report in reports:
-            keys += [k for k in report.get(section, {}) if k not in keys]
-        for key in keys:
-            lines.append(f"| {prefix}{key} | " + " | ".join(fmt(r.get(section, {}).get(key)) for r in reports) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def write_comparison(names: list[str], reports: list[dict], sources: list[str], out_uri: str) -> dict:
-    """``comparison.md/.html/.json`` under ``out_uri``; uses ``storymm.evaluation.compare``'s renderer if present."""
-    try:
-        from storymm.evaluation.compare import comparison_rows, render
-    except ImportError:  # pragma: no cover - compare ships with storymm
-        comparison_rows = render = None
-    files = {}
-    if render is not None:
-        rows = comparison_rows(reports)
-        markdown, page = render(names, rows, sources)
-        storage.write_text(storage.join(out_uri, f"{COMPARISON}.html"), page)
-        files["html"] = storage.join(out_uri, f"{COMPARISON}.html")
-    else:
-        markdown = _simple_markdown(names, reports)
+    """``comparison.md/.html/.json`` under ``out_uri``, rendered like ``storymm compare``."""
+    markdown, page = render(names, comparison_rows(reports), sources)
+    files = {"html": storage.join(out_uri, f"{COMPARISON}.html")}
+    storage.write_text(files["html"], page)
     storage.write_text(storage.join(out_uri, f"{COMPARISON}.md"), markdown)
     files["md"] = storage.join(out_uri, f"{COMPARISON}.md")
     summary = {

@@ -348,3 +348,27 @@ def open_input_file(uri: str):
     loc = locate(uri)
     return _retrying(loc.fs.open_input_file)(loc.path)
 
+
+def safe_name(text: str, keep: str = "._-") -> str:
+    """``text`` as one path component: runs of characters other than letters, digits and ``keep``
+    become ``_``; never empty, never hidden (no leading dot)."""
+    allowed = re.escape(keep)
+    return re.sub(rf"[^A-Za-z0-9{allowed}]+", "_", str(text)).strip("._") or "run"
+
+
+def presigned_url(uri: str, expires: int = 3600, content_type: str | None = None) -> str:
+    """A presigned ``GET`` URL for an ``s3://`` object, valid ``expires`` seconds: the same endpoint
+    and region as every other S3 access here; credentials from the AWS SDK's chain (nothing stored)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    parsed = urlparse(str(uri))
+    if parsed.scheme != "s3":
+        raise ValueError(f"only s3:// objects can be presigned, not {redact(uri)}")
+    endpoint, region = _s3_settings()[:2]
+    config = BotoConfig(signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"})
+    client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
+    params = {"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/")}
+    if content_type:
+        params["ResponseContentType"] = content_type
+    return client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expires))

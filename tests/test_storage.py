@@ -461,3 +461,12 @@ def test_local_files_are_published_with_the_usual_mode(tmp_path):
     target = tmp_path / "out" / "f.txt"
     storage.write_text(str(target), "x")
     assert target.stat().st_mode & 0o777 == 0o666 & ~storage._UMASK
+
+
+@pytest.mark.parametrize(
+    "text, keep, expected",
+    [("gate retrained/v2", "._-", "gate_retrained_v2"), (".hidden", "._-", "hidden"), ("///", "._-", "run"),
+     ("visual_latent=16", "._=-", "visual_latent=16"), ("visual_latent=16", "._-", "visual_latent_16")],
+)
+def test_safe_name_is_one_visible_path_component(text, keep, expected):
+    assert storage.safe_name(text, keep=keep) == expected

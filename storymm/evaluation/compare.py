@@ -14,11 +14,10 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import re
 from typing import Any
 
 from storymm import storage
-from storymm.evaluation.metrics import HIGHER_IS_BETTER
+from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
 from storymm.evaluation.report import _CSS, _finite, _fmt, _jsonable
 from storymm.evaluation.report import _md_cell as _md
 
@@ -81,8 +80,8 @@ def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = 
                 )
             if evaluate_fn is None:
                 from storymm.evaluation.evaluate import evaluate as evaluate_fn
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
-            report = evaluate_fn(uri, data_uri, split, storage.join(out_uri, "reports", safe), progress=False)
+            report = evaluate_fn(uri, data_uri, split, storage.join(out_uri, "reports", storage.safe_name(name)),
+                                 progress=False)
         out.append((name, storage.redact(uri), report))
     return out
 
@@ -95,9 +94,6 @@ def _best(values: list[Any], higher: bool | None) -> set[int]:
         return set()
     target = max(v for _, v in finite) if higher else min(v for _, v in finite)
     return {i for i, v in finite if v == target}
-
-
-CONTROL_METRICS = frozenset({"text_ce_shuffled", "target_spread"})
 
 
 def comparison_rows(reports: list[dict]) -> list[dict]:
@@ -116,7 +112,6 @@ def comparison_rows(reports: list[dict]) -> list[dict]:
     for name in metrics:
         values = [(r.get("metrics") or {}).get(name) for r in reports]
         higher = HIGHER_IS_BETTER.get(name)
-        # controls, not goals: the shuffled-condition CE and the data's own spread get no ★
         best = [] if name in CONTROL_METRICS else sorted(_best(values, higher))
         rows.append({"label": name, "kind": "metric", "higher_is_better": higher, "values": values,
                      "best": best})

@@ -94,6 +94,11 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "target_spread": True,  # informational; a property of the data
 }
 
+#: Controls, not goals: context for reading other metrics (text_ce_true against its shuffled
+#: condition, prediction_spread against target_spread). Comparisons mark no best value for them and
+#: the nightly check does not flag their changes as regressions.
+CONTROL_METRICS = frozenset({"text_ce_shuffled", "target_spread", "prediction_spread"})
+
 _SCALAR_KEYS = (
     "abs_err",  # per window: sum over values of |p - t|
     "sq_err",  # per window: sum over values of (p - t)^2

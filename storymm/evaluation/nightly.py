@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from storymm import storage
-from storymm.evaluation.metrics import HIGHER_IS_BETTER
+from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
 from storymm.evaluation.report import _CSS, _fig_png, _figure, _finite, _fmt, _jsonable, _plain
 from storymm.evaluation.report import _md_cell as _md
 
@@ -53,7 +53,7 @@ TRENDS_DIR = "trends"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 #: Metrics that describe the data or serve as a reference, not the model's quality: not compared.
-DEFAULT_IGNORE = ("text_ce_shuffled", "target_spread", "prediction_spread")
+DEFAULT_IGNORE = tuple(sorted(CONTROL_METRICS))
 DEFAULT_RELATIVE = 0.05
 DEFAULT_ABSOLUTE = 0.0
 
@@ -216,7 +216,7 @@ def run_names(run_uris: list[str]) -> list[str]:
     """Folder names for the runs: last path component, made filesystem-safe and unique."""
     names: list[str] = []
     for uri in run_uris:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", storage.basename(storage.redact(uri))).strip("._") or "run"
+        base = storage.safe_name(storage.basename(storage.redact(uri)))
         name, n = base, 1
         while name in names or name in (NIGHT_FILE, TRENDS_DIR):
             n += 1

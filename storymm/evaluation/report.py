@@ -458,29 +458,13 @@ def report_page_uri(uri: str) -> str:
 
 def report_url(uri: str, expires: int = 3600) -> str:
     """A link a browser can open: a presigned ``GET`` URL for an ``s3://`` page (valid ``expires``
-    seconds; endpoint from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, credentials from the usual
-    AWS chain), or the ``file://`` URI of a local page. Pages are self-contained (images embedded),
-    so the one signed object is all a browser needs."""
-    import os
+    seconds; see :func:`storymm.storage.presigned_url`), or the ``file://`` URI of a local page.
+    Pages are self-contained (images embedded), so the one signed object is all a browser needs."""
     from pathlib import Path
-    from urllib.parse import urlparse
 
     if not 1 <= int(expires) <= 7 * 24 * 3600:
         raise ValueError(f"--expires must be between 1 s and 7 days (604800 s), got {expires}")
     page = report_page_uri(uri)
     if not storage.is_remote(page):
         return Path(storage.locate(page).path).resolve().as_uri()
-
-    import boto3
-    from botocore.config import Config
-
-    parsed = urlparse(page)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"})
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-    return client.generate_presigned_url(
-        "get_object",
-        Params={"Bucket": parsed.netloc, "Key": parsed.path.lstrip("/"), "ResponseContentType": "text/html; charset=utf-8"},
-        ExpiresIn=int(expires),
-    )
+    return storage.presigned_url(page, int(expires), content_type="text/html; charset=utf-8")

@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import time
 
 import yaml
@@ -70,7 +69,7 @@ def trial_config(base: dict, params: dict) -> Config:
 
 def trial_name(params: dict) -> str:
     parts = [f"{key.split('.')[-1]}={value}" for key, value in sorted(params.items())]
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)) or "trial"
+    return storage.safe_name("-".join(parts), keep="._=-") if parts else "trial"
 
 
 class TuneRuntime(Runtime):
