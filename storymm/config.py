@@ -159,20 +159,34 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _apply_override(tree: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
+def parse_value(raw: str, where: str) -> Any:
+    """A command-line value typed as YAML (``16`` int, ``0.1`` float, ``true``, ``[8,16]``, text)."""
+    if raw == "":
+        return ""
+    return _yaml(raw, where)
+
+
+def set_key(tree: dict, key: str, value: Any, where: str = "--set") -> None:
+    """Set the dotted ``key`` in a config tree, creating sections on the way; validation (unknown
+    keys, types) happens once, when the tree becomes a :class:`Config`. Used by ``--set`` and by
+    ``storymm tune --grid``, so both follow the same rules."""
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set has an empty key part: {assignment!r}")
+        raise ConfigError(f"{where} has an empty key part: {key!r}")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
+            raise ConfigError(f"{where} {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[parts[-1]] = value
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    set_key(tree, key, parse_value(raw, f"--set {assignment}"))
 
 
 #: A config file may start from another one (``base: gate.yaml``, relative to the file's folder; the
@@ -239,8 +253,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def config_from_dict(tree: dict) -> Config:
+def config_from_dict(tree: dict, source: str = "dict") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, "dict")) from None
+        raise ConfigError(_format_errors(err, source)) from None

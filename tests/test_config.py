@@ -82,3 +82,20 @@ def test_every_accepted_key_is_honoured_or_refused():
     from storymm.training.stages import loss_weights
 
     assert loss_weights(load_config(None, ["loss.infonce_temperature=0.2"])).infonce_temperature == 0.2
+
+
+def test_set_and_grid_follow_the_same_rules():
+    from storymm.training.tune import parse_grid, trial_config
+
+    grid = parse_grid(["model.visual_latent=16,32", "loss.gradient=0,0.1", "model.fusion=gate,concat"])
+    assert grid == {"model.visual_latent": [16, 32], "loss.gradient": [0, 0.1], "model.fusion": ["gate", "concat"]}
+    base = load_config("configs/tiny.yaml").to_dict()
+    assert trial_config(base, {"model.visual_latent": 32}).model.visual_latent == 32
+    for bad, message in [({"model.visual_latnt": 32}, r"model\.visual_latnt: unknown key"),
+                         ({"seed.x": 1}, r"seed is not a section")]:
+        with pytest.raises(ConfigError, match=message):
+            trial_config(base, bad)
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/tiny.yaml", [f"{next(iter(bad))}={next(iter(bad.values()))}"])
+    with pytest.raises(ConfigError, match=r"--grid loss\.gradient=0,\[: not valid YAML"):
+        parse_grid(["loss.gradient=0,["])

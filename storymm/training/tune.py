@@ -20,10 +20,9 @@ import logging
 import os
 import time
 
-import yaml
 
 from storymm import storage
-from storymm.config import Config, ConfigError, config_from_dict
+from storymm.config import Config, ConfigError, config_from_dict, parse_value, set_key
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES
 
@@ -41,30 +40,18 @@ def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
         if "=" not in item:
             raise ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
         key, raw = item.split("=", 1)
-        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip() != ""]
+        values = [parse_value(v, f"--grid {item}") for v in raw.split(",") if v.strip() != ""]
         if not key.strip() or not values:
             raise ConfigError(f"--grid expects KEY=V1,V2,..., got {item!r}")
         grid[key.strip()] = values
     return grid
 
 
-def _set_path(tree: dict, key: str, value) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise ConfigError(f"--grid {key}: {part} is not a config section")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ConfigError(f"--grid {key}: unknown key")
-    node[parts[-1]] = value
-
-
 def trial_config(base: dict, params: dict) -> Config:
     tree = copy.deepcopy(base)
     for key, value in params.items():
-        _set_path(tree, key, value)
-    return config_from_dict(tree)
+        set_key(tree, key, value, where="--grid")
+    return config_from_dict(tree, source=f"--grid {', '.join(params)}")
 
 
 def trial_name(params: dict) -> str:
