@@ -1,17 +1,19 @@
 """The training loop, written once for every backend (see ``runtime.py``).
 
-A run directory (``RUN_URI``) holds ``run.json`` (stage, config, data), ``metrics.jsonl`` (one line
-per logged step) and ``checkpoints/``. Running the same command again resumes from ``latest``:
-model, optimiser, scheduler, RNG and the data position are restored, so an interrupted run ends
-where an uninterrupted one would.
+``train`` reads top to bottom: build the model, optimiser and loader; restore the run folder's
+latest checkpoint if there is one; then repeat :func:`train_step`, with :class:`MetricsLog` logging
+every ``log_every`` steps and :class:`CheckpointPolicy` deciding when to save. Running the same
+command again resumes: model, optimiser, scheduler, RNG and the data position are restored, so an
+interrupted run ends where an uninterrupted one would. The run folder's layout is
+:class:`~storymm.training.run.RunFolder`'s business.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -20,31 +22,13 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
+from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def read_run(run_uri: str) -> dict:
-    try:
-        return json.loads(storage.read_text(storage.join(run_uri, RUN_FILE)))
-    except FileNotFoundError:
-        raise TrainingError(f"{storage.redact(run_uri)} is not a storymm run (no {RUN_FILE})") from None
-
-
-def read_metrics(run_uri: str) -> list[dict]:
-    uri = storage.join(run_uri, METRICS_FILE)
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+__all__ = ["TrainingError", "read_metrics", "read_run", "train", "train_step", "load_autoencoders"]
 
 
 def _check_dataset(dataset: PreparedDataset, config: Config) -> None:
@@ -72,16 +56,190 @@ def load_autoencoders(model, init_from: list[str]) -> list[str]:
     """Copy pretrained autoencoder weights from ``visual_ae``/``text_ae`` runs into a sequence model."""
     loaded = []
     for run_uri in init_from:
-        stage = read_run(run_uri)["stage"]
-        state = checkpoint.load_latest(run_uri, purpose="initialising from")
+        source = RunFolder(run_uri)
+        stage = source.stage
+        state = source.load_latest(purpose="initialising from")
         if state is None:
-            raise TrainingError(f"--init-from {storage.redact(run_uri)} has no checkpoint yet")
+            raise TrainingError(f"--init-from {source.shown} has no checkpoint yet")
         target = {"visual_ae": model.visual, "text_ae": model.text}.get(stage)
         if target is None:
-            raise TrainingError(f"--init-from takes visual_ae or text_ae runs, {storage.redact(run_uri)} is {stage}")
+            raise TrainingError(f"--init-from takes visual_ae or text_ae runs, {source.shown} is {stage}")
         target.load_state_dict(state["model"])
         loaded.append(stage)
     return loaded
+
+
+# ----------------------------------------------------------------------------- the units
+
+
+@dataclass
+class Position:
+    """Where training stands: the optimiser step and the data position (epoch, batch in it)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.batch_in_epoch += 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def data_position(self, world_size: int) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch_in_epoch, "world_size": world_size}
+
+
+def _build_model(stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, run: RunFolder,
+                 init_from: list[str]) -> torch.nn.Module:
+    """The stage's model with identical initial weights on every rank, then the checkpoint's weights
+    (a resume) or the pretrained autoencoders (a fresh sequence run)."""
+    torch.manual_seed(config.seed)
+    model = build_model(stage, config, tokens)
+    if resumed is not None:
+        previous = run.read_record()["stage"]
+        if previous != stage:
+            raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
+        model.load_state_dict(resumed["model"])
+    elif stage == "sequence":
+        missing = {"visual_ae", "text_ae"} - set(load_autoencoders(model, init_from))
+        if missing:
+            log.warning("sequence stage without pretrained %s: training those parts from scratch", sorted(missing))
+    if stage == "sequence" and getattr(config.train, stage).freeze_autoencoders:
+        model.freeze_autoencoders(True)
+    return model
+
+
+def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, seed: int) -> Position:
+    """Optimiser, scheduler, this rank's RNG and the data position from a checkpoint; or a fresh
+    start with a per-rank seed (dropout and shuffles differ between ranks)."""
+    if resumed is None:
+        torch.manual_seed(seed + runtime.rank)
+        return Position()
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    data = resumed["data_position"]
+    position = Position(int(resumed["step"]), int(data["epoch"]), int(data["batch"]))
+    if int(data["world_size"]) != runtime.world_size:  # another split of the data: next epoch
+        position.next_epoch()
+    if runtime.rank < len(resumed["rng"]):
+        checkpoint.restore_rng(resumed["rng"][runtime.rank])
+    return position
+
+
+def _train_loader(dataset: PreparedDataset, config: Config, stage: str, runtime: Runtime) -> WindowLoader:
+    loader = WindowLoader(
+        dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
+        world_size=runtime.world_size, shuffle=True, seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer, equalize=True,
+        **(loader_options(config) if stage == "sequence" else {}),
+    )
+    if len(loader) == 0:
+        raise TrainingError(
+            f"not one full batch of {config.data.batch_size} windows per worker "
+            f"({runtime.world_size} workers): use more data or a smaller data.batch_size"
+        )
+    return loader
+
+
+def train_step(model, batch: dict, loss_fn, optimizer, scheduler, runtime: Runtime, params, grad_clip: float,
+               where: str) -> dict:
+    """One optimiser step on one batch; returns the loss terms (floats, this rank's)."""
+    batch = runtime.to_device(batch)
+    with runtime.autocast():
+        loss, terms = loss_fn(model, batch)
+    if not math.isfinite(loss.detach().item()):
+        raise TrainingError(f"{where}: loss became {loss.detach().item()}")
+    optimizer.zero_grad(set_to_none=True)
+    runtime.backward(loss)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return terms
+
+
+class MetricsLog:
+    """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
+    previous log, one line in ``metrics.jsonl`` (rank 0), the progress bar, the backend's report."""
+
+    def __init__(self, run: RunFolder, runtime: Runtime, stage: str, every: int, total: int, samples_per_step: int,
+                 start: int, progress: bool):
+        self.run, self.runtime, self.every, self.total = run, runtime, every, total
+        self.samples_per_step = samples_per_step * runtime.world_size
+        # a resumed run rewrites the lines past its checkpoint instead of repeating them
+        self.history = [m for m in run.read_metrics() if m["step"] <= start] if runtime.is_main else []
+        self.last: dict = {}
+        self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
+        self._since, self._steps = time.perf_counter(), 0
+
+    def step_done(self, position: Position, lr: float, terms: dict) -> None:
+        self._steps += 1
+        self.bar.update(1)
+        if position.step % self.every and position.step != self.total:
+            return
+        names = sorted(terms)
+        sums = self.runtime.all_reduce_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64))
+        elapsed = time.perf_counter() - self._since
+        self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
+        self.last.update(step=position.step, epoch=position.epoch, lr=lr,
+                         samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9))
+        self._since, self._steps = time.perf_counter(), 0
+        if self.runtime.is_main:
+            self.history.append(self.last)
+            self.run.write_metrics(self.history)
+            self.bar.set_postfix(loss=f"{self.last['total']:.4f}", sps=f"{self.last['samples_per_s']:.0f}")
+        self.runtime.report(self.last)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class CheckpointPolicy:
+    """When to save: every ``every`` steps, at the last step and when the scheduler asks to stop;
+    never twice for the same step."""
+
+    def __init__(self, every: int, total: int, saved_at: int):
+        self.every, self.total, self.saved_at = every, total, saved_at
+
+    def status_to_save(self, step: int, stopping: bool) -> str | None:
+        """``completed``/``stopped``/``running`` when this step is saved, else None."""
+        if step >= self.total:
+            return "completed"
+        if stopping:
+            return "stopped"
+        return "running" if step % self.every == 0 else None
+
+    def saved(self, step: int) -> None:
+        self.saved_at = step
+
+
+def _save(run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position,
+          status: str) -> str | None:
+    """Every rank hands in its RNG state; rank 0 writes the checkpoint; all wait for it."""
+    states = runtime.all_gather_object(checkpoint.rng_state())
+    uri = None
+    if runtime.is_main:
+        uri = run.save_checkpoint(
+            {
+                "stage": stage,
+                "model": runtime.unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": states,
+                "step": position.step,
+                "data_position": position.data_position(runtime.world_size),
+                "status": status,
+            },
+            position.step,
+        )
+    runtime.barrier()
+    return uri
+
+
+# ----------------------------------------------------------------------------------- train
 
 
 def train(
@@ -98,152 +256,57 @@ def train(
         raise TrainingError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
     runtime = runtime or Runtime.from_environment(config.train.mixed_precision)
     stage_cfg = getattr(config.train, stage)
+    run = RunFolder(run_uri)
     dataset = PreparedDataset(data_uri)
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = build_model(stage, config, tokens)
-    resumed = checkpoint.load_latest(run_uri)
-    if resumed is not None:
-        previous = read_run(run_uri)
-        if previous["stage"] != stage:
-            raise TrainingError(f"{storage.redact(run_uri)} holds a {previous['stage']} run, not {stage}")
-        model.load_state_dict(resumed["model"])
-    elif stage == "sequence":
-        loaded = load_autoencoders(model, list(init_from))
-        missing = {"visual_ae", "text_ae"} - set(loaded)
-        if missing:
-            log.warning("sequence stage without pretrained %s: training those parts from scratch", sorted(missing))
-    if stage == "sequence" and stage_cfg.freeze_autoencoders:
-        model.freeze_autoencoders(True)
-
+    resumed = run.load_latest()
+    model = _build_model(stage, config, tokens, resumed, run, list(init_from))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     scheduler = _scheduler(optimizer, stage_cfg)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        step = int(resumed["step"])
-        position = resumed["data_position"]
-        epoch, batch_in_epoch = int(position["epoch"]), int(position["batch"])
-        if int(position["world_size"]) != runtime.world_size:  # another split of the data: next epoch
-            epoch, batch_in_epoch = epoch + 1, 0
-        rng = resumed["rng"][runtime.rank] if runtime.rank < len(resumed["rng"]) else None
-        if rng is not None:
-            checkpoint.restore_rng(rng)
-    else:
-        torch.manual_seed(config.seed + runtime.rank)
-
+    position = _restore(resumed, optimizer, scheduler, runtime, config.seed)
     if runtime.is_main and resumed is None:
-        record = {
+        run.write_record({
             "stage": stage,
             "config": config.to_dict(),
             "data": storage.redact(data_uri),
             "init_from": [storage.redact(u) for u in init_from],
             "backend": runtime.name,
             "world_size": runtime.world_size,
-        }
-        storage.write_text(storage.join(run_uri, RUN_FILE), json.dumps(record, indent=2))
-    history = [m for m in read_metrics(run_uri) if m["step"] <= step] if runtime.is_main else []
+        })
 
     model = runtime.prepare_model(model)
     model.train()
-    loader = WindowLoader(
-        dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
-        world_size=runtime.world_size, shuffle=True, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, equalize=True,
-        **(loader_options(config) if stage == "sequence" else {}),
-    )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"not one full batch of {config.data.batch_size} windows per worker "
-            f"({runtime.world_size} workers): use more data or a smaller data.batch_size"
-        )
+    loader = _train_loader(dataset, config, stage, runtime)
     loss_fn = batch_loss_fn(stage, config, tokens)
-    per_step = windows_per_step(stage, config.data.batch_size, config.data.context_frames) * runtime.world_size
+    samples = windows_per_step(stage, config.data.batch_size, config.data.context_frames)
+    metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
+    policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
 
-    def save(status: str) -> str:
-        states = runtime.all_gather_object(checkpoint.rng_state())
-        uri = None
-        if runtime.is_main:
-            uri = checkpoint.save(
-                run_uri,
-                {
-                    "stage": stage,
-                    "model": runtime.unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": states,
-                    "step": step,
-                    "data_position": {"epoch": epoch, "batch": batch_in_epoch, "world_size": runtime.world_size},
-                    "status": status,
-                },
-                step,
-            )
-        runtime.barrier()
-        return uri
+    def save(status: str) -> None:
+        runtime.report(metrics.last, _save(run, runtime, stage, model, optimizer, scheduler, position, status))
+        policy.saved(position.step)
 
-    bar = tqdm(total=stage_cfg.steps, initial=step, desc=stage, unit="step", disable=not (progress and runtime.is_main))
-    last_terms: dict = {}
     status = "completed"
-    window_start, window_steps = time.perf_counter(), 0
-    saved_at = step if resumed is not None else -1
-    while step < stage_cfg.steps:
-        loader.set_epoch(epoch, start_batch=batch_in_epoch)
+    while position.step < stage_cfg.steps and status != "stopped":
+        loader.set_epoch(position.epoch, start_batch=position.batch_in_epoch)
         for batch in loader:
-            batch = runtime.to_device(batch)
-            with runtime.autocast():
-                loss, terms = loss_fn(model, batch)
-            if not math.isfinite(loss.detach().item()):
-                raise TrainingError(f"{stage}: loss became {loss.detach().item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            runtime.backward(loss)
-            if stage_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, stage_cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            batch_in_epoch += 1
-            window_steps += 1
-            bar.update(1)
-
-            if step % stage_cfg.log_every == 0 or step == stage_cfg.steps:
-                names = sorted(terms)
-                values = runtime.all_reduce_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64))
-                elapsed = time.perf_counter() - window_start
-                last_terms = {n: float(v) / runtime.world_size for n, v in zip(names, values.tolist())}
-                last_terms.update(
-                    step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                    samples_per_s=per_step * window_steps / max(elapsed, 1e-9),
-                )
-                window_start, window_steps = time.perf_counter(), 0
-                if runtime.is_main:
-                    history.append(last_terms)
-                    storage.write_text(
-                        storage.join(run_uri, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history)
-                    )
-                    bar.set_postfix(loss=f"{last_terms['total']:.4f}", sps=f"{last_terms['samples_per_s']:.0f}")
-                runtime.report(last_terms)
-
-            finished = step >= stage_cfg.steps
-            stopping = not finished and runtime.should_stop()
-            if step % stage_cfg.checkpoint_every == 0 or finished or stopping:
-                state = "completed" if finished else "stopped" if stopping else "running"
-                runtime.report(last_terms, save(state))
-                saved_at = step
-            if finished:
+            terms = train_step(model, batch, loss_fn, optimizer, scheduler, runtime, params, stage_cfg.grad_clip,
+                               f"{stage}: step {position.step}")
+            position.advance()
+            metrics.step_done(position, scheduler.get_last_lr()[0], terms)
+            stopping = position.step < stage_cfg.steps and runtime.should_stop()
+            saving = policy.status_to_save(position.step, stopping)
+            if saving is not None:
+                save(saving)
+            if saving in ("completed", "stopped"):
+                status = saving
                 break
-            if stopping:
-                status = "stopped"
-                break
-        if status == "stopped" or step >= stage_cfg.steps:
-            break
-        epoch, batch_in_epoch = epoch + 1, 0
-    if saved_at != step:
-        runtime.report(last_terms, save(status))
-    bar.close()
-    return {"stage": stage, "run": storage.redact(run_uri), "step": step, "status": status, "metrics": last_terms}
+        else:
+            position.next_epoch()
+    if policy.saved_at != position.step:
+        save(status)
+    metrics.close()
+    return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

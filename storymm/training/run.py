@@ -1,0 +1,90 @@
+"""A training run's folder, and the one place that knows its layout:
+
+    <run>/run.json        what was trained: stage, resolved config, data, backend, world size
+    <run>/metrics.jsonl   one JSON line per logged step (rank 0 writes it)
+    <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
+
+The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
+file names themselves.
+"""
+
+from __future__ import annotations
+
+import json
+
+from storymm import storage
+from storymm.training import checkpoint
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot be trained or read as asked; the message says what to do."""
+
+
+class RunFolder:
+    """``<run_uri>``: local path, ``file://`` or ``s3://``."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.shown!r})"
+
+    @property
+    def shown(self) -> str:
+        """The URI as it may be printed (no credentials)."""
+        return storage.redact(self.uri)
+
+    # ------------------------------------------------------------------------------ run.json
+
+    def exists(self) -> bool:
+        return storage.exists(storage.join(self.uri, RUN_FILE))
+
+    def read_record(self) -> dict:
+        try:
+            return json.loads(storage.read_text(storage.join(self.uri, RUN_FILE)))
+        except FileNotFoundError:
+            raise TrainingError(f"{self.shown} is not a storymm run (no {RUN_FILE})") from None
+
+    def write_record(self, record: dict) -> None:
+        storage.write_text(storage.join(self.uri, RUN_FILE), json.dumps(record, indent=2))
+
+    @property
+    def stage(self) -> str:
+        return self.read_record()["stage"]
+
+    # ------------------------------------------------------------------------- metrics.jsonl
+
+    def read_metrics(self) -> list[dict]:
+        uri = storage.join(self.uri, METRICS_FILE)
+        if not storage.exists(uri):
+            return []
+        return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """The whole log at once: object stores have no append, and a resumed run rewrites the lines
+        past its checkpoint instead of repeating them."""
+        storage.write_text(storage.join(self.uri, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history))
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def latest_checkpoint_uri(self) -> str | None:
+        return checkpoint.latest_uri(self.uri)
+
+    def load_latest(self, purpose: str = "resuming from") -> dict | None:
+        return checkpoint.load_latest(self.uri, purpose=purpose)
+
+    def save_checkpoint(self, state: dict, step: int) -> str:
+        return checkpoint.save(self.uri, state, step)
+
+
+def read_run(run_uri: str) -> dict:
+    """``run.json`` of the run at ``run_uri``."""
+    return RunFolder(run_uri).read_record()
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """``metrics.jsonl`` of the run at ``run_uri`` (empty before the first logged step)."""
+    return RunFolder(run_uri).read_metrics()
