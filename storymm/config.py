@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,16 @@ class TrainConfig(_Section):
     visual_ae: StageConfig = Field(default_factory=StageConfig)
     text_ae: StageConfig = Field(default_factory=StageConfig)
     sequence: StageConfig = Field(default_factory=StageConfig)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast on GPU; fp16 is refused: it needs loss scaling, which the loop does not do")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value: Any) -> Any:
+        if value == "fp16":
+            raise ValueError(
+                "fp16 needs a gradient scaler, which storymm does not run: use bf16 (Ampere or newer) or no")
+        return value
 
 
 class EvalConfig(_Section):

@@ -99,3 +99,8 @@ def test_set_and_grid_follow_the_same_rules():
             load_config("configs/tiny.yaml", [f"{next(iter(bad))}={next(iter(bad.values()))}"])
     with pytest.raises(ConfigError, match=r"--grid loss\.gradient=0,\[: not valid YAML"):
         parse_grid(["loss.gradient=0,["])
+
+
+def test_fp16_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: .*gradient scaler.*use bf16"):
+        load_config(None, ["train.mixed_precision=fp16"])

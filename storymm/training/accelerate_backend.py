@@ -98,16 +98,11 @@ class AccelerateRuntime(Runtime):
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, GradScalerKwargs
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
     precision = config.train.mixed_precision if cuda else "no"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if precision == "fp16":
-        # The shared loop steps its own optimiser (the runtime never sees it), so a loss scaler could
-        # not unscale before clipping/stepping: fp16 runs unscaled, as on the other backends.
-        log.warning("mixed_precision fp16 runs without loss scaling; prefer bf16")
-        handlers.append(GradScalerKwargs(enabled=False))
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
 

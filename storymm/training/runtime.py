@@ -61,9 +61,8 @@ class Runtime:
         loss.backward()
 
     def autocast(self):
-        if self.mixed_precision in ("bf16", "fp16") and self.device.type == "cuda":
-            dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+        if self.mixed_precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
