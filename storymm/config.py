@@ -93,6 +93,8 @@ class TrainConfig(_Section):
     text_ae: StageConfig = Field(default_factory=StageConfig)
     sequence: StageConfig = Field(default_factory=StageConfig)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    record_windows: bool = Field(
+        False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl")
 
 
 class EvalConfig(_Section):

@@ -4,6 +4,12 @@ A run directory (``RUN_URI``) holds ``run.json`` (stage, config, data), ``metric
 per logged step) and ``checkpoints/``. Running the same command again resumes from ``latest``:
 model, optimiser, scheduler, RNG and the data position are restored, so an interrupted run ends
 where an uninterrupted one would.
+
+The data position is global: (epoch, windows of the epoch's global sequence consumed), see
+``data/loader.py``. A run's global batch is fixed when it starts (``data.batch_size`` per worker
+times the number of workers) and kept in its checkpoints; a resume on another number of workers
+gives each worker ``global batch / workers`` windows per step (and refuses a number that does not
+divide it), so it continues at exactly the next window of the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+WINDOWS_FILE = "windows.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -40,11 +48,34 @@ def read_run(run_uri: str) -> dict:
         raise TrainingError(f"{storage.redact(run_uri)} is not a storymm run (no {RUN_FILE})") from None
 
 
-def read_metrics(run_uri: str) -> list[dict]:
-    uri = storage.join(run_uri, METRICS_FILE)
+def _read_jsonl(run_uri: str, name: str) -> list[dict]:
+    uri = storage.join(run_uri, name)
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    return _read_jsonl(run_uri, METRICS_FILE)
+
+
+def read_windows(run_uri: str) -> list[dict]:
+    """``train.record_windows``' log: per step ``{"step", "epoch", "windows"}``, where ``windows[r]``
+    lists the ``[story_id, start]`` windows rank r trained on at that step."""
+    return _read_jsonl(run_uri, WINDOWS_FILE)
+
+
+def _data_position(resumed: dict | None, world_size: int, batch_size: int) -> tuple[int, int, int]:
+    """(epoch, windows consumed in it, global batch) to start from."""
+    if resumed is None:
+        return 0, 0, batch_size * world_size
+    position = resumed["data_position"]
+    if "windows" in position:
+        return int(position["epoch"]), int(position["windows"]), int(position["global_batch"])
+    # a checkpoint from before the global order: its order depended on the world size, so the
+    # position cannot be carried over; start the next epoch, as such runs always did on resume
+    log.warning("checkpoint without a global data position: resuming at the start of the next epoch")
+    return int(position["epoch"]) + 1, 0, batch_size * int(position["world_size"])
 
 
 def _check_dataset(dataset: PreparedDataset, config: Config) -> None:
@@ -121,18 +152,26 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     scheduler = _scheduler(optimizer, stage_cfg)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step = 0
+    epoch, consumed, global_batch = _data_position(resumed, runtime.world_size, config.data.batch_size)
+    if global_batch % runtime.world_size:
+        raise TrainingError(
+            f"this run's global batch is {global_batch} windows per step, which {runtime.world_size} workers "
+            f"cannot share equally: resume it on a number of workers that divides {global_batch}"
+        )
+    batch_size = global_batch // runtime.world_size
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         step = int(resumed["step"])
-        position = resumed["data_position"]
-        epoch, batch_in_epoch = int(position["epoch"]), int(position["batch"])
-        if int(position["world_size"]) != runtime.world_size:  # another split of the data: next epoch
-            epoch, batch_in_epoch = epoch + 1, 0
+        if batch_size != config.data.batch_size:
+            log.info("resuming on %d workers: %d windows per worker per step (global batch %d, as when the run "
+                     "started)", runtime.world_size, batch_size, global_batch)
         rng = resumed["rng"][runtime.rank] if runtime.rank < len(resumed["rng"]) else None
         if rng is not None:
             checkpoint.restore_rng(rng)
+        else:  # a rank the checkpoint did not have (resumed on more workers): its own seeded stream
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, runtime.rank, step]).generate_state(1)[0]))
     else:
         torch.manual_seed(config.seed + runtime.rank)
 
@@ -144,27 +183,34 @@ def train(
             "init_from": [storage.redact(u) for u in init_from],
             "backend": runtime.name,
             "world_size": runtime.world_size,
+            "global_batch": global_batch,
         }
         storage.write_text(storage.join(run_uri, RUN_FILE), json.dumps(record, indent=2))
+    # lines logged after the checkpoint we resume from (a crash between the two) are replaced, not kept
     history = [m for m in read_metrics(run_uri) if m["step"] <= step] if runtime.is_main else []
+    record_windows = config.train.record_windows
+    window_log = [w for w in read_windows(run_uri) if w["step"] <= step] if record_windows and runtime.is_main else []
 
     model = runtime.prepare_model(model)
     model.train()
     loader = WindowLoader(
-        dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
+        dataset, "train", batch_size=batch_size, context_frames=config.data.context_frames,
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
         world_size=runtime.world_size, shuffle=True, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, equalize=True,
+        shuffle_buffer=config.data.shuffle_buffer, equalize=True, with_ids=record_windows,
         **(loader_options(config) if stage == "sequence" else {}),
     )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
-            f"not one full batch of {config.data.batch_size} windows per worker "
-            f"({runtime.world_size} workers): use more data or a smaller data.batch_size"
+            f"not one full global batch of {global_batch} windows ({batch_size} per worker, "
+            f"{runtime.world_size} workers): use more data or a smaller data.batch_size"
         )
     loss_fn = batch_loss_fn(stage, config, tokens)
-    per_step = windows_per_step(stage, config.data.batch_size, config.data.context_frames) * runtime.world_size
+    per_step = windows_per_step(stage, global_batch, config.data.context_frames)
+
+    def write_window_log() -> None:
+        if record_windows and runtime.is_main:
+            storage.write_text(storage.join(run_uri, WINDOWS_FILE), "".join(json.dumps(w) + "\n" for w in window_log))
 
     def save(status: str) -> str:
         states = runtime.all_gather_object(checkpoint.rng_state())
@@ -179,11 +225,13 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "rng": states,
                     "step": step,
-                    "data_position": {"epoch": epoch, "batch": batch_in_epoch, "world_size": runtime.world_size},
+                    "data_position": {"epoch": epoch, "windows": consumed, "global_batch": global_batch,
+                                      "world_size": runtime.world_size},
                     "status": status,
                 },
                 step,
             )
+            write_window_log()
         runtime.barrier()
         return uri
 
@@ -193,8 +241,12 @@ def train(
     window_start, window_steps = time.perf_counter(), 0
     saved_at = step if resumed is not None else -1
     while step < stage_cfg.steps:
-        loader.set_epoch(epoch, start_batch=batch_in_epoch)
+        loader.set_epoch(epoch, start_window=consumed)
         for batch in loader:
+            if record_windows:
+                ranks = runtime.all_gather_object(batch.pop("window_ids"))
+                if runtime.is_main:
+                    window_log.append({"step": step + 1, "epoch": epoch, "windows": ranks})
             batch = runtime.to_device(batch)
             with runtime.autocast():
                 loss, terms = loss_fn(model, batch)
@@ -207,7 +259,7 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
-            batch_in_epoch += 1
+            consumed += global_batch
             window_steps += 1
             bar.update(1)
 
@@ -226,6 +278,7 @@ def train(
                     storage.write_text(
                         storage.join(run_uri, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history)
                     )
+                    write_window_log()
                     bar.set_postfix(loss=f"{last_terms['total']:.4f}", sps=f"{last_terms['samples_per_s']:.0f}")
                 runtime.report(last_terms)
 
@@ -242,7 +295,7 @@ def train(
                 break
         if status == "stopped" or step >= stage_cfg.steps:
             break
-        epoch, batch_in_epoch = epoch + 1, 0
+        epoch, consumed = epoch + 1, 0
     if saved_at != step:
         runtime.report(last_terms, save(status))
     bar.close()
