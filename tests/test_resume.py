@@ -75,3 +75,40 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused
     with pytest.raises(TrainingError, match="global batch is 9 windows per step, which 2 workers"):
         train(small_config("data.batch_size=9", "train.text_ae.steps=2"), "text_ae", data_uri, run,
               Runtime(rank=0, world_size=2), progress=False)
+
+
+class _StopsAfter(Runtime):
+    """The in-process runtime asked to stop after ``steps`` steps, as SLURM's warning signal asks the
+    Accelerate runtime (``should_stop`` is the loop's only stop hook): the loop checkpoints and returns."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps_left = steps
+
+    def should_stop(self) -> bool:  # asked once after every step that does not finish the run
+        self.steps_left -= 1
+        return self.steps_left == 0
+
+
+def _curve(run: str) -> list[dict]:
+    """Every logged term but the throughput (wall-clock time)."""
+    return [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(run)]
+
+
+def test_sequence_stage_with_dropout_stopped_twice_gives_the_uninterrupted_curve(data_uri, tmp_path):
+    """Past warm-up, with per-sample skip dropout drawing from the RNG every step: stopped at step 5
+    (between checkpoints) and again at 11, each time resumed by the same call, the run logs exactly
+    the uninterrupted curve, every term at every step."""
+    config = small_config("data.batch_size=16", "model.decoder_skips=true", "model.skip_dropout=0.5",
+                          "train.sequence.steps=14",
+                          "train.sequence.warmup_steps=2", "train.sequence.log_every=1",
+                          "train.sequence.checkpoint_every=4")
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    train(config, "sequence", data_uri, reference, progress=False)
+    assert train(config, "sequence", data_uri, interrupted, _StopsAfter(5), progress=False)["status"] == "stopped"
+    assert train(config, "sequence", data_uri, interrupted, _StopsAfter(6), progress=False)["step"] == 11
+    summary = train(config, "sequence", data_uri, interrupted, progress=False)
+    assert summary["status"] == "completed" and summary["step"] == 14
+    expected = _curve(reference)
+    assert [m["step"] for m in expected] == list(range(1, 15)) and expected[-1]["epoch"] >= 1
+    assert _curve(interrupted) == expected
