@@ -103,6 +103,8 @@ class TrainConfig(_Section):
             raise ValueError(
                 "fp16 needs a gradient scaler, which storymm does not run: use bf16 (Ampere or newer) or no")
         return value
+    record_windows: bool = Field(
+        False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl")
 
 
 class EvalConfig(_Section):

@@ -1,8 +1,7 @@
-"""The streaming loader on real shards: shapes, rank partitioning, equal steps, windows, resume."""
+"""The streaming loader on real shards: shapes, windows, a global order independent of the world size,
+equal steps, every window once in evaluation, resume."""
 
 from __future__ import annotations
-
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ def test_batch_shapes_and_values(dataset):
 
 
 def test_windows_are_consecutive_frames_of_one_story(dataset):
-    loader = _loader(dataset, with_text=True, shuffle=False, equalize=False, batch_size=1000)
+    loader = _loader(dataset, with_text=True, with_ids=True, shuffle=False, equalize=False, batch_size=1000)
     batch = next(iter(loader))
     frames = {}
     for shard in dataset.shards("train"):
@@ -47,25 +46,47 @@ def test_windows_are_consecutive_frames_of_one_story(dataset):
         sentences = frames[story_id]
         starts = [i for i in range(len(sentences) - 4) if sentences[i:i + 4] == inputs]
         assert any(sentences[i + 4] == target for i in starts)
+    for (story_id, start), target in zip(batch["window_ids"], batch["target_sentences"]):
+        assert frames[story_id][start + 4] == target
 
 
-def test_each_story_read_by_exactly_one_rank_and_equal_steps(dataset):
-    world = 3
-    loaders = [_loader(dataset, rank=r, world_size=world, with_text=True) for r in range(world)]
+def _global_steps(dataset, world: int, global_batch: int, epoch: int, start_window: int = 0, **kw) -> list[list]:
+    """Per global step, the window ids of all ranks' batches in rank order (rank 0's slice first)."""
+    loaders = [_loader(dataset, rank=r, world_size=world, batch_size=global_batch // world, with_ids=True, **kw)
+               for r in range(world)]
     for loader in loaders:
-        loader.set_epoch(2)
-    counts = [len(loader) for loader in loaders]
-    assert len(set(counts)) == 1 and counts[0] > 0
-    seen = [Counter(sid for batch in loader for sid in batch["story_ids"]) for loader in loaders]
-    for a in range(world):
-        for b in range(a + 1, world):
-            assert not set(seen[a]) & set(seen[b])
-    assert all(sum(c.values()) == counts[0] * 8 for c in seen)
-    # without equalizing (evaluation), the union of ranks is every window of the split exactly once
-    evaluation = [_loader(dataset, rank=r, world_size=world, equalize=False, with_text=True) for r in range(world)]
-    total = sum(sum(len(b["story_ids"]) for b in loader) for loader in evaluation)
-    expected = sum(windows_of(n, 4, "all") for s in dataset.shards("train") for n in s["frame_counts"])
-    assert total == expected
+        loader.set_epoch(epoch, start_window=start_window)
+    per_rank = [[batch["window_ids"] for batch in loader] for loader in loaders]
+    assert len({len(batches) for batches in per_rank}) == 1, "ranks ran different numbers of steps"
+    assert all(len(loader) == len(per_rank[0]) for loader in loaders)
+    return [sum(step, []) for step in zip(*per_rank)]
+
+
+def test_global_window_order_does_not_depend_on_world_size(dataset):
+    """The windows of each global step, and their order, are the same on 1, 2 or 3 ranks for the same
+    global batch; a rank reads only what its slices need; no window repeats within the epoch."""
+    reference = _global_steps(dataset, 1, 12, epoch=2)
+    windows = [w for step in reference for w in step]
+    total = sum(windows_of(n, 4, "all") for s in dataset.shards("train") for n in s["frame_counts"])
+    assert len(reference) == total // 12 and len(windows) == len(set(windows)) == len(reference) * 12
+    for world in (2, 3):
+        assert _global_steps(dataset, world, 12, epoch=2) == reference
+    # resuming mid-epoch on another world size continues with exactly the next global step
+    assert _global_steps(dataset, 3, 12, epoch=2, start_window=5 * 12) == reference[5:]
+    assert _global_steps(dataset, 2, 12, epoch=2, start_window=7 * 12) == reference[7:]
+    assert _global_steps(dataset, 1, 12, epoch=3) != reference
+
+
+def test_evaluation_yields_every_window_once_across_ranks(dataset):
+    total = sum(windows_of(n, 4, "all") for s in dataset.shards("train") for n in s["frame_counts"])
+    for shuffle in (False, True):
+        seen = []
+        for rank in range(3):
+            loader = _loader(dataset, rank=rank, world_size=3, equalize=False, with_ids=True, shuffle=shuffle)
+            batches = [batch["window_ids"] for batch in loader]
+            assert len(batches) == len(loader) and sum(map(len, batches)) == loader.num_windows()
+            seen += [w for batch in batches for w in batch]
+        assert len(seen) == len(set(seen)) == total
 
 
 def test_epochs_reshuffle_and_first_mode(dataset):
@@ -87,7 +108,7 @@ def test_resume_mid_epoch_gives_the_same_batches(dataset):
     loader = _loader(dataset)
     loader.set_epoch(4)
     full = list(loader)
-    loader.set_epoch(4, start_batch=3)
+    loader.set_epoch(4, start_window=3 * 8)
     rest = list(loader)
     assert len(rest) == len(full) - 3
     for a, b in zip(full[3:], rest):

@@ -323,6 +323,13 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
     assert steps_logged == list(range(5, steps + 1, 5))  # no gap, no duplicate after the resume
     assert storage.read_text(storage.join(run, "checkpoints", "latest")).strip() == f"step-{steps:08d}.pt"
     assert f"completed at step {steps}" in logs
+    # the same job uninterrupted logs exactly the same curve: the restart lost nothing and redid nothing
+    reference = f"{bucket}/runs/reference"
+    out = ray_head.submit(_train_entry("visual_ae", data, reference, steps=steps, checkpoint_every=every, log_every=5),
+                          _job_env(_aws_env()), wait=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    curve = [{k: v for k, v in m.items() if k != "samples_per_s"} for m in metrics]
+    assert curve == [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(reference)]
     print(f"killed rank 1 (pid {victim}) at step ~{kill_step}; resumed from {resumed_from}")
 
 

@@ -47,16 +47,16 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     shards = storage.list_files(storage.join(data, "train"), suffix=".parquet")
     assert len(shards) >= 2 and all(uri.startswith(s3_env) for uri in shards)
 
-    # Two ranks stream disjoint stories straight from the bucket.
+    # Two ranks stream disjoint windows straight from the bucket.
     dataset = PreparedDataset(data)
     seen = []
     for rank in range(2):
         loader = WindowLoader(dataset, "train", batch_size=4, context_frames=4, max_tokens=20, rank=rank,
-                              world_size=2, with_text=True, equalize=False)
+                              world_size=2, with_ids=True, equalize=False)
         batches = list(loader)
         assert batches and batches[0]["frames"].shape[1:] == (4, 3, 32, 64)
-        seen.append({story for batch in batches for story in batch["story_ids"]})
-    assert not seen[0] & seen[1]
+        seen.append({window for batch in batches for window in batch["window_ids"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
 
     common = ["--config", "configs/tiny.yaml", "--data", data, *sets(*SHORT)]
     for stage in ("visual_ae", "text_ae"):

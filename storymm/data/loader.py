@@ -1,16 +1,33 @@
 """Stream prepared shards as batches of (K input frames → next frame) windows, for one rank of N.
 
 Design, and why:
-- The epoch's whole plan (which stories go to which rank, in which order, which windows) is
-  computed from the manifest alone, without reading pixels. So every rank knows every other
-  rank's window count (all ranks run the same number of steps, as DDP needs), and resuming at
-  batch n of an epoch skips straight to it.
-- Stories, not windows, are split between ranks (contiguous blocks of a seeded shard order), so
-  each story is read by exactly one rank per epoch and each rank touches few shards.
-- Shuffling is by chunk: a run of consecutive shards holding at least ``shuffle_buffer`` windows
-  is loaded, and its windows are permuted. Memory stays bounded; order stays reproducible.
+- **One global order per epoch, whatever the world size.** The epoch's sequence of windows is a
+  seeded function of (seed, epoch) alone: a permuted shard order, cut into chunks of whole shards
+  holding at least ``shuffle_buffer`` windows, each chunk's windows permuted. Global step g takes
+  the next ``G = batch_size * world_size`` windows of that sequence (the *global batch*) and rank r
+  takes its slice ``[r*B, (r+1)*B)`` of them. So a position in the epoch is one number, the windows
+  already consumed, and a run stopped on N ranks resumes on M ranks at exactly the next window as
+  long as the global batch G stays the same (the training loop keeps it fixed; see ``loop.py``).
+  The anchor for this is MosaicML Streaming's elastic determinism.
+- The plan (which windows, in which order, which stories each rank must read) comes from the
+  manifest alone, without reading pixels: every rank knows every step's windows, all ranks run the
+  same number of steps (DDP needs it), and resuming skips whole chunks without reading them.
+- Memory stays bounded: one chunk (``shuffle_buffer`` windows plus at most one shard) at a time,
+  and of it only the stories holding this rank's windows.
+- **I/O per rank.** A rank reads each shard holding a story with at least one of its windows (the
+  shard's columns, as ``read_shard`` does) and decodes only the stories it needs (``take``). Because windows are shuffled inside a chunk, a
+  rank's windows are spread over most of the chunk's stories: with m windows per story a rank
+  needs about ``1 - (1 - 1/N)^m`` of the stories, so at small N every rank reads nearly the whole
+  split per epoch (the earlier split of stories between ranks read 1/N, but its order depended on
+  N). With ``windows: first`` (m = 1) it is 1/N of the decoding. That is the price of the
+  exactness above; prepared frames are small (a 60x125 frame is 22 KB before compression).
+- Evaluation (``equalize=False``) uses the same slicing: every window is yielded exactly once
+  across ranks, the last global batch split as evenly as it goes; unshuffled, each rank's windows
+  are contiguous runs, so each rank reads about 1/N of the split.
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
   array and a conversion to float.
+- Planning the chunks and loading one chunk are separate steps (``plan``, ``load_chunk``), so a
+  chunk's reading can overlap the training on the previous one.
 """
 
 from __future__ import annotations
@@ -19,7 +36,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -118,14 +135,38 @@ def _frames_array(column, height: int, width: int) -> np.ndarray:
     return data[flat.offset * size:].reshape(len(flat), height, width, 3)
 
 
+class ChunkPlan(NamedTuple):
+    """This rank's share of one chunk: the stories to read (shard by shard, in chunk order) and
+    its windows in the epoch's order, as ``[n, 2]`` (index into ``stories``, window start)."""
+
+    stories: list[StoryRef]
+    windows: np.ndarray
+
+
+class ChunkData(NamedTuple):
+    """A loaded chunk: frames ``[F,H,W,3]`` uint8 and padded tokens ``[F,L]`` of its stories' frames,
+    each story's first frame row, per-frame (story id, sentence) with ``with_text``, story ids with
+    ``with_text``/``with_ids``, hashed tags ``[F,T]`` with ``tag_vocab``."""
+
+    frames: np.ndarray
+    tokens: np.ndarray
+    offsets: np.ndarray
+    sentences: list
+    story_ids: list
+    tags: np.ndarray | None
+
+
 class WindowLoader:
     """Batches for one rank: ``frames [B,K,3,H,W]``, ``tokens [B,K,L]``, ``target_frame [B,3,H,W]``,
     ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id).
     With ``tag_vocab > 0`` also ``tags [B,K,max_tags]`` int64: each input frame's hashed
     objects/actions/locations (``hash_tags``; 0 = padding), read from the shards' tag columns.
+    With ``with_ids`` also ``window_ids``: ``(story_id, start)`` per window (debug recording).
 
-    ``equalize=True`` (training) gives every rank the same number of full batches; ``False``
-    (evaluation) yields every window of this rank's stories, the last batch possibly short.
+    ``batch_size`` is this rank's B; the global batch is ``B * world_size``. ``equalize=True``
+    (training) yields only whole global batches, so every rank runs the same number of steps and
+    the epoch's remainder (< one global batch) is dropped; ``False`` (evaluation) yields every window
+    of the split exactly once across ranks, the last batch possibly short (or absent).
     """
 
     def __init__(
@@ -144,6 +185,7 @@ class WindowLoader:
         shuffle_buffer: int = 2048,
         equalize: bool = True,
         with_text: bool = False,
+        with_ids: bool = False,
         tag_vocab: int = 0,
         max_tags: int = 12,
     ):
@@ -155,51 +197,65 @@ class WindowLoader:
         self.split, self.batch_size, self.context = split, batch_size, context_frames
         self.max_tokens, self.mode, self.rank, self.world_size = max_tokens, windows, rank, world_size
         self.shuffle, self.seed, self.shuffle_buffer, self.equalize = shuffle, seed, shuffle_buffer, equalize
-        self.with_text = with_text
+        self.with_text, self.with_ids = with_text, with_ids
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
         self.shards = self.dataset.shards(split)
         self.epoch = 0
-        self.start_batch = 0
+        self.start_window = 0
         tokenizer_info = self.dataset.manifest["tokenizer"]
         self.pad_id, self.eos_id = tokenizer_info["pad_id"], tokenizer_info["eos_id"]
 
     # -------------------------------------------------------------------------------- planning
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (reshuffles) and the batch to start from (resume mid-epoch)."""
-        self.epoch, self.start_batch = epoch, start_batch
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int, start_window: int = 0) -> None:
+        """Select the epoch (reshuffles) and how many windows of its global sequence were already
+        consumed (resume mid-epoch; the same number on every rank, whatever the world size)."""
+        if start_window < 0:
+            raise ValueError(f"start_window must be >= 0, got {start_window}")
+        self.epoch, self.start_window = epoch, start_window
 
     def _rng(self, *salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, *salt])
 
-    def _rank_stories(self) -> list[list[StoryRef]]:
+    def _epoch_stories(self) -> list[StoryRef]:
+        """Every story with at least one window, in this epoch's (seeded) shard order."""
         order = list(range(len(self.shards)))
         if self.shuffle:
             order = list(self._rng(0).permutation(len(self.shards)))
-        stories = [
+        return [
             StoryRef(shard, row, frames)
             for shard in order
             for row, frames in enumerate(self.shards[shard]["frame_counts"])
             if windows_of(frames, self.context, self.mode) > 0
         ]
-        bounds = [round(i * len(stories) / self.world_size) for i in range(self.world_size + 1)]
-        return [stories[bounds[r]:bounds[r + 1]] for r in range(self.world_size)]
 
-    def _windows_per_rank(self, per_rank: list[list[StoryRef]]) -> list[int]:
-        return [sum(windows_of(s.frames, self.context, self.mode) for s in stories) for stories in per_rank]
+    def windows_in_epoch(self) -> int:
+        """Windows in the epoch's global sequence (all ranks together, before dropping a remainder)."""
+        return sum(windows_of(s.frames, self.context, self.mode) for s in self._epoch_stories())
+
+    def _rank_positions(self, total: int) -> np.ndarray:
+        """Positions in the epoch's global sequence that this rank yields, in order, from ``start_window``."""
+        remaining = max(0, total - self.start_window)
+        size, world = self.global_batch, self.world_size
+        full = remaining // size
+        mine = self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        positions = [(np.arange(full, dtype=np.int64)[:, None] * size + mine[None, :]).ravel()]
+        last = remaining - full * size
+        if last and not self.equalize:  # the last, partial global batch: split as evenly as it goes
+            positions.append(full * size + np.arange(self.rank * last // world, (self.rank + 1) * last // world))
+        return self.start_window + np.concatenate(positions)
 
     def __len__(self) -> int:
-        counts = self._windows_per_rank(self._rank_stories())
-        if self.equalize:
-            return min(counts) // self.batch_size
-        return math.ceil(counts[self.rank] / self.batch_size)
+        """Batches this rank yields from the current position to the end of the epoch."""
+        return math.ceil(self.num_windows() / self.batch_size)
 
     def num_windows(self) -> int:
-        """Windows this rank yields in the current epoch."""
-        counts = self._windows_per_rank(self._rank_stories())
-        if self.equalize:
-            return len(self) * self.batch_size
-        return counts[self.rank]
+        """Windows this rank yields from the current position to the end of the epoch."""
+        return len(self._rank_positions(self.windows_in_epoch()))
 
     def _chunks(self, stories: list[StoryRef]) -> list[list[StoryRef]]:
         """Group consecutive stories into chunks of whole shards holding >= shuffle_buffer windows."""
@@ -216,7 +272,8 @@ class WindowLoader:
         return chunks
 
     def _chunk_windows(self, chunk_index: int, chunk: list[StoryRef]) -> np.ndarray:
-        """[n, 2]: (story position in chunk, window start), in this epoch's order."""
+        """[n, 2]: (story position in chunk, window start), in this epoch's order. The salt
+        (1, 0, chunk) is the one single-process runs always used, so their order is unchanged."""
         pairs = [
             (position, start)
             for position, story in enumerate(chunk)
@@ -224,23 +281,42 @@ class WindowLoader:
         ]
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         if self.shuffle and len(pairs):
-            pairs = pairs[self._rng(1, self.rank, chunk_index).permutation(len(pairs))]
+            pairs = pairs[self._rng(1, 0, chunk_index).permutation(len(pairs))]
         return pairs
+
+    def plan(self) -> list[ChunkPlan]:
+        """This rank's chunks from the current position on: only chunks holding some of its
+        windows, each with only the stories those windows come from. Reads nothing."""
+        chunks = self._chunks(self._epoch_stories())
+        total = sum(windows_of(s.frames, self.context, self.mode) for chunk in chunks for s in chunk)
+        positions = self._rank_positions(total)
+        plans, offset = [], 0
+        for chunk_index, chunk in enumerate(chunks):
+            size = sum(windows_of(s.frames, self.context, self.mode) for s in chunk)
+            low, high = np.searchsorted(positions, [offset, offset + size])
+            if high > low:
+                pairs = self._chunk_windows(chunk_index, chunk)[positions[low:high] - offset]
+                needed, index = np.unique(pairs[:, 0], return_inverse=True)  # sorted: chunk order kept
+                plans.append(ChunkPlan([chunk[i] for i in needed], np.stack([index.ravel(), pairs[:, 1]], axis=1)))
+            offset += size
+        return plans
 
     # ------------------------------------------------------------------------------- loading
 
-    def _load_chunk(self, chunk: list[StoryRef]):
-        """Decode the chunk's stories into flat arrays: frames, padded tokens, story offsets.
+    def load_chunk(self, plan: ChunkPlan) -> ChunkData:
+        """Decode the plan's stories into flat arrays: frames, padded tokens, story offsets.
 
-        A chunk lists stories shard by shard (see ``_rank_stories``), so taking each shard's rows
-        in turn keeps the chunk's story order.
+        A plan lists stories shard by shard, so taking each shard's rows in turn keeps its order.
         """
-        columns = ["frames", "token_ids"] + (["sentences", "story_id"] if self.with_text else [])
+        stories = plan.stories
+        need_ids = self.with_text or self.with_ids
+        columns = ["frames", "token_ids"] + (["story_id"] if need_ids else [])
+        columns += ["sentences"] if self.with_text else []
         if self.tag_vocab:
             columns += list(TAG_COLUMNS)
-        frame_parts, token_parts, sentences, lengths, tag_parts = [], [], [], [], []
-        for shard in dict.fromkeys(story.shard for story in chunk):
-            rows = [story.row for story in chunk if story.shard == shard]
+        frame_parts, token_parts, sentences, lengths, tag_parts, story_ids = [], [], [], [], [], []
+        for shard in dict.fromkeys(story.shard for story in stories):
+            rows = [story.row for story in stories if story.shard == shard]
             try:
                 table = self.dataset.read_shard(self.shards[shard], columns).take(rows)
             except Exception as err:
@@ -256,12 +332,14 @@ class WindowLoader:
             token_ids = table.column("token_ids").to_pylist()
             token_parts.append(self._pad_tokens(token_ids))
             lengths.extend(len(story) for story in token_ids)
+            if need_ids:
+                story_ids.extend(table.column("story_id").to_pylist())
             if self.with_text:  # per frame: (story id, sentence), for reports and checks
                 for story_id, story in zip(table.column("story_id").to_pylist(), table.column("sentences").to_pylist()):
                     sentences.extend((story_id, sentence) for sentence in story)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         tags = np.concatenate(tag_parts) if self.tag_vocab else None
-        return np.concatenate(frame_parts), np.concatenate(token_parts), offsets, sentences, tags
+        return ChunkData(np.concatenate(frame_parts), np.concatenate(token_parts), offsets, sentences, story_ids, tags)
 
     def _tag_ids(self, table) -> np.ndarray:
         """[frames of the table's stories, max_tags] hashed tag ids, 0-padded."""
@@ -285,63 +363,56 @@ class WindowLoader:
             out[index, : len(ids)] = ids
         return out
 
-    def _batch(self, frames: np.ndarray, tokens: np.ndarray, index: np.ndarray, sentences,
-               tags: np.ndarray | None = None) -> dict:
-        """``index`` [B, K+1] absolute frame rows → tensors."""
-        pixels = torch.from_numpy(frames[index]).permute(0, 1, 4, 2, 3).float().div_(255.0)
-        ids = torch.from_numpy(tokens[index])
+    def _batch(self, data: ChunkData, rows: np.ndarray, windows: np.ndarray) -> dict:
+        """``rows`` [B, K+1] absolute frame rows of ``data``, ``windows`` their [B, 2] plan entries → tensors."""
+        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        ids = torch.from_numpy(data.tokens[rows])
         batch = {
             "frames": pixels[:, :-1].contiguous(),
             "tokens": ids[:, :-1].contiguous(),
             "target_frame": pixels[:, -1].contiguous(),
             "target_tokens": ids[:, -1].contiguous(),
         }
-        if tags is not None:  # input frames only: the target's tags would leak the answer
-            batch["tags"] = torch.from_numpy(tags[index[:, :-1]])
+        if data.tags is not None:  # input frames only: the target's tags would leak the answer
+            batch["tags"] = torch.from_numpy(data.tags[rows[:, :-1]])
+        if self.with_ids:
+            batch["window_ids"] = [(data.story_ids[story], int(start)) for story, start in windows]
         if self.with_text:
-            batch["story_ids"] = [sentences[row[-1]][0] for row in index]
-            batch["input_sentences"] = [[sentences[i][1] for i in row[:-1]] for row in index]
-            batch["target_sentences"] = [sentences[row[-1]][1] for row in index]
+            batch["story_ids"] = [data.sentences[row[-1]][0] for row in rows]
+            batch["input_sentences"] = [[data.sentences[i][1] for i in row[:-1]] for row in rows]
+            batch["target_sentences"] = [data.sentences[row[-1]][1] for row in rows]
         return batch
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches are consecutive runs of this epoch's window sequence, so resuming at batch n
-        means skipping exactly n*B windows, and whole chunks are skipped without being read."""
-        per_rank = self._rank_stories()
-        limit = len(self) * self.batch_size if self.equalize else None
+        """This rank's slices of the global batches, from the current position: chunks are planned
+        first, then loaded one at a time (``load_chunk``) and cut into batches of ``batch_size``."""
+        plans = self.plan()
+        loaded = (self.load_chunk(plan) for plan in plans)
+        return self._batches(zip(plans, loaded))
+
+    def _batches(self, chunks) -> Iterator[dict]:
         steps = np.arange(self.context + 1, dtype=np.int64)
         carry: list[dict] = []  # the partial batch left at the end of the previous chunk
         carried = 0
-        skip = self.start_batch * self.batch_size
-        consumed = 0
-        for chunk_index, chunk in enumerate(self._chunks(per_rank[self.rank])):
-            if limit is not None and consumed >= limit:
-                break
-            pairs = self._chunk_windows(chunk_index, chunk)
-            if limit is not None:
-                pairs = pairs[: limit - consumed]
-            consumed += len(pairs)
-            if skip >= len(pairs):
-                skip -= len(pairs)
-                continue
-            pairs, skip = pairs[skip:], 0
-            frames, tokens, offsets, sentences, tags = self._load_chunk(chunk)
-            rows = (offsets[pairs[:, 0]] + pairs[:, 1])[:, None] + steps[None, :]
+        for plan, data in chunks:
+            windows = plan.windows
+            rows = (data.offsets[windows[:, 0]] + windows[:, 1])[:, None] + steps[None, :]
             start = 0
             if carried:
                 take = min(self.batch_size - carried, len(rows))
-                carry.append(self._batch(frames, tokens, rows[:take], sentences, tags))
+                carry.append(self._batch(data, rows[:take], windows[:take]))
                 carried, start = carried + take, take
                 if carried == self.batch_size:
                     yield _concat_batches(carry)
                     carry, carried = [], 0
             while len(rows) - start >= self.batch_size:
-                yield self._batch(frames, tokens, rows[start:start + self.batch_size], sentences, tags)
-                start += self.batch_size
+                end = start + self.batch_size
+                yield self._batch(data, rows[start:end], windows[start:end])
+                start = end
             if start < len(rows):
-                carry.append(self._batch(frames, tokens, rows[start:], sentences, tags))
+                carry.append(self._batch(data, rows[start:], windows[start:]))
                 carried += len(rows) - start
-        if carried and not self.equalize:
+        if carried:  # only without equalize: the rank's share of the last, partial global batch
             yield _concat_batches(carry)
 
 

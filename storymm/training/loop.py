@@ -6,6 +6,12 @@ every ``log_every`` steps and :class:`CheckpointPolicy` deciding when to save. R
 command again resumes: model, optimiser, scheduler, RNG and the data position are restored, so an
 interrupted run ends where an uninterrupted one would. The run folder's layout is
 :class:`~storymm.training.run.RunFolder`'s business.
+
+The data position is global: (epoch, windows of the epoch's global sequence consumed), see
+``data/loader.py``. A run's global batch is fixed when it starts (``data.batch_size`` per worker
+times the number of workers) and kept in its checkpoints; a resume on another number of workers
+gives each worker ``global batch / workers`` windows per step (and refuses a number that does not
+divide it), so it continues at exactly the next window of the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -22,13 +29,13 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
-from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run
+from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingError", "read_metrics", "read_run", "train", "train_step", "load_autoencoders"]
+__all__ = ["TrainingError", "read_metrics", "read_run", "read_windows", "train", "train_step", "load_autoencoders"]
 
 
 def _check_dataset(dataset: PreparedDataset, config: Config) -> None:
@@ -74,21 +81,32 @@ def load_autoencoders(model, init_from: list[str]) -> list[str]:
 
 @dataclass
 class Position:
-    """Where training stands: the optimiser step and the data position (epoch, batch in it)."""
+    """Where training stands: the optimiser step and the global data position (epoch, windows of
+    its global sequence consumed), with the run's global batch (windows per step, all workers)."""
 
+    global_batch: int
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    windows: int = 0
 
     def advance(self) -> None:
         self.step += 1
-        self.batch_in_epoch += 1
+        self.windows += self.global_batch
 
     def next_epoch(self) -> None:
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.epoch, self.windows = self.epoch + 1, 0
 
     def data_position(self, world_size: int) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch_in_epoch, "world_size": world_size}
+        return {"epoch": self.epoch, "windows": self.windows, "global_batch": self.global_batch,
+                "world_size": world_size}
+
+    def per_worker_batch(self, world_size: int) -> int:
+        if self.global_batch % world_size:
+            raise TrainingError(
+                f"this run's global batch is {self.global_batch} windows per step, which {world_size} workers "
+                f"cannot share equally: resume it on a number of workers that divides {self.global_batch}"
+            )
+        return self.global_batch // world_size
 
 
 def _build_model(stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, run: RunFolder,
@@ -111,37 +129,69 @@ def _build_model(stage: str, config: Config, tokens: TokenizerInfo, resumed: dic
     return model
 
 
-def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, seed: int) -> Position:
-    """Optimiser, scheduler, this rank's RNG and the data position from a checkpoint; or a fresh
-    start with a per-rank seed (dropout and shuffles differ between ranks)."""
+def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, config: Config) -> Position:
+    """Optimiser, scheduler, this rank's RNG and the global data position from a checkpoint; or a
+    fresh start with a per-rank seed (dropout differs between ranks)."""
     if resumed is None:
-        torch.manual_seed(seed + runtime.rank)
-        return Position()
+        torch.manual_seed(config.seed + runtime.rank)
+        return Position(global_batch=config.data.batch_size * runtime.world_size)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
-    data = resumed["data_position"]
-    position = Position(int(resumed["step"]), int(data["epoch"]), int(data["batch"]))
-    if int(data["world_size"]) != runtime.world_size:  # another split of the data: next epoch
-        position.next_epoch()
+    data, step = resumed["data_position"], int(resumed["step"])
+    if "windows" in data:
+        position = Position(int(data["global_batch"]), step, int(data["epoch"]), int(data["windows"]))
+    else:
+        # a checkpoint from before the global order: its order depended on the world size, so the
+        # position cannot be carried over; start the next epoch, as such runs always did on resume
+        log.warning("checkpoint without a global data position: resuming at the start of the next epoch")
+        position = Position(config.data.batch_size * int(data["world_size"]), step, int(data["epoch"]) + 1)
     if runtime.rank < len(resumed["rng"]):
         checkpoint.restore_rng(resumed["rng"][runtime.rank])
+    else:  # a rank the checkpoint did not have (resumed on more workers): its own seeded stream
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, runtime.rank, step]).generate_state(1)[0]))
     return position
 
 
-def _train_loader(dataset: PreparedDataset, config: Config, stage: str, runtime: Runtime) -> WindowLoader:
+def _train_loader(dataset: PreparedDataset, config: Config, stage: str, runtime: Runtime,
+                  position: Position) -> WindowLoader:
+    batch_size = position.per_worker_batch(runtime.world_size)
+    if batch_size != config.data.batch_size:
+        log.info("resuming on %d workers: %d windows per worker per step (global batch %d, as when the run "
+                 "started)", runtime.world_size, batch_size, position.global_batch)
     loader = WindowLoader(
-        dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
+        dataset, "train", batch_size=batch_size, context_frames=config.data.context_frames,
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
         world_size=runtime.world_size, shuffle=True, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, equalize=True,
+        shuffle_buffer=config.data.shuffle_buffer, equalize=True, with_ids=config.train.record_windows,
         **(loader_options(config) if stage == "sequence" else {}),
     )
-    if len(loader) == 0:
+    if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
-            f"not one full batch of {config.data.batch_size} windows per worker "
-            f"({runtime.world_size} workers): use more data or a smaller data.batch_size"
+            f"not one full global batch of {position.global_batch} windows ({batch_size} per worker, "
+            f"{runtime.world_size} workers): use more data or a smaller data.batch_size"
         )
     return loader
+
+
+class WindowRecord:
+    """``train.record_windows`` (debug): which windows every rank trained on at every step, gathered
+    to rank 0 and kept in ``windows.jsonl`` beside the metrics (the proof of sample-exact resumes)."""
+
+    def __init__(self, run: RunFolder, runtime: Runtime, enabled: bool, start: int):
+        self.run, self.runtime, self.enabled = run, runtime, enabled
+        self.lines = [w for w in run.read_windows() if w["step"] <= start] if enabled and runtime.is_main else []
+
+    def take(self, batch: dict, position: Position) -> None:
+        """Remove the batch's window ids (they are not model input) and remember them for the step."""
+        if not self.enabled:
+            return
+        ranks = self.runtime.all_gather_object(batch.pop("window_ids"))
+        if self.runtime.is_main:
+            self.lines.append({"step": position.step + 1, "epoch": position.epoch, "windows": ranks})
+
+    def flush(self) -> None:
+        if self.enabled and self.runtime.is_main:
+            self.run.write_windows(self.lines)
 
 
 def train_step(model, batch: dict, loss_fn, optimizer, scheduler, runtime: Runtime, params, grad_clip: float,
@@ -167,19 +217,21 @@ class MetricsLog:
 
     def __init__(self, run: RunFolder, runtime: Runtime, stage: str, every: int, total: int, samples_per_step: int,
                  start: int, progress: bool):
+        """``samples_per_step``: over all workers."""
         self.run, self.runtime, self.every, self.total = run, runtime, every, total
-        self.samples_per_step = samples_per_step * runtime.world_size
+        self.samples_per_step = samples_per_step
         # a resumed run rewrites the lines past its checkpoint instead of repeating them
         self.history = [m for m in run.read_metrics() if m["step"] <= start] if runtime.is_main else []
         self.last: dict = {}
         self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
         self._since, self._steps = time.perf_counter(), 0
 
-    def step_done(self, position: Position, lr: float, terms: dict) -> None:
+    def step_done(self, position: Position, lr: float, terms: dict) -> bool:
+        """True when this step was logged."""
         self._steps += 1
         self.bar.update(1)
         if position.step % self.every and position.step != self.total:
-            return
+            return False
         names = sorted(terms)
         sums = self.runtime.all_reduce_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64))
         elapsed = time.perf_counter() - self._since
@@ -192,6 +244,7 @@ class MetricsLog:
             self.run.write_metrics(self.history)
             self.bar.set_postfix(loss=f"{self.last['total']:.4f}", sps=f"{self.last['samples_per_s']:.0f}")
         self.runtime.report(self.last)
+        return True
 
     def close(self) -> None:
         self.bar.close()
@@ -266,7 +319,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     scheduler = _scheduler(optimizer, stage_cfg)
-    position = _restore(resumed, optimizer, scheduler, runtime, config.seed)
+    position = _restore(resumed, optimizer, scheduler, runtime, config)
     if runtime.is_main and resumed is None:
         run.write_record({
             "stage": stage,
@@ -275,28 +328,34 @@ def train(
             "init_from": [storage.redact(u) for u in init_from],
             "backend": runtime.name,
             "world_size": runtime.world_size,
+            "global_batch": position.global_batch,
         })
 
     model = runtime.prepare_model(model)
     model.train()
-    loader = _train_loader(dataset, config, stage, runtime)
+    loader = _train_loader(dataset, config, stage, runtime, position)
     loss_fn = batch_loss_fn(stage, config, tokens)
-    samples = windows_per_step(stage, config.data.batch_size, config.data.context_frames)
+    samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
     metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
+    windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
 
     def save(status: str) -> None:
-        runtime.report(metrics.last, _save(run, runtime, stage, model, optimizer, scheduler, position, status))
+        uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        windows.flush()
+        runtime.report(metrics.last, uri)
         policy.saved(position.step)
 
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
-        loader.set_epoch(position.epoch, start_batch=position.batch_in_epoch)
+        loader.set_epoch(position.epoch, start_window=position.windows)
         for batch in loader:
+            windows.take(batch, position)
             terms = train_step(model, batch, loss_fn, optimizer, scheduler, runtime, params, stage_cfg.grad_clip,
                                f"{stage}: step {position.step}")
             position.advance()
-            metrics.step_done(position, scheduler.get_last_lr()[0], terms)
+            if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
+                windows.flush()
             stopping = position.step < stage_cfg.steps and runtime.should_stop()
             saving = policy.status_to_save(position.step, stopping)
             if saving is not None:

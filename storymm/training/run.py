@@ -2,6 +2,7 @@
 
     <run>/run.json        what was trained: stage, resolved config, data, backend, world size
     <run>/metrics.jsonl   one JSON line per logged step (rank 0 writes it)
+    <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
     <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
@@ -17,6 +18,7 @@ from storymm.training import checkpoint
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+WINDOWS_FILE = "windows.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -57,16 +59,30 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- metrics.jsonl
 
-    def read_metrics(self) -> list[dict]:
-        uri = storage.join(self.uri, METRICS_FILE)
+    def _read_jsonl(self, name: str) -> list[dict]:
+        uri = storage.join(self.uri, name)
         if not storage.exists(uri):
             return []
         return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
-    def write_metrics(self, history: list[dict]) -> None:
+    def _write_jsonl(self, name: str, lines: list[dict]) -> None:
         """The whole log at once: object stores have no append, and a resumed run rewrites the lines
         past its checkpoint instead of repeating them."""
-        storage.write_text(storage.join(self.uri, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history))
+        storage.write_text(storage.join(self.uri, name), "".join(json.dumps(m) + "\n" for m in lines))
+
+    def read_metrics(self) -> list[dict]:
+        return self._read_jsonl(METRICS_FILE)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        self._write_jsonl(METRICS_FILE, history)
+
+    def read_windows(self) -> list[dict]:
+        """Per step ``{"step", "epoch", "windows"}``; ``windows[r]`` lists the ``[story_id, start]``
+        windows rank r trained on at that step."""
+        return self._read_jsonl(WINDOWS_FILE)
+
+    def write_windows(self, lines: list[dict]) -> None:
+        self._write_jsonl(WINDOWS_FILE, lines)
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -88,3 +104,8 @@ def read_run(run_uri: str) -> dict:
 def read_metrics(run_uri: str) -> list[dict]:
     """``metrics.jsonl`` of the run at ``run_uri`` (empty before the first logged step)."""
     return RunFolder(run_uri).read_metrics()
+
+
+def read_windows(run_uri: str) -> list[dict]:
+    """``windows.jsonl`` of the run at ``run_uri`` (``train.record_windows``)."""
+    return RunFolder(run_uri).read_windows()
