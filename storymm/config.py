@@ -37,6 +37,7 @@ class DataConfig(_Section):
     batch_size: int = Field(32, ge=1)
     shuffle_buffer: int = Field(2048, ge=1, description="windows shuffled together")
     prepare_threads: int = Field(0, ge=0, description="0 = one per CPU")
+    prefetch_chunks: int = Field(2, ge=0, le=64, description="chunks the loader reads ahead in background; 0 = none")
 
 
 class ModelConfig(_Section):

@@ -16,6 +16,7 @@ Design, and why:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -26,8 +27,11 @@ import pyarrow.parquet as pq
 import torch
 
 from storymm import storage
+from storymm.data.prefetch import PrefetchStats, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
@@ -146,6 +150,7 @@ class WindowLoader:
         with_text: bool = False,
         tag_vocab: int = 0,
         max_tags: int = 12,
+        prefetch_chunks: int = 2,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
@@ -157,6 +162,8 @@ class WindowLoader:
         self.shuffle, self.seed, self.shuffle_buffer, self.equalize = shuffle, seed, shuffle_buffer, equalize
         self.with_text = with_text
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
+        self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
+        self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_batch = 0
@@ -312,20 +319,27 @@ class WindowLoader:
         steps = np.arange(self.context + 1, dtype=np.int64)
         carry: list[dict] = []  # the partial batch left at the end of the previous chunk
         carried = 0
-        skip = self.start_batch * self.batch_size
-        consumed = 0
-        for chunk_index, chunk in enumerate(self._chunks(per_rank[self.rank])):
-            if limit is not None and consumed >= limit:
-                break
-            pairs = self._chunk_windows(chunk_index, chunk)
-            if limit is not None:
-                pairs = pairs[: limit - consumed]
-            consumed += len(pairs)
-            if skip >= len(pairs):
-                skip -= len(pairs)
-                continue
-            pairs, skip = pairs[skip:], 0
-            frames, tokens, offsets, sentences, tags = self._load_chunk(chunk)
+
+        def planned():  # the chunks to read, with their windows; whole chunks skipped on resume
+            skip = self.start_batch * self.batch_size
+            consumed = 0
+            for chunk_index, chunk in enumerate(self._chunks(per_rank[self.rank])):
+                if limit is not None and consumed >= limit:
+                    break
+                pairs = self._chunk_windows(chunk_index, chunk)
+                if limit is not None:
+                    pairs = pairs[: limit - consumed]
+                consumed += len(pairs)
+                if skip >= len(pairs):
+                    skip -= len(pairs)
+                    continue
+                yield chunk_index, chunk, pairs[skip:]
+                skip = 0
+
+        self.prefetch_stats = PrefetchStats()
+        loaded = prefetch_map(lambda plan: self._load_chunk(plan[1]), planned(), self.prefetch_chunks,
+                              describe=self._describe_chunk, stats=self.prefetch_stats)
+        for (_, _, pairs), (frames, tokens, offsets, sentences, tags) in loaded:
             rows = (offsets[pairs[:, 0]] + pairs[:, 1])[:, None] + steps[None, :]
             start = 0
             if carried:
@@ -343,6 +357,12 @@ class WindowLoader:
                 carried += len(rows) - start
         if carried and not self.equalize:
             yield _concat_batches(carry)
+        log.info("%s rank %d epoch %d read: %s", self.split, self.rank, self.epoch, self.prefetch_stats.summary())
+
+    def _describe_chunk(self, plan) -> str:
+        chunk_index, chunk, _ = plan
+        paths = [self.shards[shard]["path"] for shard in dict.fromkeys(story.shard for story in chunk)]
+        return f"chunk {chunk_index} of {self.split} (epoch {self.epoch}, rank {self.rank}: {', '.join(paths)})"
 
 
 def _concat_batches(parts: list[dict]) -> dict:

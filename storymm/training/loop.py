@@ -154,7 +154,7 @@ def train(
         dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
         world_size=runtime.world_size, shuffle=True, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, equalize=True,
+        shuffle_buffer=config.data.shuffle_buffer, equalize=True, prefetch_chunks=config.data.prefetch_chunks,
         **(loader_options(config) if stage == "sequence" else {}),
     )
     steps_per_epoch = len(loader)
