@@ -93,7 +93,10 @@ class TrainConfig(_Section):
     visual_ae: StageConfig = Field(default_factory=StageConfig)
     text_ae: StageConfig = Field(default_factory=StageConfig)
     sequence: StageConfig = Field(default_factory=StageConfig)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast on GPU (bf16 recommended)")
+    autocast_on_cpu: bool = Field(False, description="also autocast on CPU (bf16 only; most CPUs get slower)")
+    compile: bool = Field(False, description="torch.compile the model's forward (every backend)")
+    compile_backend: str = Field("inductor", description="torch.compile backend ('inductor'; 'eager' to check)")
 
 
 class EvalConfig(_Section):

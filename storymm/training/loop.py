@@ -21,7 +21,8 @@ from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.runtime import Runtime
-from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
+from storymm.training.stages import (STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options,
+                                    unused_parameters, windows_per_step)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def train(
     """Train ``stage`` until ``config.train.<stage>.steps``; resumable; returns a summary."""
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
-    runtime = runtime or Runtime.from_environment(config.train.mixed_precision)
+    runtime = runtime or Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
     stage_cfg = getattr(config.train, stage)
     dataset = PreparedDataset(data_uri)
     _check_dataset(dataset, config)
@@ -148,8 +149,14 @@ def train(
         storage.write_text(storage.join(run_uri, RUN_FILE), json.dumps(record, indent=2))
     history = [m for m in read_metrics(run_uri) if m["step"] <= step] if runtime.is_main else []
 
-    model = runtime.prepare_model(model)
+    unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []
+    if unused:
+        log.info("%s: %d trainable parameters get no gradient with this config (%s, ...): DDP finds them each step",
+                 stage, len(unused), unused[0])
+    model = runtime.prepare_model(model, find_unused=bool(unused))
     model.train()
+    # compiled for the steps only: checkpoints keep the plain module's state_dict keys
+    forward_model = torch.compile(model, backend=config.train.compile_backend) if config.train.compile else model
     loader = WindowLoader(
         dataset, "train", batch_size=config.data.batch_size, context_frames=config.data.context_frames,
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
@@ -166,7 +173,24 @@ def train(
     loss_fn = batch_loss_fn(stage, config, tokens)
     per_step = windows_per_step(stage, config.data.batch_size, config.data.context_frames) * runtime.world_size
 
+    # First step whose loss was not finite, kept on the device so that no step waits for the host;
+    # read (and combined across ranks) at logging steps and before every checkpoint.
+    nonfinite_step = torch.full((), -1, dtype=torch.int64, device=runtime.device)
+    checked_from = step
+
+    def check_finite() -> None:
+        nonlocal checked_from
+        if runtime.all_reduce_sum((nonfinite_step >= 0).to(torch.float64).reshape(1).cpu()).item() > 0:
+            where = int(nonfinite_step)
+            raise TrainingError(
+                f"{stage}: loss became non-finite "
+                + (f"at step {where}" if where >= 0 else "on another rank")
+                + f" (checked steps {checked_from}..{step - 1}); nothing after the last checkpoint was saved"
+            )
+        checked_from = step
+
     def save(status: str) -> str:
+        check_finite()
         states = runtime.all_gather_object(checkpoint.rng_state())
         uri = None
         if runtime.is_main:
@@ -197,9 +221,8 @@ def train(
         for batch in loader:
             batch = runtime.to_device(batch)
             with runtime.autocast():
-                loss, terms = loss_fn(model, batch)
-            if not math.isfinite(loss.detach().item()):
-                raise TrainingError(f"{stage}: loss became {loss.detach().item()} at step {step}")
+                loss, terms = loss_fn(forward_model, batch)
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_step)
             optimizer.zero_grad(set_to_none=True)
             runtime.backward(loss)
             if stage_cfg.grad_clip:
@@ -212,8 +235,9 @@ def train(
             bar.update(1)
 
             if step % stage_cfg.log_every == 0 or step == stage_cfg.steps:
+                check_finite()
                 names = sorted(terms)
-                values = runtime.all_reduce_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64))
+                values = runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
                 elapsed = time.perf_counter() - window_start
                 last_terms = {n: float(v) / runtime.world_size for n, v in zip(names, values.tolist())}
                 last_terms.update(
