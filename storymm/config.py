@@ -37,6 +37,7 @@ class DataConfig(_Section):
     batch_size: int = Field(32, ge=1)
     shuffle_buffer: int = Field(2048, ge=1, description="windows shuffled together")
     prepare_threads: int = Field(0, ge=0, description="0 = one per CPU")
+    prefetch_chunks: int = Field(2, ge=0, le=64, description="chunks the loader reads ahead in background; 0 = none")
 
 
 class ModelConfig(_Section):
@@ -105,6 +106,9 @@ class TrainConfig(_Section):
         return value
     record_windows: bool = Field(
         False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl")
+    autocast_on_cpu: bool = Field(False, description="also autocast on CPU (bf16 only; most CPUs get slower)")
+    compile: bool = Field(False, description="torch.compile the model's forward (every backend)")
+    compile_backend: str = Field("inductor", description="torch.compile backend ('inductor'; 'eager' to check)")
 
 
 class EvalConfig(_Section):

@@ -33,6 +33,7 @@ Design, and why:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -43,8 +44,11 @@ import pyarrow.parquet as pq
 import torch
 
 from storymm import storage
+from storymm.data.prefetch import PrefetchStats, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
@@ -188,6 +192,7 @@ class WindowLoader:
         with_ids: bool = False,
         tag_vocab: int = 0,
         max_tags: int = 12,
+        prefetch_chunks: int = 2,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
@@ -199,6 +204,8 @@ class WindowLoader:
         self.shuffle, self.seed, self.shuffle_buffer, self.equalize = shuffle, seed, shuffle_buffer, equalize
         self.with_text, self.with_ids = with_text, with_ids
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
+        self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
+        self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_window = 0
@@ -385,10 +392,18 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[dict]:
         """This rank's slices of the global batches, from the current position: chunks are planned
-        first, then loaded one at a time (``load_chunk``) and cut into batches of ``batch_size``."""
+        first, then loaded ``prefetch_chunks`` ahead in background threads (``load_chunk``, see
+        ``storymm.data.prefetch``) and cut into batches of ``batch_size``."""
         plans = self.plan()
-        loaded = (self.load_chunk(plan) for plan in plans)
-        return self._batches(zip(plans, loaded))
+        self.prefetch_stats = PrefetchStats()
+        loaded = prefetch_map(self.load_chunk, plans, self.prefetch_chunks, describe=self._describe_chunk,
+                              stats=self.prefetch_stats)
+        yield from self._batches(loaded)
+        log.info("%s rank %d epoch %d read: %s", self.split, self.rank, self.epoch, self.prefetch_stats.summary())
+
+    def _describe_chunk(self, plan: ChunkPlan) -> str:
+        paths = [self.shards[shard]["path"] for shard in dict.fromkeys(story.shard for story in plan.stories)]
+        return f"a chunk of {self.split} (epoch {self.epoch}, rank {self.rank}: {', '.join(paths)})"
 
     def _batches(self, chunks) -> Iterator[dict]:
         steps = np.arange(self.context + 1, dtype=np.int64)
@@ -414,6 +429,7 @@ class WindowLoader:
                 carried += len(rows) - start
         if carried:  # only without equalize: the rank's share of the last, partial global batch
             yield _concat_batches(carry)
+
 
 
 def _concat_batches(parts: list[dict]) -> dict:

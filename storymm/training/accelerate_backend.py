@@ -26,11 +26,12 @@ import torch.distributed as dist
 
 from storymm.config import Config
 from storymm.training.loop import train
-from storymm.training.runtime import Runtime
+from storymm.training.runtime import Runtime, effective_precision
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_CHECK_EVERY_GPU = 10
 
 
 class AccelerateRuntime(Runtime):
@@ -49,6 +50,7 @@ class AccelerateRuntime(Runtime):
         self.accelerator = accelerator
         self._signalled: int | None = None  # the signal number this process received, if any
         self._previous_handlers: dict = {}
+        self._stop_calls = 0
 
     # ------------------------------------------------------------------------ signals
 
@@ -69,15 +71,22 @@ class AccelerateRuntime(Runtime):
         self._previous_handlers.clear()
 
     def should_stop(self) -> bool:
+        # Called once per step on every rank; combining the flags makes all ranks stop at the same
+        # step. On a GPU the combination waits for the step's kernels (a host sync), so it runs
+        # every STOP_CHECK_EVERY_GPU calls only: the warning signal comes minutes before the end.
+        self._stop_calls += 1
+        if self.device.type == "cuda" and self._stop_calls % STOP_CHECK_EVERY_GPU:
+            return False
         flag = torch.tensor([1 if self._signalled is not None else 0], dtype=torch.int32)
-        if self.distributed:  # called once per step on every rank: all ranks stop at the same step
+        if self.distributed:
             flag = flag.to(self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # ------------------------------------------------------------------ model and optimisation
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        self.accelerator.ddp_handler.find_unused_parameters = find_unused  # see Runtime.prepare_model
         return self.accelerator.prepare(model)  # moves to the device; DDP when world_size > 1
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -101,8 +110,9 @@ def make_accelerator(config: Config):
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
-    precision = config.train.mixed_precision if cuda else "no"
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    precision = effective_precision(config.train.mixed_precision, "cuda" if cuda else "cpu",
+                                    config.train.autocast_on_cpu)
+    handlers = [DistributedDataParallelKwargs()]  # find_unused_parameters is set per model (prepare_model)
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
 

@@ -27,7 +27,7 @@ def run_training(
 ) -> dict:
     """Train one stage with the chosen backend; returns the loop's summary (from rank 0)."""
     if backend == "local":
-        runtime = Runtime.from_environment(config.train.mixed_precision)
+        runtime = Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
         return train(config, stage, data_uri, run_uri, runtime, init_from, progress)
     if backend == "ray":
         from storymm.training.ray_backend import run_ray

@@ -31,7 +31,15 @@ from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
-from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
+from storymm.training.stages import (
+    STAGES,
+    TokenizerInfo,
+    batch_loss_fn,
+    build_model,
+    loader_options,
+    unused_parameters,
+    windows_per_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +171,7 @@ def _train_loader(dataset: PreparedDataset, config: Config, stage: str, runtime:
         max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
         world_size=runtime.world_size, shuffle=True, seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer, equalize=True, with_ids=config.train.record_windows,
+        prefetch_chunks=config.data.prefetch_chunks,
         **(loader_options(config) if stage == "sequence" else {}),
     )
     if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
@@ -194,14 +203,38 @@ class WindowRecord:
             self.run.write_windows(self.lines)
 
 
+class NonFiniteGuard:
+    """The first step whose loss was not finite, kept on the device so that no step waits for the
+    host; checked (combined across ranks) at logging steps and before every checkpoint, so a
+    diverged run stops with the step named and never saves a checkpoint past it."""
+
+    def __init__(self, runtime: Runtime, stage: str, start: int):
+        self.runtime, self.stage, self.checked_from = runtime, stage, start
+        self.first = torch.full((), -1, dtype=torch.int64, device=runtime.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(loss.detach()), step, self.first)
+
+    def check(self, step: int) -> None:
+        flagged = (self.first >= 0).to(torch.float64).reshape(1).cpu()
+        if self.runtime.all_reduce_sum(flagged).item() > 0:
+            where = int(self.first)
+            raise TrainingError(
+                f"{self.stage}: loss became non-finite "
+                + (f"at step {where}" if where >= 0 else "on another rank")
+                + f" (checked steps {self.checked_from}..{step - 1}); nothing after the last checkpoint was saved"
+            )
+        self.checked_from = step
+
+
 def train_step(model, batch: dict, loss_fn, optimizer, scheduler, runtime: Runtime, params, grad_clip: float,
-               where: str) -> dict:
-    """One optimiser step on one batch; returns the loss terms (floats, this rank's)."""
+               guard: NonFiniteGuard, step: int) -> dict:
+    """One optimiser step on one batch; returns this rank's loss terms as 0-d device tensors (read
+    only at logging steps: a step never waits for the device)."""
     batch = runtime.to_device(batch)
     with runtime.autocast():
         loss, terms = loss_fn(model, batch)
-    if not math.isfinite(loss.detach().item()):
-        raise TrainingError(f"{where}: loss became {loss.detach().item()}")
+    guard.observe(loss, step)
     optimizer.zero_grad(set_to_none=True)
     runtime.backward(loss)
     if grad_clip:
@@ -226,14 +259,17 @@ class MetricsLog:
         self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
         self._since, self._steps = time.perf_counter(), 0
 
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
     def step_done(self, position: Position, lr: float, terms: dict) -> bool:
         """True when this step was logged."""
         self._steps += 1
         self.bar.update(1)
-        if position.step % self.every and position.step != self.total:
+        if not self.due(position.step):
             return False
         names = sorted(terms)
-        sums = self.runtime.all_reduce_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64))
+        sums = self.runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
         elapsed = time.perf_counter() - self._since
         self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
         self.last.update(step=position.step, epoch=position.epoch, lr=lr,
@@ -307,7 +343,7 @@ def train(
     """Train ``stage`` until ``config.train.<stage>.steps``; resumable; returns a summary."""
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
-    runtime = runtime or Runtime.from_environment(config.train.mixed_precision)
+    runtime = runtime or Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
     stage_cfg = getattr(config.train, stage)
     run = RunFolder(run_uri)
     dataset = PreparedDataset(data_uri)
@@ -331,16 +367,24 @@ def train(
             "global_batch": position.global_batch,
         })
 
-    model = runtime.prepare_model(model)
+    unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []
+    if unused:
+        log.info("%s: %d trainable parameters get no gradient with this config (%s, ...): DDP finds them each step",
+                 stage, len(unused), unused[0])
+    model = runtime.prepare_model(model, find_unused=bool(unused))
     model.train()
+    # compiled for the steps only: checkpoints keep the plain module's state_dict keys
+    step_model = torch.compile(model, backend=config.train.compile_backend) if config.train.compile else model
     loader = _train_loader(dataset, config, stage, runtime, position)
     loss_fn = batch_loss_fn(stage, config, tokens)
     samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
     metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
+    guard = NonFiniteGuard(runtime, stage, position.step)
 
     def save(status: str) -> None:
+        guard.check(position.step)
         uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
         windows.flush()
         runtime.report(metrics.last, uri)
@@ -351,9 +395,11 @@ def train(
         loader.set_epoch(position.epoch, start_window=position.windows)
         for batch in loader:
             windows.take(batch, position)
-            terms = train_step(model, batch, loss_fn, optimizer, scheduler, runtime, params, stage_cfg.grad_clip,
-                               f"{stage}: step {position.step}")
+            terms = train_step(step_model, batch, loss_fn, optimizer, scheduler, runtime, params, stage_cfg.grad_clip,
+                               guard, position.step)
             position.advance()
+            if metrics.due(position.step):
+                guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
             stopping = position.step < stage_cfg.steps and runtime.should_stop()

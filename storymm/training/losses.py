@@ -165,8 +165,11 @@ class VGGPerceptual(nn.Module):
 # stage losses
 
 
-def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Tensor terms -> floats with a single device sync."""
+def _floats(terms: dict[str, torch.Tensor], floats: bool = True) -> dict:
+    """Tensor terms -> floats with a single device sync; ``floats=False`` keeps the detached 0-d
+    tensors (no sync: the training loop converts them only at logging steps)."""
+    if not floats:
+        return {name: t.detach().float().reshape(()) for name, t in terms.items()}
     values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
     return dict(zip(terms.keys(), values))
 
@@ -223,6 +226,7 @@ def visual_ae_loss(
     images: torch.Tensor,
     weights: LossWeights,
     perceptual: nn.Module | None = None,
+    floats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Visual autoencoder stage: image terms on ``content`` (+ ``context``) against ``images``."""
     terms: dict[str, torch.Tensor] = {}
@@ -230,11 +234,11 @@ def visual_ae_loss(
         outputs["content"], outputs.get("context"), images, weights, perceptual, images.new_zeros(()), terms
     )
     terms["total"] = total.detach()
-    return total, _floats(terms)
+    return total, _floats(terms, floats)
 
 
 def text_ae_loss(
-    outputs: dict[str, torch.Tensor], tokens: torch.Tensor, weights: LossWeights, pad_id: int
+    outputs: dict[str, torch.Tensor], tokens: torch.Tensor, weights: LossWeights, pad_id: int, floats: bool = True
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Text autoencoder stage: cross-entropy of ``logits`` against ``tokens[:, 1:]`` (pad ignored)."""
     logits, labels = outputs["logits"], tokens[:, 1:]
@@ -245,7 +249,7 @@ def text_ae_loss(
         "text_accuracy": token_accuracy(logits.detach(), labels, pad_id),
         "total": total.detach(),
     }
-    return total, _floats(terms)
+    return total, _floats(terms, floats)
 
 
 def sequence_loss(
@@ -254,6 +258,7 @@ def sequence_loss(
     weights: LossWeights,
     pad_id: int,
     perceptual: nn.Module | None = None,
+    floats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sequence stage: image terms on ``image``/``context`` vs ``batch['target_frame']``, text
     cross-entropy of ``text_logits`` vs ``batch['target_tokens'][:, 1:]``, latent alignment terms."""
@@ -296,4 +301,4 @@ def sequence_loss(
         total = total + weights.cross_modal_infonce * t
         terms["cross_modal_infonce"] = t.detach()
     terms["total"] = total.detach()
-    return total, _floats(terms)
+    return total, _floats(terms, floats)

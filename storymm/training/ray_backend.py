@@ -25,7 +25,7 @@ import torch
 from storymm import storage
 from storymm.config import Config, config_from_dict
 from storymm.training.loop import TrainingError
-from storymm.training.runtime import Runtime
+from storymm.training.runtime import Runtime, effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RayRuntime(Runtime):
     collectives over the process group Ray created, progress reported to Ray Train."""
 
     @classmethod
-    def from_ray_context(cls, mixed_precision: str = "no") -> "RayRuntime":
+    def from_ray_context(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> "RayRuntime":
         import ray.train
         import ray.train.torch
 
@@ -103,7 +103,7 @@ class RayRuntime(Runtime):
             world_size=context.get_world_size(),
             local_rank=context.get_local_rank(),
             device=device,
-            mixed_precision=mixed_precision if device.type == "cuda" else "no",
+            mixed_precision=effective_precision(mixed_precision, device.type, cpu_autocast),
             name="ray",
         )
 
@@ -152,7 +152,7 @@ def _train_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"])
-    runtime = RayRuntime.from_ray_context(config.train.mixed_precision)
+    runtime = RayRuntime.from_ray_context(config.train.mixed_precision, config.train.autocast_on_cpu)
     pid_dir = os.environ.get(PIDFILE_DIR_ENV)
     if pid_dir:
         os.makedirs(pid_dir, exist_ok=True)

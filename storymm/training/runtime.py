@@ -13,6 +13,14 @@ import torch
 import torch.distributed as dist
 
 
+def effective_precision(mixed_precision: str, device_type: str, cpu_autocast: bool = False) -> str:
+    """The autocast a run really uses: the configured one on CUDA; on CPU bf16 only when asked
+    (``train.autocast_on_cpu``: most CPUs run bf16 slower)."""
+    if device_type == "cuda":
+        return mixed_precision
+    return "bf16" if cpu_autocast and mixed_precision == "bf16" else "no"
+
+
 @dataclass
 class Runtime:
     """In-process runtime: one process, or a torch.distributed group when launched by ``torchrun``
@@ -26,7 +34,7 @@ class Runtime:
     name: str = "local"
 
     @classmethod
-    def from_environment(cls, mixed_precision: str = "no") -> "Runtime":
+    def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> "Runtime":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +43,7 @@ class Runtime:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return cls(rank, world, local_rank, device, mixed_precision if device.type == "cuda" else "no")
+        return cls(rank, world, local_rank, device, effective_precision(mixed_precision, device.type, cpu_autocast))
 
     @property
     def is_main(self) -> bool:
@@ -47,11 +55,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ model and optimisation
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        """To the device; DDP when distributed. ``find_unused`` only for a model with trainable
+        parameters the loss never reaches (``stages.unused_parameters``): DDP then walks the
+        autograd graph after every forward to find them, which costs GPU throughput."""
         model = model.to(self.device)
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -61,13 +72,17 @@ class Runtime:
         loss.backward()
 
     def autocast(self):
-        if self.mixed_precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.mixed_precision == "bf16":  # on CPU only with train.autocast_on_cpu (effective_precision)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
+        """Tensors to the device. On CUDA via pinned (page-locked) host memory, so the copy is
+        asynchronous and overlaps the previous step's kernels; on CPU nothing is copied."""
+        pin = self.device.type == "cuda"
         return {
-            key: value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            key: (value.pin_memory() if pin else value).to(self.device, non_blocking=True)
+            if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
         }
 

@@ -12,6 +12,7 @@ the loader's ``tags``), and the loss terms ``loss.perceptual`` (VGG16 on ``loss.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -112,7 +113,8 @@ def forward_sequence(model, batch: dict) -> dict:
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
-    """``fn(model, batch) -> (loss, {term: float})`` for the stage; batch already on the device."""
+    """``fn(model, batch) -> (loss, {term: detached 0-d tensor})`` for the stage; batch already on the
+    device. Terms stay tensors so a step never waits for the device; the loop reads them when it logs."""
     weights = loss_weights(config)
     perceptual = build_perceptual(config) if stage in ("visual_ae", "sequence") else None
 
@@ -123,14 +125,15 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
 
     def visual(model, batch):
         images = torch.cat([batch["frames"].flatten(0, 1), batch["target_frame"]])
-        return losses.visual_ae_loss(model(images), images, weights, _perceptual_on(images.device))
+        return losses.visual_ae_loss(model(images), images, weights, _perceptual_on(images.device), floats=False)
 
     def text(model, batch):
         sentences = torch.cat([batch["tokens"].flatten(0, 1), batch["target_tokens"]])
-        return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id)
+        return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
-        return losses.sequence_loss(forward_sequence(model, batch), batch, weights, tokens.pad_id, _perceptual_on(batch["target_frame"].device))
+        return losses.sequence_loss(forward_sequence(model, batch), batch, weights, tokens.pad_id,
+                                    _perceptual_on(batch["target_frame"].device), floats=False)
 
     return {"visual_ae": visual, "text_ae": text, "sequence": sequence}[stage]
 
@@ -138,3 +141,32 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
 def windows_per_step(stage: str, batch_size: int, context: int) -> int:
     """Samples a step consumes, for throughput: images/sentences for the AEs, windows otherwise."""
     return batch_size * (context + 1) if stage in ("visual_ae", "text_ae") else batch_size
+
+
+def unused_parameters(stage: str, config: Config, tokens: TokenizerInfo, model: torch.nn.Module) -> list[str]:
+    """Trainable parameters this stage's loss never reaches under ``config``, found by one
+    forward/backward of a dummy batch on a copy (RNG untouched).
+
+    Nothing in the models branches on data, so the set is the same every step: empty for every
+    shipped config (frozen parts have ``requires_grad=False`` and do not count), non-empty when a
+    zero loss weight cuts a branch off (``loss.context: 0`` -> the visual context head;
+    ``loss.text: 0`` in the sequence stage -> the text decoder). DDP needs
+    ``find_unused_parameters`` only then.
+    """
+    d = config.data
+    k, batch_size = d.context_frames, 2
+    ids = torch.full((batch_size, k + 1, d.max_tokens), tokens.eos_id, dtype=torch.long)
+    ids[..., 0] = tokens.bos_id
+    batch = {
+        "frames": torch.full((batch_size, k, 3, d.image_height, d.image_width), 0.5),
+        "tokens": ids[:, :-1].contiguous(),
+        "target_frame": torch.full((batch_size, 3, d.image_height, d.image_width), 0.5),
+        "target_tokens": ids[:, -1].contiguous(),
+    }
+    if stage == "sequence" and config.model.tag_features:
+        batch["tags"] = torch.ones((batch_size, k, config.model.max_tags), dtype=torch.long)
+    probe = copy.deepcopy(model).cpu().train()
+    with torch.random.fork_rng(devices=[]):
+        loss, _ = batch_loss_fn(stage, config, tokens)(probe, batch)
+        loss.backward()
+    return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
