@@ -14,16 +14,17 @@ Design, and why:
   same number of steps (DDP needs it), and resuming skips whole chunks without reading them.
 - Memory stays bounded: one chunk (``shuffle_buffer`` windows plus at most one shard) at a time,
   and of it only the stories holding this rank's windows.
-- **I/O per rank.** A rank reads each shard holding a story with at least one of its windows (the
-  shard's columns, as ``read_shard`` does) and decodes only the stories it needs (``take``). Because windows are shuffled inside a chunk, a
-  rank's windows are spread over most of the chunk's stories: with m windows per story a rank
-  needs about ``1 - (1 - 1/N)^m`` of the stories, so at small N every rank reads nearly the whole
-  split per epoch (the earlier split of stories between ranks read 1/N, but its order depended on
-  N). With ``windows: first`` (m = 1) it is 1/N of the decoding. That is the price of the
-  exactness above; prepared frames are small (a 60x125 frame is 22 KB before compression).
+- **I/O per rank.** A rank reads each shard holding a story with at least one of its windows
+  (the shard's columns, as ``read_shard`` does) and decodes only the stories it needs (``take``).
+  Windows are shuffled inside a chunk, so a rank's windows are spread over most of its stories:
+  with m windows per story a rank needs about ``1 - (1 - 1/N)^m`` of them, and at small N every
+  rank reads nearly the whole split per epoch (the earlier split of stories between ranks read
+  1/N, but its order depended on N). With ``windows: first`` (m = 1) it decodes 1/N. That is the
+  price of the exactness above; ``bench/loader_io.py`` measures it (``docs/data-order.md``).
 - Evaluation (``equalize=False``) uses the same slicing: every window is yielded exactly once
   across ranks, the last global batch split as evenly as it goes; unshuffled, each rank's windows
-  are contiguous runs, so each rank reads about 1/N of the split.
+  are runs of consecutive windows, so a rank decodes about 1/N of the stories (reading the shards
+  that hold them, which is most shards unless a shard holds fewer than N batches of windows).
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
   array and a conversion to float.
 - Planning the chunks and loading one chunk are separate steps (``plan``, ``load_chunk``), so a
