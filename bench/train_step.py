@@ -14,6 +14,11 @@ convolutions; element-wise work is not counted), so achieved FLOP/s = FLOPs/samp
 
     python bench/train_step.py                       # tiny and gate (seed-parity 60x125) configs
     python bench/train_step.py --configs configs/tiny.yaml --steps 60
+    python bench/train_step.py --configs configs/gate.yaml --stories 3552 --steps 200 [--compile]   # on a GPU
+
+On a GPU (picked up automatically: cuda, the config's bf16 autocast, pinned non-blocking copies)
+it also samples GPU utilisation with ``nvidia-smi`` while the storymm loop runs, and reports the
+time per epoch of the train split and for 5 epochs (StoryReasoning has 3,552 train stories).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import tempfile
 import time
 
@@ -78,17 +85,42 @@ def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
     return steps * config.data.batch_size / (time.perf_counter() - start), flops_per_sample
 
 
-def storymm_rate(config, data_uri: str, run_uri: str, steps: int) -> float:
-    """Steady-state samples/s the shared training loop logs (the first logging window dropped)."""
+class GpuUtilisation:
+    """Mean GPU utilisation (%) reported by ``nvidia-smi`` every 200 ms while in the ``with`` block."""
+
+    def __enter__(self):
+        self.proc = None
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200",
+                 "-i", str(torch.cuda.current_device())], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.samples = []
+        if self.proc is not None:
+            self.proc.terminate()
+            output, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(line) for line in output.split() if line.replace(".", "").isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def storymm_rate(config, data_uri: str, run_uri: str, steps: int) -> tuple[float, float | None]:
+    """Steady-state samples/s the shared training loop logs (the first logging window dropped), and
+    the mean GPU utilisation over the run (None without a GPU)."""
     log_every = max(5, steps // 6)
     config = config.model_copy(deep=True)
     config.train.sequence.steps = steps + log_every
     config.train.sequence.log_every = log_every
     config.train.sequence.checkpoint_every = 10**9  # one checkpoint at the end, as in a real run
-    train(config, "sequence", data_uri, run_uri, Runtime.from_environment(config.train.mixed_precision),
-          progress=False)
+    runtime = Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
+    with GpuUtilisation() as gpu:
+        train(config, "sequence", data_uri, run_uri, runtime, progress=False)
     rates = [m["samples_per_s"] for m in read_metrics(run_uri)][1:]
-    return sum(rates) / len(rates)
+    return sum(rates) / len(rates), gpu.mean
 
 
 def loader_rate(config, dataset, seconds: float) -> float:
@@ -109,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="configs/tiny.yaml,configs/gate.yaml")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--stories", type=int, default=120)
+    parser.add_argument("--compile", action="store_true", help="train.compile: true for the storymm loop")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="storymm-bench-step-")
@@ -120,12 +153,13 @@ def main(argv=None) -> int:
     results = []
     for path in args.configs.split(","):
         name = os.path.splitext(os.path.basename(path))[0]
-        config = load_config(path)
+        config = load_config(path, ["train.compile=true"] if args.compile else [])
         data_uri = os.path.join(scratch, f"data-{name}")
         prepare(source, data_uri, config, progress=False)
         dataset = PreparedDataset(data_uri)
         ref, flops = reference_rate(config, dataset, args.steps)
-        ours = storymm_rate(config, data_uri, os.path.join(scratch, f"run-{name}"), args.steps)
+        ours, utilisation = storymm_rate(config, data_uri, os.path.join(scratch, f"run-{name}"), args.steps)
+        epoch_windows = len(_loader(dataset, config)) * config.data.batch_size
         feed = loader_rate(config, dataset, seconds=5.0)
         row = {
             "config": name, "image": f"{config.data.image_height}x{config.data.image_width}",
@@ -133,6 +167,7 @@ def main(argv=None) -> int:
             "reference_samples_per_s": ref, "storymm_samples_per_s": ours, "loop_vs_reference": ours / ref,
             "loader_windows_per_s": feed, "loader_vs_step": feed / ours,
             "gflops_per_sample": flops / 1e9, "achieved_gflops_per_s": flops * ours / 1e9,
+            "epoch_windows": epoch_windows, "epoch_s": epoch_windows / ours, "gpu_utilisation": utilisation,
         }
         results.append(row)
         print(f"{name} ({row['image']}, batch {row['batch']}, vocab {row['vocab']}):")
@@ -140,6 +175,8 @@ def main(argv=None) -> int:
         print(f"  storymm loop, streaming shards      : {ours:8.1f} samples/s  ratio {ours / ref:.2f}x")
         print(f"  WindowLoader alone                  : {feed:8.1f} windows/s ratio {feed / ours:.1f}x the step")
         print(f"  model FLOPs {flops / 1e9:.3f} GFLOP/sample (fwd+bwd), achieved {flops * ours / 1e9:.2f} GFLOP/s")
+        print(f"  epoch of {epoch_windows} train windows: {epoch_windows / ours:.1f} s, 5 epochs "
+              f"{5 * epoch_windows / ours:.1f} s" + (f"; GPU utilisation {utilisation:.0f}%" if utilisation else ""))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

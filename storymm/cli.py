@@ -41,7 +41,7 @@ def cmd_prepare(args) -> int:
     from storymm.data.prepare import prepare, summarize
 
     config = load_config(args.config, args.overrides)
-    manifest = prepare(args.source, args.out, config)
+    manifest = prepare(args.source, args.out, config, backend=args.backend, workers=args.workers)
     print(summarize(manifest, args.out))
     return 0
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prepare", help="validate, resize and tokenize stories into shards")
     prep.add_argument("--source", required=True, help="hub id (hf:NAME or owner/name) or a folder/URI of parquet")
     prep.add_argument("--out", required=True, help="dataset folder or URI")
+    prep.add_argument("--backend", choices=["local", "ray"], default="local",
+                      help="local: threads in this process; ray: decode/resize/tokenize as Ray tasks (same output)")
+    prep.add_argument("--workers", type=int, default=None, help="ray: tasks at a time (and CPUs of a local Ray)")
     _add_config_args(prep)
     prep.set_defaults(handler=cmd_prepare)
 

@@ -64,6 +64,7 @@ class RowOutcome:
     texts: list[FrameText] = field(default_factory=list)
     frame_index: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    token_ids: list[list[int]] | None = None  # filled by workers that tokenize (prepare --backend ray)
 
 
 def decode_frame(image: object, width: int, height: int) -> bytes:
@@ -189,8 +190,24 @@ def _training_sentences(source, batch_size: int):
                 yield frame.sentence
 
 
-def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = True) -> dict:
-    """Read ``source_spec``, write shards and ``manifest.json`` under ``data_uri``; return the manifest."""
+def _checked_locally(source, check, threads: int):
+    """(source split, outcomes) batch by batch in source order, rows checked by a thread pool."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for source_split in SOURCE_SPLITS:
+            for batch in source.iter_batches(source_split, batch_size=64):
+                yield source_split, list(pool.map(check, batch))
+
+
+def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = True, backend: str = "local",
+            workers: int | None = None) -> dict:
+    """Read ``source_spec``, write shards and ``manifest.json`` under ``data_uri``; return the manifest.
+
+    ``backend="ray"`` decodes, resizes and tokenizes on a Ray cluster (``workers`` tasks at a time,
+    see ``prepare_ray``); this process still does the accounting and writes the shards in source
+    order, so the output is byte-identical to the local backend's.
+    """
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown prepare backend {backend!r} (choose local or ray)")
     cfg = config.data
     height, width = cfg.image_height, cfg.image_width
     min_frames = cfg.context_frames + 1
@@ -210,43 +227,46 @@ def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = Tr
     source_rows: Counter = Counter()
     seen_ids: set[str] = set()
     threads = cfg.prepare_threads or os.cpu_count() or 1
+    check = dict(min_frames=min_frames, width=width, height=height)
+    if backend == "ray":
+        from storymm.data.prepare_ray import checked_on_ray
+
+        checked = checked_on_ray(source, check, tokenizer, workers or 1)
+    else:
+        checked = _checked_locally(source, lambda row: check_row(row, **check), threads)
 
     bar = tqdm(total=sum(source.rows.values()), desc="prepare", unit="story", disable=not progress)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for source_split in SOURCE_SPLITS:
-            for batch in source.iter_batches(source_split, batch_size=64):
-                outcomes = list(
-                    pool.map(lambda row: check_row(row, min_frames=min_frames, width=width, height=height), batch)
-                )
-                kept = []
-                for outcome in outcomes:
-                    source_rows[source_split] += 1
-                    if outcome.reason is None and outcome.story_id in seen_ids:
-                        outcome.reason = "duplicate_story_id"
-                    if outcome.reason is not None:
-                        rejected[outcome.reason] += 1
-                        continue
-                    seen_ids.add(outcome.story_id)
-                    dropped.update(outcome.dropped)
-                    kept.append(outcome)
-                sentences = [text.sentence for outcome in kept for text in outcome.texts]
-                token_ids = iter(tokenizer.encode_batch(sentences)) if sentences else iter(())
-                for outcome in kept:
-                    split = assign_split(outcome.story_id, source_split, config.seed, cfg.val_fraction)
-                    writers[split].add(
-                        {
-                            "story_id": outcome.story_id,
-                            "source_split": source_split,
-                            "frame_index": outcome.frame_index,
-                            "frames": outcome.frames,
-                            "sentences": [t.sentence for t in outcome.texts],
-                            "token_ids": [next(token_ids) for _ in outcome.texts],
-                            "objects": [t.objects for t in outcome.texts],
-                            "actions": [t.actions for t in outcome.texts],
-                            "locations": [t.locations for t in outcome.texts],
-                        }
-                    )
-                bar.update(len(batch))
+    for source_split, outcomes in checked:
+        kept = []
+        for outcome in outcomes:
+            source_rows[source_split] += 1
+            if outcome.reason is None and outcome.story_id in seen_ids:
+                outcome.reason = "duplicate_story_id"
+            if outcome.reason is not None:
+                rejected[outcome.reason] += 1
+                continue
+            seen_ids.add(outcome.story_id)
+            dropped.update(outcome.dropped)
+            kept.append(outcome)
+        sentences = [text.sentence for outcome in kept if outcome.token_ids is None for text in outcome.texts]
+        token_ids = iter(tokenizer.encode_batch(sentences)) if sentences else iter(())
+        for outcome in kept:
+            split = assign_split(outcome.story_id, source_split, config.seed, cfg.val_fraction)
+            writers[split].add(
+                {
+                    "story_id": outcome.story_id,
+                    "source_split": source_split,
+                    "frame_index": outcome.frame_index,
+                    "frames": outcome.frames,
+                    "sentences": [t.sentence for t in outcome.texts],
+                    "token_ids": (outcome.token_ids if outcome.token_ids is not None
+                                  else [next(token_ids) for _ in outcome.texts]),
+                    "objects": [t.objects for t in outcome.texts],
+                    "actions": [t.actions for t in outcome.texts],
+                    "locations": [t.locations for t in outcome.texts],
+                }
+            )
+        bar.update(len(outcomes))
     bar.close()
     for writer in writers.values():
         writer.flush()
