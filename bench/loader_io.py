@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from storymm import storage, synth
+from storymm import storage
+from storymm.data import synth
 from storymm.config import load_config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.data.prepare import prepare

@@ -35,7 +35,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from storymm import synth  # noqa: E402
+from storymm.data import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 

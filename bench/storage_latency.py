@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness the tes
 
 import torch  # noqa: E402
 
-from storymm import storage, synth  # noqa: E402
+from storymm import storage
+from storymm.data import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training.loop import read_metrics, train  # noqa: E402

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storymm import synth
+from storymm.data import synth
 
 from test_prepare import _bad_rows, _good
 
