@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their DEBUG logs signed requests (key id)
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
     from storymm.config import ConfigError
     from storymm.data.loader import DatasetError
     from storymm.data.tokenizer import TokenizerError

@@ -152,8 +152,11 @@ def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment variables.
 
     ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects any S3-compatible server; its scheme
-    decides http vs https. Credentials are left to the AWS SDK's default chain, so they never pass
-    through our code, except when given in the environment, which we forward as is.
+    decides http vs https. Credentials are never handed to the filesystem: the AWS SDK's default
+    chain resolves them at use (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+    ``~/.aws``, instance or pod roles). So the object carries only endpoint, scheme and region, and
+    pickling it (Ray Train and Tune store it in ``trainer.pkl``/``tuner.pkl`` under the run) stores
+    no secret; an unpickled copy on a Ray worker resolves the worker's own credentials.
     """
     return _s3_filesystem_cached(*_s3_settings())
 
@@ -161,17 +164,14 @@ def s3_filesystem() -> pafs.S3FileSystem:
 def _s3_settings() -> tuple:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return (
-        endpoint,
-        region,
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        os.environ.get("AWS_SESSION_TOKEN"),
-    )
+    # The credentials are only part of the cache key (new variables, new filesystem), never passed on.
+    credentials = tuple(os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                           "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    return endpoint, region, hash(credentials)
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_token):
+def _s3_filesystem_cached(endpoint: str, region: str, credentials_key: int) -> pafs.S3FileSystem:
     kwargs = dict(
         region=region,
         allow_bucket_creation=True,  # ensure_bucket(); buckets are never deleted through here
@@ -183,11 +183,6 @@ def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_toke
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme or "https"
-    if access_key and secret_key:
-        kwargs["access_key"] = access_key
-        kwargs["secret_key"] = secret_key
-        if session_token:
-            kwargs["session_token"] = session_token
     return pafs.S3FileSystem(**kwargs)
 
 
