@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 DEFAULT_WORK = "./storymm-work"
 EXIT_STOPPED = 75  # `storymm train` stopped early on a signal (checkpointed): rerun to resume (EX_TEMPFAIL)
@@ -18,6 +19,54 @@ def _frames_range(text: str) -> tuple[int, int]:
     if not 2 <= low <= high:
         raise argparse.ArgumentTypeError(f"--frames needs 2 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), not {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability mass in (0, 1], not {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = no nucleus cut), got {text}")
+    return value
+
+
+def _expires(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be between 1 s and 7 days (604800 s), got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other storymm error (no usage block)."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]  # "storymm train" -> "train"
+        self.exit(2, f"storymm: error: {command + ': ' if command else ''}{message} (see `{self.prog} --help`)\n")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +152,15 @@ def cmd_tune(args) -> int:
 
 
 def cmd_nightly(args) -> int:
-    from storymm.evaluation.nightly import run_nightly
+    from storymm.errors import UsageError
+    from storymm.evaluation.nightly import check_date, load_tolerances, run_nightly
+
+    try:  # the arguments, checked before any work (both raise ValueError naming the bad value)
+        if args.date:
+            check_date(args.date)
+        load_tolerances(args.tolerance)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
     night = run_nightly(args.runs, args.data, args.reports, tolerance_uri=args.tolerance, date=args.date,
                         split=args.split)
@@ -129,13 +186,13 @@ def cmd_report_url(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="storymm", description=__doc__)
+    parser = _Parser(prog="storymm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write synthetic stories in the StoryReasoning schema")
     synth.add_argument("--out", required=True, help="folder or URI (train/ and test/ parquet beneath)")
-    synth.add_argument("--stories", type=int, required=True)
+    synth.add_argument("--stories", type=_positive_int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frames", type=_frames_range, default=(8, 14), help="frames per story, MIN-MAX")
     synth.set_defaults(handler=cmd_synth)
@@ -154,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="prepared dataset URI")
     train.add_argument("--run", required=True, help="run URI (checkpoints, metrics)")
     train.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
-    train.add_argument("--workers", type=int, default=1, help="data-parallel workers (ray)")
+    train.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (ray)")
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
     train.add_argument("--init-from", nargs="*", default=[], metavar="RUN_URI",
                        help="visual_ae / text_ae runs whose weights the sequence stage starts from")
@@ -166,14 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="prepared dataset URI")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", help="report folder or URI (report.json, report.html, plots)")
-    evaluate.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
-    evaluate.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    evaluate.add_argument("--temperature", type=_temperature, help="sampling temperature (default: greedy)")
+    evaluate.add_argument("--top-p", type=_top_p, help="nucleus sampling mass, in (0, 1]")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")
     pipeline.add_argument("--work", default=DEFAULT_WORK, help=f"work folder or URI (default {DEFAULT_WORK})")
     pipeline.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
-    pipeline.add_argument("--workers", type=int, default=1)
+    pipeline.add_argument("--workers", type=_positive_int, default=1)
     _add_config_args(pipeline)
     pipeline.set_defaults(handler=cmd_pipeline)
 
@@ -187,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override applied to every config (repeatable)")
     experiment.add_argument("--split", default="test", choices=["train", "val", "test"])
     experiment.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
-    experiment.add_argument("--workers", type=int, default=1)
+    experiment.add_argument("--workers", type=_positive_int, default=1)
     experiment.set_defaults(handler=cmd_experiment)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep: each trial a short training run, ASHA early stopping")
@@ -198,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                       help="config key and values to sweep (repeatable; all combinations); "
                            "default model.visual_latent=16,32,64,128")
-    tune.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
-    tune.add_argument("--grace-steps", type=int, help="ASHA grace period in steps (default steps/4)")
+    tune.add_argument("--max-concurrent", type=_positive_int, default=2, help="trials running at once")
+    tune.add_argument("--grace-steps", type=_positive_int, help="ASHA grace period in steps (default steps/4)")
     _add_config_args(tune)
     tune.set_defaults(handler=cmd_tune)
     nightly = commands.add_parser(
@@ -227,27 +284,40 @@ def build_parser() -> argparse.ArgumentParser:
     report_commands = report.add_subparsers(dest="report_command", required=True)
     url = report_commands.add_parser("url", help="print a link to a report page (presigned for s3://)")
     url.add_argument("uri", metavar="REPORT_URI", help="report folder, nightly folder or .html page")
-    url.add_argument("--expires", type=int, default=3600, help="seconds the presigned link is valid (default 3600)")
+    url.add_argument("--expires", type=_expires, default=3600, help="seconds the presigned link is valid (default 3600)")
     url.set_defaults(handler=cmd_report_url)
     return parser
 
 
+def _close_progress_bars() -> None:
+    """A bar interrupted by the error would leave the cursor mid-line: end it first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A :class:`~storymm.errors.StorymmError` (bad input or environment) or a
+    missing file is printed as one line, ``storymm: error: ...``, exit 2 (``-v``: with traceback);
+    anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from storymm.config import ConfigError
-    from storymm.data.loader import DatasetError
-    from storymm.data.tokenizer import TokenizerError
-    from storymm.training.checkpoint import CheckpointError
-    from storymm.training.loop import TrainingError
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):  # their DEBUG logs signed requests (key id)
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger(name).level))
+    from storymm.errors import StorymmError
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, TokenizerError, CheckpointError, TrainingError, FileNotFoundError, ValueError) as err:
-        print(f"storymm {args.command}: error: {err}", file=sys.stderr)
+    except (StorymmError, FileNotFoundError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        _close_progress_bars()
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"storymm: error: {message or type(err).__name__}", file=sys.stderr)
         return 2
 
 

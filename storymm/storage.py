@@ -6,14 +6,17 @@ and on object storage, and so that Ray Train can be handed the very same pyarrow
 Rules this module keeps:
 - Writes are atomic per file: a reader sees the old object or the whole new one, never a prefix
   (local: write a temp file then ``os.replace``; S3: one PUT or a completed multipart upload).
-- Transient errors (connection refused/reset, throttling, 5xx) are retried with backoff (tenacity);
-  missing files and permission errors are not.
+- Transient errors (connection refused/reset, throttling, 5xx) are retried with backoff (tenacity,
+  logged at DEBUG: visible with ``-v``); missing files and permission errors are not. Whatever
+  still fails is a :class:`StorageError` whose one-line message names the URI and what to check
+  (endpoint, credentials, bucket), or a ``FileNotFoundError`` naming what is missing.
 - Credentials never leave the process: they come from the usual AWS variables, are never put into
   URIs, and :func:`redact` strips anything secret-looking from a URI before it is logged.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -29,12 +32,19 @@ from tenacity import (
     retry,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential,
 )
+
+from storymm.errors import StorymmError, UsageError
 
 log = logging.getLogger(__name__)
 
 RETRY_ATTEMPTS = int(os.environ.get("STORYMM_STORAGE_RETRIES", "6"))
+# Retrying stops after this many seconds too: each attempt is itself up to 3 tries by the AWS SDK
+# (~1 s against a closed port), so an endpoint that is down is reported within a few seconds, while
+# a server restart or a burst of 5xx/throttling of a few seconds is ridden out.
+RETRY_SECONDS = float(os.environ.get("STORYMM_STORAGE_RETRY_SECONDS", "5"))
 
 # Matched against the lower-cased message with "_" turned into " ": pyarrow reports AWS errors as
 # e.g. "AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Could not connect",
@@ -75,6 +85,10 @@ _PERMANENT_MARKERS = (
 _TRANSIENT_STATUS = re.compile(r"(?:status|code)\W{0,3}(?:429|500|502|503|504)\b")
 
 
+class StorageError(StorymmError, OSError):
+    """Storage failed for good (after retries where it may pass): unreachable, refused, no bucket."""
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
@@ -89,14 +103,59 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _retrying(fn):
-    """Retry ``fn`` on transient storage errors with exponential backoff."""
-    return retry(
+    """Retry ``fn(uri, ...)`` on transient storage errors with exponential backoff; a failure that
+    remains becomes a :class:`StorageError` naming ``uri`` (``FileNotFoundError`` stays as it is)."""
+    retried = retry(
         retry=retry_if_exception(_is_transient),
-        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(RETRY_SECONDS),
         wait=wait_exponential(multiplier=0.2, max=5.0),
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        before_sleep=before_sleep_log(log, logging.DEBUG),
         reraise=True,
     )(fn)
+
+    @functools.wraps(fn)
+    def call(uri, *args, **kwargs):
+        try:
+            return retried(uri, *args, **kwargs)
+        except (StorymmError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as err:
+            attempts = retried.retry.statistics.get("attempt_number", 1)
+            raise _storage_error(err, str(uri), attempts) from err
+
+    call.retry = retried.retry  # tests tune the stop condition
+    return call
+
+
+def _masked(text: str) -> str:
+    text = redact(text)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "REDACTED")
+    return text
+
+
+def _storage_error(err: OSError, uri: str, attempts: int) -> StorageError:
+    """One line: what failed, where, and what to check."""
+    cause = _masked(" ".join(str(err).split()))[:200]
+    text = cause.lower().replace("_", " ")
+    where = redact(uri)
+    if "no such bucket" in text or "nosuchbucket" in text:
+        bucket = urlparse(uri).netloc if is_remote(uri) else "?"
+        return StorageError(f"bucket {bucket!r} does not exist ({where}): create it or fix the URI")
+    if any(marker in text for marker in _PERMANENT_MARKERS) or "access denied" in text:
+        return StorageError(
+            f"S3 refused access to {where} ({cause}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            "(or the node's role) and the bucket's permissions"
+        )
+    if is_remote(uri) and _is_transient(err):
+        endpoint = _s3_settings()[0] or "the default AWS endpoint"
+        return StorageError(
+            f"cannot reach S3 at {redact(endpoint)} for {where} after {attempts} attempt(s) ({cause}): "
+            "check AWS_ENDPOINT_URL and that the server is up"
+        )
+    return StorageError(f"storage error on {where} after {attempts} attempt(s): {cause}")
 
 
 # --------------------------------------------------------------------------------------- URIs
@@ -152,8 +211,11 @@ def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment variables.
 
     ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects any S3-compatible server; its scheme
-    decides http vs https. Credentials are left to the AWS SDK's default chain, so they never pass
-    through our code, except when given in the environment, which we forward as is.
+    decides http vs https. Credentials are never handed to the filesystem: the AWS SDK's default
+    chain resolves them at use (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
+    ``~/.aws``, instance or pod roles). So the object carries only endpoint, scheme and region, and
+    pickling it (Ray Train and Tune store it in ``trainer.pkl``/``tuner.pkl`` under the run) stores
+    no secret; an unpickled copy on a Ray worker resolves the worker's own credentials.
     """
     return _s3_filesystem_cached(*_s3_settings())
 
@@ -161,17 +223,14 @@ def s3_filesystem() -> pafs.S3FileSystem:
 def _s3_settings() -> tuple:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return (
-        endpoint,
-        region,
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        os.environ.get("AWS_SESSION_TOKEN"),
-    )
+    # The credentials are only part of the cache key (new variables, new filesystem), never passed on.
+    credentials = tuple(os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                           "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    return endpoint, region, hash(credentials)
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_token):
+def _s3_filesystem_cached(endpoint: str, region: str, credentials_key: int) -> pafs.S3FileSystem:
     kwargs = dict(
         region=region,
         allow_bucket_creation=True,  # ensure_bucket(); buckets are never deleted through here
@@ -183,11 +242,6 @@ def _s3_filesystem_cached(endpoint, region, access_key, secret_key, session_toke
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
         kwargs["scheme"] = parsed.scheme or "https"
-    if access_key and secret_key:
-        kwargs["access_key"] = access_key
-        kwargs["secret_key"] = secret_key
-        if session_token:
-            kwargs["session_token"] = session_token
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -197,18 +251,18 @@ def locate(uri: str) -> Location:
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         if "@" in parsed.netloc or _USERINFO.search(uri):
-            raise ValueError(
+            raise UsageError(
                 f"credentials in a URI are not accepted ({redact(uri)}); "
                 "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
             )
         if not parsed.netloc:
-            raise ValueError(f"an s3 URI needs a bucket: {redact(uri)!r}")
+            raise UsageError(f"an s3 URI needs a bucket: {redact(uri)!r}")
         path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
         return Location(s3_filesystem(), path, uri)
     if uri.startswith("file://"):
         path = urlparse(uri).path
     elif "://" in uri:
-        raise ValueError(f"unsupported storage scheme in {redact(uri)!r}: use a path, file:// or s3://")
+        raise UsageError(f"unsupported storage scheme in {redact(uri)!r}: use a path, file:// or s3://")
     else:
         path = uri
     return Location(pafs.LocalFileSystem(), os.path.abspath(path), uri)
@@ -234,9 +288,18 @@ def read_bytes(uri: str) -> bytes:
     loc = locate(uri)
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"not found: {redact(uri)}")
+        raise FileNotFoundError(_not_found(loc, uri))
     with loc.fs.open_input_stream(loc.path) as stream:
         return stream.read()
+
+
+def _not_found(loc: Location, uri: str) -> str:
+    """'not found: URI', or that the whole bucket is missing (a typo there is the usual cause)."""
+    if not isinstance(loc.fs, pafs.LocalFileSystem):
+        bucket = loc.path.split("/", 1)[0]
+        if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"bucket {bucket!r} does not exist ({redact(uri)}): create it or fix the URI"
+    return f"not found: {redact(uri)}"
 
 
 def read_text(uri: str) -> str:

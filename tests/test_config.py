@@ -63,7 +63,7 @@ def test_shipped_seed_configs_state_only_differences_from_gate():
         ({"a.yaml": "base: missing.yaml\n"}, r"base 'missing.yaml' not found"),
         ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, r"base chain loops"),
         ({"a.yaml": "base: [x]\n"}, r"base must name another config file"),
-        ({"a.yaml": "data:\n  batch_size: [1\n"}, r"a\.yaml: not valid YAML at line \d+, column \d+"),
+        ({"a.yaml": "data:\n  batch_size: [1\n"}, r"a\.yaml: not valid YAML \(.* at line \d+, column \d+\): fix the file"),
         ({"a.yaml": "base: b\n", "b.yaml": "data: {batch_size: 3\n"}, r"b\.yaml: not valid YAML"),
     ],
 )

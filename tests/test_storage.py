@@ -348,7 +348,7 @@ def test_write_survives_server_restart(tmp_path, monkeypatch, caplog, capfd):
         assert storage.read_text(storage.join(bucket, "during.txt")) == "written through an outage"
         assert storage.read_text(storage.join(bucket, "before.txt")) == "before"  # data kept
         retries = _retry_records(caplog)
-        assert retries and all(r.levelno == logging.WARNING for r in retries)
+        assert retries and all(r.levelno == logging.DEBUG for r in retries)  # -v shows them
         assert "write_text" in retries[0].getMessage() or "write_bytes" in retries[0].getMessage()
 
         out, err = capfd.readouterr()
@@ -371,7 +371,7 @@ def test_permanent_errors_fail_fast(s3_env, monkeypatch, caplog):
 
     # a missing bucket (NO_SUCH_BUCKET) is permanent too
     start = time.monotonic()
-    with pytest.raises(OSError, match="(?i)no.?such.?bucket"):
+    with pytest.raises(OSError, match="(?i)bucket .* does not exist"):
         storage.write_text(f"s3://missing-{os.urandom(4).hex()}/x.txt", "x")
     assert time.monotonic() - start < 1.5
     assert _retry_records(caplog) == []

@@ -33,6 +33,7 @@ Design, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -48,31 +50,40 @@ from storymm import storage
 from storymm.data.prefetch import PrefetchStats, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(StorymmError, RuntimeError):
     pass
 
 
 class PreparedDataset:
-    """A prepared dataset: its manifest, tokenizer and shard locations."""
+    """A prepared dataset: its manifest, tokenizer and shard locations.
+
+    The manifest is checked for every key readers use, so a partial or foreign ``manifest.json``
+    fails here, naming the key. Each shard's bytes are checked against the manifest's sha256 when
+    they are read (one hash per shard read, no extra request), so a damaged, replaced or truncated
+    shard is named instead of training on it or failing deep inside pyarrow."""
 
     def __init__(self, data_uri: str):
         self.uri = data_uri
         manifest_uri = storage.join(data_uri, MANIFEST_FILE)
         try:
-            self.manifest = json.loads(storage.read_text(manifest_uri))
-        except FileNotFoundError:
+            text = storage.read_text(manifest_uri)
+        except FileNotFoundError as err:
+            if "bucket" in str(err):  # the whole bucket is missing: that is the news
+                raise DatasetError(f"dataset {storage.redact(data_uri)}: {err}") from None
             raise DatasetError(
-                f"no {MANIFEST_FILE} under {storage.redact(data_uri)}: not a prepared dataset, or prepare "
-                "did not finish (run `storymm prepare`)"
+                f"no {MANIFEST_FILE} under {storage.redact(data_uri)}: not a prepared dataset, or prepare did "
+                "not finish: run `storymm prepare`"
             ) from None
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise DatasetError(
-                f"dataset schema version {self.manifest.get('schema_version')} is not {SCHEMA_VERSION}: re-run prepare"
-            )
+        try:
+            self.manifest = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{storage.redact(manifest_uri)} is not valid JSON ({err}): re-run prepare") from None
+        _check_manifest(self.manifest, manifest_uri)
         self.height, self.width = self.manifest["image_size"]
         self._tokenizer: SentenceTokenizer | None = None
 
@@ -88,8 +99,56 @@ class PreparedDataset:
         return self.manifest["shards"][split]
 
     def read_shard(self, shard: dict, columns=("frames", "token_ids", "sentences")):
+        """The shard's ``columns`` as a table, after checking its bytes against the manifest."""
         uri = storage.join(self.uri, shard["path"])
-        return pq.read_table(storage.open_input_file(uri), columns=list(columns))
+        try:
+            data = storage.read_bytes(uri)  # retried as a whole: opening and reading every byte
+        except FileNotFoundError:
+            raise DatasetError(f"shard {storage.redact(uri)} is missing: re-run prepare") from None
+        except storage.StorageError as err:
+            raise DatasetError(f"reading shard {shard['path']} failed: {err}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            raise DatasetError(
+                f"shard {storage.redact(uri)} does not match the manifest (sha256 {digest[:12]}..., expected "
+                f"{shard['sha256'][:12]}..., {len(data)} bytes): it was changed or damaged; re-run prepare"
+            )
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=list(columns))
+        except pa.ArrowInvalid as err:
+            raise DatasetError(
+                f"shard {storage.redact(uri)} is not a readable parquet file of this dataset ({err}): re-run prepare"
+            ) from None
+
+
+_MANIFEST_KEYS = {"schema_version": int, "image_size": list, "tokenizer": dict, "shards": dict}
+_TOKENIZER_KEYS = ("vocab_size", "pad_id", "bos_id", "eos_id")
+_SHARD_KEYS = ("path", "sha256", "frame_counts")
+
+
+def _check_manifest(manifest, uri: str) -> None:
+    where = storage.redact(uri)
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{where} is not a manifest (a JSON object): re-run prepare")
+    if manifest.get("schema_version") != SCHEMA_VERSION and "schema_version" in manifest:
+        raise DatasetError(
+            f"dataset schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}: re-run prepare"
+        )
+    missing = [key for key, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    missing += [f"tokenizer.{key}" for key in _TOKENIZER_KEYS
+                if isinstance(manifest.get("tokenizer"), dict) and not isinstance(manifest["tokenizer"].get(key), int)]
+    for split, shards in (manifest.get("shards") or {}).items() if isinstance(manifest.get("shards"), dict) else ():
+        if not isinstance(shards, list):
+            missing.append(f"shards.{split}")
+            continue
+        for index, shard in enumerate(shards):
+            absent = [k for k in _SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
+            missing += [f"shards.{split}[{index}].{key}" for key in absent]
+    if not missing and len(manifest["image_size"]) != 2:
+        missing.append("image_size ([height, width])")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DatasetError(f"{where} is incomplete: missing or malformed {shown}; re-run prepare")
 
 
 TAG_COLUMNS = ("objects", "actions", "locations")

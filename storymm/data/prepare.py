@@ -212,12 +212,12 @@ def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = Tr
     height, width = cfg.image_height, cfg.image_width
     min_frames = cfg.context_frames + 1
     source = open_source(source_spec)
-    storage.ensure_bucket(data_uri)
-    _clear_previous(data_uri)
-
+    # the tokenizer first: a bad tokenizer setting must fail before an existing dataset is cleared
     tokenizer = SentenceTokenizer(
         build_tokenizer(cfg.tokenizer, _training_sentences(source, 256), cfg.tokenizer_vocab_size)
     )
+    storage.ensure_bucket(data_uri)
+    _clear_previous(data_uri)
     storage.write_text(storage.join(data_uri, TOKENIZER_FILE), tokenizer.to_json())
 
     schema = shard_schema(height, width)

@@ -17,12 +17,13 @@ from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
 from storymm import storage
+from storymm.errors import StorymmError
 
 TOKENIZER_FILE = "tokenizer.json"
 BERT_VOCAB_SIZE = 30522
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(StorymmError, RuntimeError):
     pass
 
 
@@ -148,4 +149,14 @@ class SentenceTokenizer:
 
     @classmethod
     def load(cls, data_uri: str) -> "SentenceTokenizer":
-        return cls(Tokenizer.from_str(storage.read_text(storage.join(data_uri, TOKENIZER_FILE))))
+        uri = storage.join(data_uri, TOKENIZER_FILE)
+        try:
+            return cls(Tokenizer.from_str(storage.read_text(uri)))
+        except FileNotFoundError:
+            raise TokenizerError(
+                f"the dataset's tokenizer file {storage.redact(uri)} is missing: re-run prepare"
+            ) from None
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            if isinstance(err, (StorymmError, OSError)):
+                raise
+            raise TokenizerError(f"{storage.redact(uri)} is not a tokenizer file ({err}): re-run prepare") from None

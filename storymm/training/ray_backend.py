@@ -73,10 +73,32 @@ def ensure_ray(ray) -> None:
     ray.init(address="auto" if address else None, log_to_driver=True)
 
 
-def ray_storage(run_uri: str) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for Ray's own files under ``<run>/ray``: the same
-    filesystem storymm uses (S3 with ``AWS_ENDPOINT_URL`` and credentials from the environment)."""
-    location = storage.locate(storage.join(run_uri, RAY_DIR))
+# Ray Tune (and Ray Train v1, which runs on Tune) copies these from the driver's environment into
+# every trial actor's runtime_env; Ray logs runtime envs in each node's runtime_env_agent.log and
+# keeps them in the GCS actor table (dashboard). Workers need no copy: they inherit the node's own
+# environment (or role), which is where credentials belong on a cluster (README, "Storage and S3").
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+
+
+def _keep_credentials_out_of_runtime_envs() -> None:
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # a Ray without Tune's trial-actor cache has nothing to copy them
+        return
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if propagated is not None and CREDENTIAL_VARS & set(propagated):
+        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - CREDENTIAL_VARS
+
+
+def ray_storage(run_uri: str, folder: str = RAY_DIR) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's own files under ``<run>/<folder>``.
+
+    Ray Train and Tune pickle the filesystem into ``trainer.pkl``/``tuner.pkl`` and experiment
+    state there, so it is storymm's S3 filesystem, which carries endpoint, scheme and region but no
+    credentials (``storage.s3_filesystem``): the driver and every worker resolve their own from the
+    environment at use. Tune is also stopped from copying the driver's AWS keys into runtime envs."""
+    _keep_credentials_out_of_runtime_envs()
+    location = storage.locate(storage.join(run_uri, folder))
     if storage.is_remote(run_uri):
         return location.path, location.fs
     os.makedirs(location.path, exist_ok=True)

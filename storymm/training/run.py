@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from storymm import storage
+from storymm.errors import StorymmError
 from storymm.training import checkpoint
 
 RUN_FILE = "run.json"
@@ -21,7 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 WINDOWS_FILE = "windows.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StorymmError, RuntimeError):
     """A run that cannot be trained or read as asked; the message says what to do."""
 
 

@@ -23,6 +23,7 @@ import time
 
 from storymm import storage
 from storymm.config import Config, ConfigError, config_from_dict, parse_value, set_key
+from storymm.errors import UsageError
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES
 
@@ -136,11 +137,11 @@ def run_tune(
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
     except ImportError as err:
-        raise RuntimeError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
-    from storymm.training.ray_backend import ensure_ray
+        raise UsageError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
+    from storymm.training.ray_backend import ensure_ray, ray_storage
 
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+        raise UsageError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
     grid = dict(grid or DEFAULT_GRID)
     base = config.to_dict()
     for params in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values())):
@@ -150,12 +151,7 @@ def run_tune(
     grace = grace_steps or max(stage_cfg.log_every, steps // 4)
 
     ensure_ray(ray)
-    location = storage.locate(storage.join(runs_uri, "tune"))
-    if storage.is_remote(runs_uri):
-        storage_path, filesystem = location.path, location.fs
-    else:
-        os.makedirs(location.path, exist_ok=True)
-        storage_path, filesystem = location.path, None
+    storage_path, filesystem = ray_storage(runs_uri, "tune")
     scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
                               grace_period=grace, reduction_factor=reduction_factor)
     trainable = tune.with_resources(
