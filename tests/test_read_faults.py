@@ -29,7 +29,7 @@ SHARD = "train/part-00000.parquet"
 
 class CuttingProxy:
     """127.0.0.1:<port> -> the S3 server; ``faults`` GETs whose request line names ``needle`` get
-    ``keep`` bytes of their response, then a TCP reset."""
+    ``keep`` bytes of their response, then the connection is cut."""
 
     def __init__(self, target: tuple[str, int], needle: bytes, faults: int, keep: int = 1500):
         self.target, self.needle, self.faults, self.keep = target, needle, faults, keep
@@ -85,8 +85,12 @@ class CuttingProxy:
         except OSError:
             pass
         finally:
-            client.close()
-            upstream.close()
+            for sock in (client, upstream):  # shutdown, not only close: it wakes the blocked recv above
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
 
 
 @pytest.fixture
