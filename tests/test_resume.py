@@ -112,3 +112,23 @@ def test_sequence_stage_with_dropout_stopped_twice_gives_the_uninterrupted_curve
     expected = _curve(reference)
     assert [m["step"] for m in expected] == list(range(1, 15)) and expected[-1]["epoch"] >= 1
     assert _curve(interrupted) == expected
+
+
+def test_checkpoint_from_before_the_global_order_resumes_at_the_next_epoch(data_uri, tmp_path):
+    """Its position ({epoch, batch, world_size}) was in an order that depended on the world size, so
+    it cannot be carried over: the run goes on at the start of the next epoch, as it did before."""
+    import torch
+
+    from storymm.training import checkpoint
+
+    run = str(tmp_path / "run")
+    sets = ["train.record_windows=true", "train.text_ae.log_every=1"]
+    train(small_config(*sets, "train.text_ae.steps=2"), "text_ae", data_uri, run, progress=False)
+    uri = checkpoint.latest_uri(run)
+    state = checkpoint.load(uri)
+    state["data_position"] = {"epoch": 0, "batch": 2, "world_size": 1}
+    torch.save(state, uri)
+    train(small_config(*sets, "train.text_ae.steps=3"), "text_ae", data_uri, run, progress=False)
+    assert [(w["step"], w["epoch"]) for w in read_windows(run)] == [(1, 0), (2, 0), (3, 1)]
+    assert checkpoint.load(checkpoint.latest_uri(run))["data_position"] == {
+        "epoch": 1, "windows": 8, "global_batch": 8, "world_size": 1}
