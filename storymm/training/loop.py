@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 
 import torch
@@ -136,6 +137,9 @@ def train(
     else:
         torch.manual_seed(config.seed + runtime.rank)
 
+    hosts = runtime.all_gather_object(socket.gethostname())  # one per rank: where the run really ran
+    if runtime.is_main:
+        log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
     if runtime.is_main and resumed is None:
         record = {
             "stage": stage,
@@ -144,6 +148,7 @@ def train(
             "init_from": [storage.redact(u) for u in init_from],
             "backend": runtime.name,
             "world_size": runtime.world_size,
+            "hosts": hosts,
         }
         storage.write_text(storage.join(run_uri, RUN_FILE), json.dumps(record, indent=2))
     history = [m for m in read_metrics(run_uri) if m["step"] <= step] if runtime.is_main else []
