@@ -74,7 +74,8 @@ class SimNodes:
         for name, value in re.findall(r"^export (\w+)=(\S+)$", out.stdout, re.M):
             self.env[name] = value
         assert self.env.get("SLURM_CONF") and self.env.get("AWS_ENDPOINT_URL"), out.stdout
-        print(f"{self.nodes} simulated nodes up in {time.monotonic() - started:.1f}s ({self.prefix}, {self.subnet}.0/24)")
+        print(f"{self.nodes} simulated nodes up in {time.monotonic() - started:.1f}s "
+              f"({self.prefix}, {self.subnet}.0/24)")
         return self
 
     def down(self) -> None:

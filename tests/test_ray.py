@@ -358,3 +358,14 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
         assert trial["stopped_early"] == (trial["step"] < 20)
     table = (Path(out) / "tune.md").read_text()
     assert "| model.visual_latent | loss | step | stopped early | run |" in table
+
+
+def test_workers_argument_fixed_or_elastic_range():
+    from storymm.training.ray_backend import parse_workers
+
+    assert parse_workers("2") == 2 and parse_workers(3) == 3
+    assert parse_workers("1-2") == (1, 2) and parse_workers((1, 2)) == (1, 2)
+    assert parse_workers("2-2") == 2  # a range of one size is a fixed group
+    for bad in ("0", "2-1", "0-2", "x", "1-"):
+        with pytest.raises(ValueError):
+            parse_workers(bad)

@@ -78,6 +78,11 @@ def _job_status(cluster: SimNodes, job: str) -> str:
             print(json.dumps(json.loads(r.read())["status"]))""")
 
 
+def _job_logs(cluster: SimNodes, job: str) -> str:
+    return cluster.on("node1", RAY, "job", "logs", "--address", cluster.env["RAY_DASHBOARD"], job, check=False,
+                      env={"RAY_AUTH_MODE": "disabled"}).stdout
+
+
 def _attempts(cluster: SimNodes, run: str) -> list[dict]:
     text = cluster.s3_text(f"{run}/ray_attempts.jsonl") or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -108,7 +113,8 @@ def test_elastic_run_survives_losing_node2_and_grows_back(cluster, s3_data):
                           STORYMM_RAY_RESIZE_INTERVAL_S="5"))
 
     def past_a_checkpoint():
-        assert _job_status(cluster, job) in ("PENDING", "RUNNING")
+        status = _job_status(cluster, job)
+        assert status in ("PENDING", "RUNNING"), f"{status}:\n{_job_logs(cluster, job)[-6000:]}"
         metrics = cluster.s3_text(f"{run}/metrics.jsonl") or ""
         return cluster.s3_text(f"{run}/checkpoints/latest") and len(metrics.splitlines()) >= 3
 
@@ -132,7 +138,8 @@ def test_elastic_run_survives_losing_node2_and_grows_back(cluster, s3_data):
     grown = wait_for(lambda: (lambda a: a if len(a) >= 3 or _job_status(cluster, job) != "RUNNING" else None)(
         _attempts(cluster, run)), 240, "the group to grow back or the job to end")
     wait_for(lambda: _job_status(cluster, job) not in ("PENDING", "RUNNING"), 300, "the job to finish")
-    assert _job_status(cluster, job) == "SUCCEEDED"
+    status = _job_status(cluster, job)
+    assert status == "SUCCEEDED", f"{status}:\n{_job_logs(cluster, job)[-6000:]}"
     print(f"elastic run: {time.monotonic() - started:.1f}s; attempts (world size, start step): "
           f"{[(a['world_size'], a['start_step']) for a in grown]}")
     assert len(grown) >= 3, "node2 returned but the group did not grow back before the run ended"

@@ -78,10 +78,10 @@ def train_v2() -> bool:
     return os.environ.get(TRAIN_V2_ENV, "1") != "0"
 
 
-def parse_workers(text: str | int) -> int | tuple[int, int]:
+def parse_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int]:
     """``--workers N`` (fixed) or ``MIN-MAX`` (elastic, Ray Train v2): 1 <= MIN <= MAX."""
-    if isinstance(text, int):
-        workers: int | tuple[int, int] = text
+    if isinstance(text, (int, tuple)):
+        workers: int | tuple[int, int] = text if isinstance(text, int) else (int(text[0]), int(text[1]))
     else:
         low, sep, high = str(text).partition("-")
         try:
