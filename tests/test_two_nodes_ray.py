@@ -109,8 +109,11 @@ def test_elastic_run_survives_losing_node2_and_grows_back(cluster, s3_data):
     run = f"s3://{cluster.bucket}/runs/ray-elastic"
     steps = 300
     started = time.monotonic()
+    # The controller notices the lost worker (0.25 s poll) before the GCS declares node2 dead (~5 s),
+    # so its first restart still plans 2 workers and waits for the worker group start timeout (60 s
+    # by default) before retrying with 1: 20 s here.
     job = _job_id(_submit(cluster, run, s3_data, "1-2", steps=steps, wait=False,
-                          STORYMM_RAY_RESIZE_INTERVAL_S="5"))
+                          STORYMM_RAY_RESIZE_INTERVAL_S="5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20"))
 
     def past_a_checkpoint():
         status = _job_status(cluster, job)
