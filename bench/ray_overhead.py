@@ -124,14 +124,20 @@ def main() -> int:
     # of each backend is the least disturbed estimate on a shared machine
     best = (max(r["steps_per_s"] for r in results.values() if r["backend"] == "ray")
             / max(r["steps_per_s"] for r in results.values() if r["backend"] == "local"))
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    # what the Ray runs used: storymm's defaults unless the environment overrides them
+    trainer = (f"Ray Train {'v2' if is_v2_enabled() else 'v1'}, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
+               f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', 'unset (2)')}")
     summary = {
         "stage": args.stage, "steps": args.steps, "batch_size": args.batch_size, "torch_threads": 1,
         "results": results, "local_mean_steps_per_s": local, "ray_mean_steps_per_s": ray_rate,
         "round_ratios": ratios, "ray_over_local": ratio, "best_ray_over_best_local": best,
         "overhead": 1 - ratio, "cpus": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "ray": ray.__version__,
+        "torch": torch.__version__, "ray": ray.__version__, "trainer": trainer,
     }
-    print(f"\nmeans: in-process {local:.2f} steps/s, ray {ray_rate:.2f} steps/s; per-round ray/in-process "
+    print(f"\ntrainer: {trainer}")
+    print(f"means: in-process {local:.2f} steps/s, ray {ray_rate:.2f} steps/s; per-round ray/in-process "
           f"{', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"ray / in-process (median of rounds) = {ratio:.3f}  ->  overhead {100 * (1 - ratio):.1f}% "
           f"(target < 15%: {'met' if 1 - ratio < 0.15 else 'NOT met'})")

@@ -69,6 +69,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"storymm: error: {command + ': ' if command else ''}{message} (see `{self.prog} --help`)\n")
 
 
+def _workers(text: str) -> int | tuple[int, int]:
+    from storymm.training.ray_backend import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     parser.add_argument(
@@ -211,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="prepared dataset URI")
     train.add_argument("--run", required=True, help="run URI (checkpoints, metrics)")
     train.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
-    train.add_argument("--workers", type=_positive_int, default=1, help="data-parallel workers (ray)")
+    train.add_argument("--workers", type=_workers, default=1,
+                       help="data-parallel workers (ray): N, or MIN-MAX for elastic training (Ray Train v2)")
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
     train.add_argument("--init-from", nargs="*", default=[], metavar="RUN_URI",
                        help="visual_ae / text_ae runs whose weights the sequence stage starts from")

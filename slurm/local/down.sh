@@ -4,6 +4,11 @@
 #   STORYMM_SLURM_DIR=DIR slurm/local/down.sh --purge   # also delete DIR (state, logs)
 set -uo pipefail
 
+# Simulated nodes (up.sh --nodes N): their state dir has nodes.env, or a prefix was given.
+NODES_DIR=${STORYMM_SLURM_DIR:-/tmp/storymm-nodes}
+if [[ -f $NODES_DIR/nodes.env || -n ${STORYMM_NODES_PREFIX:-} ]]; then
+    exec "$(dirname "${BASH_SOURCE[0]}")/down-nodes.sh" "$@"
+fi
 DIR=${STORYMM_SLURM_DIR:-/tmp/storymm-slurm}
 export SLURM_CONF=$DIR/slurm.conf
 

@@ -7,10 +7,25 @@
 #   sbatch slurm/train_gate.sh …; squeue; scontrol show job N
 #   slurm/local/down.sh
 #
+#   slurm/local/up.sh --nodes 2      # N simulated nodes (namespaces) + S3: see up-nodes.sh
+#
 # Needs Debian's slurm-wlm (`apt-get install -y --no-install-recommends slurm-wlm`) and root (the
 # daemons run as SlurmUser=root). The node gets all CPUs of this machine (nproc). Only stdout
 # carries the `export` line; progress goes to stderr.
 set -euo pipefail
+
+NODES=1
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --nodes) NODES=$2; shift 2 ;;
+        --nodes=*) NODES=${1#--nodes=}; shift ;;
+        *) echo "usage: up.sh [--nodes N]" >&2; exit 2 ;;
+    esac
+done
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || { echo "up.sh: --nodes takes a positive number" >&2; exit 2; }
+if (( NODES > 1 )); then
+    NODES=$NODES exec "$(dirname "${BASH_SOURCE[0]}")/up-nodes.sh"
+fi
 
 DIR=${STORYMM_SLURM_DIR:-/tmp/storymm-slurm}
 # nproc alone honours OMP_NUM_THREADS (a shell with OMP_NUM_THREADS=1 would get a 1-CPU node)

@@ -20,12 +20,14 @@ def run_training(
     run_uri: str,
     *,
     backend: str = "local",
-    workers: int = 1,
+    workers: int | tuple[int, int] = 1,
     gpus_per_worker: float = 0.0,
     init_from: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict:
     """Train one stage with the chosen backend; returns the loop's summary (from rank 0)."""
+    if isinstance(workers, tuple) and backend != "ray":
+        raise ValueError(f"--workers MIN-MAX (elastic) is a Ray backend option, not {backend!r}")
     if backend == "local":
         runtime = Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
         return train(config, stage, data_uri, run_uri, runtime, init_from, progress)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
 
@@ -356,6 +357,9 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     scheduler = _scheduler(optimizer, stage_cfg)
     position = _restore(resumed, optimizer, scheduler, runtime, config)
+    hosts = runtime.all_gather_object(socket.gethostname())  # one per rank: where the run really ran
+    if runtime.is_main:
+        log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
     if runtime.is_main and resumed is None:
         run.write_record({
             "stage": stage,
@@ -365,6 +369,7 @@ def train(
             "backend": runtime.name,
             "world_size": runtime.world_size,
             "global_batch": position.global_batch,
+            "hosts": hosts,
         })
 
     unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []

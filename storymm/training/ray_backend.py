@@ -7,9 +7,13 @@ restarts the worker group, ``train()`` runs again from the top and resumes from 
 as a rerun of the command would. What Ray keeps under ``<run>/ray/`` (its run state and tiny
 checkpoint folders that name the storymm checkpoint) is bookkeeping only.
 
+Ray Train v2 is the default (``RAY_TRAIN_V2_ENABLED=0`` selects v1): only v2 trains elastically,
+``--workers MIN-MAX``: after a lost node the group restarts from the latest checkpoint with the
+workers that still fit, and grows again when nodes join.
+
 Every start of the worker group (the first and each restart) appends a line to
-``<run>/ray_attempts.jsonl`` (attempt number, the step it resumed from, world size), so a restart
-after a failure can be seen and checked.
+``<run>/ray_attempts.jsonl`` (attempt number, the step it resumed from, world size, each rank's
+hostname and Ray node id), so a restart after a failure, and where workers ran, can be checked.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 
@@ -33,9 +38,6 @@ RAY_DIR = "ray"
 ATTEMPTS_FILE = "ray_attempts.jsonl"
 RAY_RUN_NAME = "train"
 POINTER_FILE = "storymm_checkpoint.json"
-# Set in a worker's environment (e.g. via the job's runtime env), each training worker writes its
-# pid to <dir>/rank-<r>.pid at start: tests use it to kill one worker mid-run.
-PIDFILE_DIR_ENV = "STORYMM_TEST_PIDFILE_DIR"
 MAX_FAILURES_ENV = "STORYMM_RAY_MAX_FAILURES"
 DEFAULT_MAX_FAILURES = 3
 
@@ -45,14 +47,22 @@ class RayBackendError(TrainingError):
 
 
 TRAIN_V2_ENV = "RAY_TRAIN_V2_ENABLED"
+RESIZE_INTERVAL_ENV = "STORYMM_RAY_RESIZE_INTERVAL_S"
+# Ray Train v2 (the default) hands each ray.train.report to its controller through a queue of size
+# one that the controller drains when it polls the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# (Ray's default 2 s): a worker reporting more often than that blocks until the next poll. With a
+# report every 10 steps of a fast model that held training to one report per 2 s (-45% steps/s,
+# bench/ray_overhead.py). Polling every 0.25 s costs little and also notices failures sooner.
+# Overridable from the environment; Ray propagates RAY_TRAIN_* from the driver to the controller.
+V2_DEFAULTS = {
+    TRAIN_V2_ENV: "1",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
 
 
 def _import_ray():
-    # Ray 2.60's Train v2 runs a controller and four helper actors that poll continuously; on a
-    # 2-core machine they took 37% of the steps/s of a 1-worker run (bench/ray_overhead.py, sequence
-    # stage: 5.24 vs 8.38 steps/s in-process), while the v1 trainer ran at in-process speed. Every
-    # API used here exists in both; set RAY_TRAIN_V2_ENABLED=1 to choose v2.
-    os.environ.setdefault(TRAIN_V2_ENV, "0")
+    for name, value in V2_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     try:
         import ray
         import ray.train  # noqa: F401
@@ -62,6 +72,28 @@ def _import_ray():
             f"--backend ray needs Ray Train: pip install 'ray[default,train,tune]' ({err})"
         ) from None
     return ray
+
+
+def train_v2() -> bool:
+    return os.environ.get(TRAIN_V2_ENV, "1") != "0"
+
+
+def parse_workers(text: str | int | tuple[int, int]) -> int | tuple[int, int]:
+    """``--workers N`` (fixed) or ``MIN-MAX`` (elastic, Ray Train v2): 1 <= MIN <= MAX."""
+    if isinstance(text, (int, tuple)):
+        workers: int | tuple[int, int] = text if isinstance(text, int) else (int(text[0]), int(text[1]))
+    else:
+        low, sep, high = str(text).partition("-")
+        try:
+            workers = (int(low), int(high)) if sep else int(low)
+        except ValueError:
+            raise ValueError(f"--workers takes N or MIN-MAX, got {text!r}") from None
+    lowest = workers[0] if isinstance(workers, tuple) else workers
+    if lowest < 1 or (isinstance(workers, tuple) and workers[1] < workers[0]):
+        raise ValueError(f"--workers takes N >= 1 or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    if isinstance(workers, tuple) and workers[0] == workers[1]:
+        return workers[0]
+    return workers
 
 
 def ensure_ray(ray) -> None:
@@ -150,7 +182,7 @@ class RayRuntime(Runtime):
             )
 
 
-def _record_attempt(run_uri: str, runtime: RayRuntime) -> None:
+def _record_attempt(run_uri: str, runtime: RayRuntime, hosts: list) -> None:
     from storymm.training import checkpoint
 
     latest = checkpoint.latest_uri(run_uri)
@@ -163,6 +195,7 @@ def _record_attempt(run_uri: str, runtime: RayRuntime) -> None:
         "attempt": len([line for line in previous.splitlines() if line.strip()]) + 1,
         "start_step": start_step,
         "world_size": runtime.world_size,
+        "hosts": hosts,  # per rank: (hostname, Ray node id), so placement can be checked
         "time": time.time(),
     }
     storage.write_text(uri, previous + json.dumps(entry) + "\n")
@@ -175,13 +208,11 @@ def _train_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"])
     runtime = RayRuntime.from_ray_context(config.train.mixed_precision, config.train.autocast_on_cpu)
-    pid_dir = os.environ.get(PIDFILE_DIR_ENV)
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        with open(os.path.join(pid_dir, f"rank-{runtime.rank}.pid"), "w") as handle:
-            handle.write(str(os.getpid()))
+    import ray
+
+    hosts = runtime.all_gather_object([socket.gethostname(), ray.get_runtime_context().get_node_id()])
     if runtime.is_main:
-        _record_attempt(loop_config["run_uri"], runtime)
+        _record_attempt(loop_config["run_uri"], runtime, hosts)
     runtime.barrier()
     summary = train(
         config, loop_config["stage"], loop_config["data_uri"], loop_config["run_uri"], runtime,
@@ -197,14 +228,16 @@ def run_ray(
     data_uri: str,
     run_uri: str,
     *,
-    workers: int = 1,
+    workers: int | tuple[int, int] | str = 1,
     gpus_per_worker: float = 0.0,
     init_from: list[str] | tuple[str, ...] = (),
     progress: bool = True,
     max_failures: int | None = None,
 ) -> dict:
-    """Train ``stage`` on ``workers`` Ray Train workers; returns the loop's summary (rank 0's view,
-    read back from the run's checkpoint and metrics)."""
+    """Train ``stage`` on ``workers`` Ray Train workers, or on MIN..MAX workers (a ``(min, max)``
+    tuple or ``"MIN-MAX"``: elastic, as many as the cluster has room for, resized after a lost node
+    and when nodes join); returns the loop's summary (rank 0's view, read back from the run's
+    checkpoint and metrics)."""
     ray = _import_ray()
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -212,8 +245,10 @@ def run_ray(
     from storymm.training import checkpoint
     from storymm.training.loop import read_metrics
 
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    workers = parse_workers(workers)
+    v2 = train_v2()
+    if isinstance(workers, tuple) and not v2:
+        raise RayBackendError(f"--workers {workers[0]}-{workers[1]} (elastic) needs Ray Train v2: unset {TRAIN_V2_ENV}")
     if max_failures is None:
         max_failures = int(os.environ.get(MAX_FAILURES_ENV, str(DEFAULT_MAX_FAILURES)))
     ensure_ray(ray)
@@ -235,9 +270,12 @@ def run_ray(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+            # v2: how often a healthy elastic group checks whether more workers would fit now
+            **({"elastic_resize_monitor_interval_s": float(os.environ.get(RESIZE_INTERVAL_ENV, "60"))}
+               if isinstance(workers, tuple) else {}),
             # v1's trainer actor only coordinates; without this it holds a CPU of its own and
             # 2 workers never start on a 2-CPU machine
-            **({"trainer_resources": {"CPU": 0}} if os.environ.get(TRAIN_V2_ENV) == "0" else {}),
+            **({} if v2 else {"trainer_resources": {"CPU": 0}}),
         ),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
@@ -246,10 +284,11 @@ def run_ray(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # v1 prints a metrics table per report; storymm's own progress bar and log say it all
-            **({"verbose": 0} if os.environ.get(TRAIN_V2_ENV) == "0" else {}),
+            **({} if v2 else {"verbose": 0}),
         ),
     )
-    log.info("Ray Train: %s on %d worker(s)%s, run %s", stage, workers,
+    log.info("Ray Train %s: %s on %s worker(s)%s, run %s", "v2" if v2 else "v1", stage,
+             "-".join(map(str, workers)) if isinstance(workers, tuple) else workers,
              f", {gpus_per_worker} GPU each" if use_gpu else " (CPU, gloo)", storage.redact(run_uri))
     try:
         trainer.fit()
