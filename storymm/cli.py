@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from storymm.evaluation import evaluate, format_summary
 
-    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p)
+    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p,
+                      checkpoint_name=args.checkpoint)
     if report:
         print(format_summary(report))
         if args.out:
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="report folder or URI (report.json, report.html, plots)")
     evaluate.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
     evaluate.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    evaluate.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
+                          help="the latest checkpoint, or the best by validation loss (train.sequence.eval_every)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")

@@ -48,6 +48,7 @@ NON_LOSS_KEYS = frozenset(
         "rank",
         "world_size",
         "batch_size",
+        "val_windows",
     }
 )
 

@@ -22,6 +22,7 @@ from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES, TokenizerInfo, batch_loss_fn, build_model, loader_options, windows_per_step
+from storymm.training.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ def train(
             f"({runtime.world_size} workers): use more data or a smaller data.batch_size"
         )
     loss_fn = batch_loss_fn(stage, config, tokens)
+    validator = Validator(config, stage, dataset, runtime, run_uri, loss_fn)
     per_step = windows_per_step(stage, config.data.batch_size, config.data.context_frames) * runtime.world_size
 
     def save(status: str) -> str:
@@ -231,10 +233,20 @@ def train(
 
             finished = step >= stage_cfg.steps
             stopping = not finished and runtime.should_stop()
-            if step % stage_cfg.checkpoint_every == 0 or finished or stopping:
+            improved = False
+            if validator.due(step, finished):
+                record, improved = validator.run(runtime.unwrap(model), step)
+                if runtime.is_main:  # into the step's training record when there is one
+                    history[-1].update(record) if history and history[-1]["step"] == step else history.append(record)
+                    storage.write_text(
+                        storage.join(run_uri, METRICS_FILE), "".join(json.dumps(m) + "\n" for m in history)
+                    )
+            if step % stage_cfg.checkpoint_every == 0 or finished or stopping or improved:
                 state = "completed" if finished else "stopped" if stopping else "running"
                 runtime.report(last_terms, save(state))
                 saved_at = step
+            if improved and runtime.is_main:
+                checkpoint.mark_best(run_uri, step, validator.key, validator.best)
             if finished:
                 break
             if stopping:
