@@ -100,6 +100,12 @@ def cmd_tune(args) -> int:
     )
     print(results_markdown(summary))
     print(f"results: {args.out}")
+    if args.evaluate:
+        from storymm.tune import compare_trials
+
+        result = compare_trials(summary, args.runs, args.data, args.out, split=args.split)
+        print(result["markdown"])
+        print(f"comparison: {result['files']['md']}")
     return 0 if summary["best"] is not None else 1
 
 
@@ -200,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "default model.visual_latent=16,32,64,128")
     tune.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     tune.add_argument("--grace-steps", type=int, help="ASHA grace period in steps (default steps/4)")
+    tune.add_argument("--evaluate", action="store_true",
+                      help="sequence sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
+                           "(all metrics and floors side by side)")
+    tune.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for --evaluate")
     _add_config_args(tune)
     tune.set_defaults(handler=cmd_tune)
     nightly = commands.add_parser(

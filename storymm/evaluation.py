@@ -228,7 +228,8 @@ def format_summary(report: dict) -> str:
             f"{report['split']}: {report['windows']} windows, step {report['step']}",
             f"  image L1 {num(m['image_l1'])} (median floor {num(f['median_image_l1'])}, "
             f"copy-last {num(f['copy_last_l1'])}, copy-two-back {num(f.get('copy_two_back_l1'))}, "
-            f"mean-of-inputs {num(f.get('mean_of_inputs_l1'))}, best-input oracle {num(f.get('best_input_oracle_l1'))}), "
+            f"mean-of-inputs {num(f.get('mean_of_inputs_l1'))}, "
+            f"best-input oracle {num(f.get('best_input_oracle_l1'))}), "
             f"MSE {num(m['image_mse'])}, SSIM {num(m['ssim'])}, PSNR {num(m['psnr'])}, "
             f"spread {num(m['prediction_spread'])}",
             f"  text CE {num(m['text_ce_true'])} (shuffled {num(m['text_ce_shuffled'])}, "

@@ -7,6 +7,9 @@ step; an ASHA scheduler stops the trials that fall behind at each rung. The resu
 swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
 as ``tune.md`` and ``tune.json``.
 
+With ``--evaluate`` (sequence sweeps) every trial is then scored on the test split and the trials
+are compared side by side with all metrics and floors (:func:`compare_trials`, ``OUT/compare.md``).
+
 The grid defaults to the visual latent sizes the second seed compared (16/32/64/128); any config
 key can be swept with ``--grid KEY=V1,V2,...`` (e.g. loss weights: ``--grid loss.gradient=0,0.1``).
 """
@@ -220,3 +223,26 @@ def run_tune(
     if errors:
         log.warning("%d of %d trials failed: %s", len(errors), len(trials), errors[0]["error"])
     return summary
+
+
+def compare_trials(summary: dict, runs_uri: str, data_uri: str, out_uri: str, *, split: str = "test",
+                   evaluate_fn=None) -> dict:
+    """Evaluate every trial run that has a checkpoint (sequence sweeps) and write one comparison
+    (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric and floor."""
+    from storymm.compare import compare
+    from storymm.training import checkpoint
+
+    if summary["stage"] != "sequence":
+        raise ValueError(f"--evaluate scores sequence models; this sweep trained {summary['stage']}")
+    names, sources = [], []
+    for trial in summary["trials"]:
+        name = trial_name(trial["params"])
+        run = storage.join(runs_uri, name)
+        if checkpoint.latest_uri(run) is None:
+            log.warning("trial %s has no checkpoint: left out of the comparison", name)
+            continue
+        names.append(name)
+        sources.append(run)
+    if not sources:
+        raise ValueError("no trial has a checkpoint to evaluate")
+    return compare(sources, out_uri, names=names, data_uri=data_uri, split=split, evaluate_fn=evaluate_fn)

@@ -7,13 +7,12 @@ import json
 import logging
 
 import pytest
+from small import small_config, small_dataset
 
 from storymm import storage
 from storymm.evaluation import evaluate
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, train
-
-from small import small_config, small_dataset
 
 EVAL = ["eval.median_windows=50", "eval.samples=2", "eval.batch_size=32"]
 
@@ -108,3 +107,26 @@ def test_unequal_latent_sizes_train_and_evaluate(data_uri, tmp_path, fusion, spa
     saved = json.loads(storage.read_text(storage.join(out, "report.json")))
     assert saved["notes"] == report["notes"]
     assert note.split(":")[0] in storage.read_text(storage.join(out, "report.html"))
+
+
+def test_latent_sweep_trials_are_evaluated_into_one_table_with_floors(data_uri, tmp_path):
+    """What `storymm tune --stage sequence --evaluate` does after the sweep (the Ray part is tested in
+    test_ray.py): each trial run scored, one comparison with every floor; unequal sizes included."""
+    from storymm.tune import compare_trials, trial_name
+
+    runs, trials = str(tmp_path / "runs"), []
+    for latent in (8, 32):
+        params = {"model.visual_latent": latent}
+        config = small_config(f"model.visual_latent={latent}", "train.sequence.steps=2", *EVAL)
+        train(config, "sequence", data_uri, storage.join(runs, trial_name(params)), progress=False)
+        trials.append({"params": params})
+    trials.append({"params": {"model.visual_latent": 64}})  # stopped before its first checkpoint
+    summary = {"stage": "sequence", "trials": trials}
+    out = str(tmp_path / "sweep")
+    result = compare_trials(summary, runs, data_uri, out)
+    assert result["names"] == ["visual_latent=8", "visual_latent=32"]
+    md = (tmp_path / "sweep/compare.md").read_text()
+    for floor in ("copy_two_back_l1", "mean_of_inputs_l1", "best_input_oracle_l1", "retrieval_r1_chance"):
+        assert f"| floor: {floor} |" in md, floor
+    rows = {r["label"]: r["values"] for r in result["rows"]}
+    assert rows["model.visual_latent"] == [8, 32] and all(v > 0 for v in rows["image_l1"])

@@ -91,7 +91,8 @@ def load_best(run_uri: str, map_location="cpu", purpose: str = "loading") -> dic
     uri = storage.join(checkpoint_dir(run_uri), best["checkpoint"])
     if not storage.exists(uri):
         raise CheckpointError(f"'best' names {best['checkpoint']}, which is missing under {storage.redact(run_uri)}")
-    log.info("%s %s (best %s %.6g at step %d)", purpose, storage.redact(uri), best["metric"], best["value"], best["step"])
+    log.info("%s %s (best %s %.6g at step %d)", purpose, storage.redact(uri), best["metric"], best["value"],
+             best["step"])
     return load(uri, map_location)
 
 
