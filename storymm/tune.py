@@ -173,7 +173,9 @@ def run_tune(
     else:
         os.makedirs(location.path, exist_ok=True)
         storage_path, filesystem = location.path, None
-    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
+    # max_t one past the last step: at max_t ASHA stops the trial, which would then lose the final
+    # checkpoint the loop writes after reporting that step (and --evaluate would score an older one)
+    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps + 1,
                               grace_period=grace, reduction_factor=reduction_factor)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri),
