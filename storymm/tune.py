@@ -79,15 +79,19 @@ def trial_name(params: dict) -> str:
 class TuneRuntime(Runtime):
     """One process per trial; the loss of each logged step goes to Ray Tune (and ASHA)."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, checkpoint_every: int = 0, final_step: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self._last_step = -1
+        self.checkpoint_every, self.final_step = checkpoint_every, final_step
 
     def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
         from ray import tune
 
         step = int(metrics.get("step", -1)) if metrics else -1
         if step <= self._last_step:  # the loop reports again at a checkpoint of the same step
+            return
+        saving = step == self.final_step or (self.checkpoint_every and step % self.checkpoint_every == 0)
+        if saving and checkpoint_uri is None:  # wait for the checkpoint: ASHA may stop the trial at this report
             return
         self._last_step = step
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -104,7 +108,9 @@ def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str
     torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
     config = trial_config(base, params)
     run_uri = storage.join(runs_uri, trial_name(params))
-    train(config, stage, data_uri, run_uri, TuneRuntime(name="tune"), progress=False)
+    stage_cfg = getattr(config.train, stage)
+    runtime = TuneRuntime(name="tune", checkpoint_every=stage_cfg.checkpoint_every, final_step=stage_cfg.steps)
+    train(config, stage, data_uri, run_uri, runtime, progress=False)
 
 
 def _format_value(value) -> str:
@@ -173,9 +179,7 @@ def run_tune(
     else:
         os.makedirs(location.path, exist_ok=True)
         storage_path, filesystem = location.path, None
-    # max_t one past the last step: at max_t ASHA stops the trial, which would then lose the final
-    # checkpoint the loop writes after reporting that step (and --evaluate would score an older one)
-    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps + 1,
+    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
                               grace_period=grace, reduction_factor=reduction_factor)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri),

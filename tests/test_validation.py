@@ -130,3 +130,21 @@ def test_latent_sweep_trials_are_evaluated_into_one_table_with_floors(data_uri, 
         assert f"| floor: {floor} |" in md, floor
     rows = {r["label"]: r["values"] for r in result["rows"]}
     assert rows["model.visual_latent"] == [8, 32] and all(v > 0 for v in rows["image_l1"])
+
+
+def test_tune_reports_checkpoint_steps_only_once_saved(monkeypatch):
+    """ASHA may stop a trial at any report: at a step the loop checkpoints, Tune hears of it only after the
+    checkpoint is written, so a trial stopped there (or finishing) keeps that checkpoint for --evaluate."""
+    from ray import tune
+
+    from storymm.tune import TuneRuntime
+
+    heard = []
+    monkeypatch.setattr(tune, "report", lambda metrics: heard.append(metrics["step"]))
+    runtime = TuneRuntime(name="tune", checkpoint_every=4, final_step=6)
+    for step in range(1, 7):  # log_every 2, checkpoint_every 4, 6 steps: the loop's calls
+        if step % 2 == 0:
+            runtime.report({"step": step, "total": 1.0})
+        if step % 4 == 0 or step == 6:
+            runtime.report({"step": step, "total": 1.0}, f"step-{step}.pt")
+    assert heard == [2, 4, 6]
