@@ -120,7 +120,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from storymm.evaluation.evaluate import evaluate, format_summary
 
-    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p)
+    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p,
+                      checkpoint_name=args.checkpoint)
     if report:
         print(format_summary(report))
         if args.out:
@@ -157,6 +158,12 @@ def cmd_tune(args) -> int:
     )
     print(results_markdown(summary))
     print(f"results: {args.out}")
+    if args.evaluate:
+        from storymm.training.tune import compare_trials
+
+        result = compare_trials(summary, args.runs, args.data, args.out, split=args.split)
+        print(result["markdown"])
+        print(f"comparison: {result['files']['md']}")
     return 0 if summary["best"] is not None else 1
 
 
@@ -235,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="report folder or URI (report.json, report.html, plots)")
     evaluate.add_argument("--temperature", type=_temperature, help="sampling temperature (default: greedy)")
     evaluate.add_argument("--top-p", type=_top_p, help="nucleus sampling mass, in (0, 1]")
+    evaluate.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
+                          help="the latest checkpoint, or the best by validation loss (train.sequence.eval_every)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")
@@ -267,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "default model.visual_latent=16,32,64,128")
     tune.add_argument("--max-concurrent", type=_positive_int, default=2, help="trials running at once")
     tune.add_argument("--grace-steps", type=_positive_int, help="ASHA grace period in steps (default steps/4)")
+    tune.add_argument("--evaluate", action="store_true",
+                      help="sequence sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
+                           "(all metrics and floors side by side)")
+    tune.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for --evaluate")
     _add_config_args(tune)
     tune.set_defaults(handler=cmd_tune)
     nightly = commands.add_parser(

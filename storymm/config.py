@@ -98,6 +98,11 @@ class StageConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(
+        None, ge=0, description="score the val split every N steps and keep the best checkpoint (0 = never; "
+                                "null = checkpoint_every for the sequence stage, never for the autoencoders)")
+    val_batches: int = Field(50, ge=0, description="validation batches per evaluation (0 = the whole split)")
+    best_metric: str = Field("total", description="validation loss term that picks the 'best' checkpoint")
     freeze_autoencoders: bool = False
 
 

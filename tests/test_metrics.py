@@ -14,11 +14,12 @@ from storymm.evaluation.metrics import EvalAccumulator, median_image, retrieval_
 H, W = 8, 10
 
 
-def _batch(b=4, seed=0, *, pred=None, target=None, last=None, latents=True, dim=16, sentences=None):
+def _batch(b=4, seed=0, *, pred=None, target=None, last=None, latents=True, dim=16, sentences=None, k=3):
     g = torch.Generator().manual_seed(seed)
     target = torch.rand(b, 3, H, W, generator=g) if target is None else target
     pred = torch.rand(b, 3, H, W, generator=g) if pred is None else pred
     last = torch.rand(b, 3, H, W, generator=g) if last is None else last
+    inputs = torch.cat([torch.rand(b, k - 1, 3, H, W, generator=g), last.unsqueeze(1)], dim=1)
     vis = torch.randn(b, dim, generator=g) if latents else None
     txt = torch.randn(b, dim, generator=g) if latents else None
     hyps, refs = sentences if sentences is not None else ([], [])
@@ -26,13 +27,18 @@ def _batch(b=4, seed=0, *, pred=None, target=None, last=None, latents=True, dim=
         pred_image=pred,
         target_image=target,
         last_input=last,
+        inputs=inputs,
         text_ce_sum_true=float(torch.rand(1, generator=g)) * 30,
         text_ce_sum_shuffled=float(torch.rand(1, generator=g)) * 40,
+        text_ce_sum_copy_last=float(torch.rand(1, generator=g)) * 40,
+        text_ce_sum_copy_two_back=float(torch.rand(1, generator=g)) * 40,
         text_tokens=int(torch.randint(5, 20, (1,), generator=g)),
         visual_latent=vis,
         text_latent=txt,
         hypotheses=hyps,
         references=refs,
+        copy_last_sentences=list(reversed(refs)),
+        copy_two_back_sentences=list(refs[1:] + refs[:1]),
     )
 
 
@@ -271,3 +277,95 @@ def test_median_image():
     assert torch.equal(a, b)
     with pytest.raises(ValueError):
         median_image([])
+
+
+def _const(*values) -> torch.Tensor:
+    """``[len(values),3,H,W]`` images, each one constant value."""
+    return torch.stack([torch.full((3, H, W), float(v), dtype=torch.float64) for v in values])
+
+
+def test_input_floors_exact():
+    # inputs (oldest..last) 0.1, 0.5, 0.6 for both windows; targets 0.45 and 0.95
+    inputs = _const(0.1, 0.5, 0.6).unsqueeze(0).repeat(2, 1, 1, 1, 1)
+    target = _const(0.45, 0.95)
+    b = _batch(2, target=target, pred=target.clone(), last=inputs[:, -1])
+    b["inputs"] = inputs
+    acc = EvalAccumulator()
+    acc.update(**b)
+    f = acc.compute()["floors"]
+    # copy last 0.6: errors .15, .35
+    assert f["copy_last_l1"] == pytest.approx(0.25, abs=1e-12)
+    # two back 0.5: errors .05, .45
+    assert f["copy_two_back_l1"] == pytest.approx(0.25, abs=1e-12)
+    assert f["copy_two_back_mse"] == pytest.approx((0.05**2 + 0.45**2) / 2, abs=1e-12)
+    # mean of inputs 0.4: errors .05, .55
+    assert f["mean_of_inputs_l1"] == pytest.approx(0.3, abs=1e-12)
+    assert f["mean_of_inputs_mse"] == pytest.approx((0.05**2 + 0.55**2) / 2, abs=1e-12)
+    # oracle: window 0 picks 0.5 (error .05), window 1 picks 0.6 (error .35)
+    assert f["best_input_oracle_l1"] == pytest.approx(0.2, abs=1e-12)
+    assert f["best_input_oracle_mse"] == pytest.approx((0.05**2 + 0.35**2) / 2, abs=1e-12)
+    from skimage.metrics import structural_similarity
+
+    def ssim(a, t):
+        return structural_similarity(np.full((H, W, 3), a), np.full((H, W, 3), t), data_range=1.0,
+                                     channel_axis=-1, win_size=7)
+
+    assert f["best_input_oracle_ssim"] == pytest.approx((ssim(0.5, 0.45) + ssim(0.6, 0.95)) / 2, rel=1e-9)
+    assert f["copy_two_back_ssim"] == pytest.approx((ssim(0.5, 0.45) + ssim(0.5, 0.95)) / 2, rel=1e-9)
+    # no model that copies an input beats the oracle; the oracle is at most every single input's error
+    assert f["best_input_oracle_l1"] <= min(f["copy_last_l1"], f["copy_two_back_l1"])
+
+
+def test_oracle_ties_pick_the_latest_input_and_one_input_has_no_two_back():
+    target = _const(0.5)
+    uniform = torch.full((1, 3, H, W), 0.6, dtype=torch.float64)  # L1 0.1, MSE 0.01
+    striped = torch.full((1, 3, H, W), 0.5, dtype=torch.float64)
+    striped[..., ::2] = 0.7  # W even: half the values off by 0.2 -> L1 0.1, MSE 0.02
+    for order, mse in (((uniform, striped), 0.02), ((striped, uniform), 0.01)):
+        b = _batch(1, target=target, last=order[1])
+        b["inputs"] = torch.stack(order, dim=1)
+        acc = EvalAccumulator()
+        acc.update(**b)
+        f = acc.compute()["floors"]
+        assert f["best_input_oracle_l1"] == pytest.approx(0.1, abs=1e-12)
+        assert f["best_input_oracle_mse"] == pytest.approx(mse, abs=1e-12)
+    b = _batch(1, target=target, k=1)
+    acc = EvalAccumulator()
+    acc.update(**b)
+    f = acc.compute()["floors"]
+    assert f["copy_two_back_l1"] is None and f["copy_two_back_ssim"] is None
+    assert f["best_input_oracle_l1"] == pytest.approx(f["copy_last_l1"], abs=1e-12)
+    b = _batch(1, target=target)
+    b["inputs"] = None  # callers that give only the last frame keep working; the new floors are None
+    acc = EvalAccumulator()
+    acc.update(**b)
+    f = acc.compute()["floors"]
+    assert f["best_input_oracle_l1"] is None and f["mean_of_inputs_l1"] is None and f["copy_last_l1"] > 0
+
+
+def test_text_floors_and_retrieval_chance():
+    refs = ["the red square moves left", "a blue circle rises slowly", "the green star spins in place",
+            "an orange box falls down"]
+    acc = EvalAccumulator()
+    b = _batch(4, sentences=(list(refs), list(refs)))
+    b.update(text_ce_sum_true=6.0, text_ce_sum_copy_last=12.0, text_ce_sum_copy_two_back=9.0, text_tokens=3,
+             copy_two_back_sentences=list(refs), copy_last_sentences=["stock prices fell on monday"] * 4)
+    acc.update(**b)
+    b = _batch(2, sentences=(refs[:2], refs[:2]))
+    b.update(text_ce_sum_true=4.0, text_ce_sum_copy_last=3.0, text_ce_sum_copy_two_back=1.0, text_tokens=2,
+             copy_two_back_sentences=refs[:2], copy_last_sentences=["stock prices fell on monday"] * 2)
+    acc.update(**b)
+    f = acc.compute()["floors"]
+    assert f["text_ce_copy_last"] == pytest.approx(15.0 / 5)  # pooled over tokens
+    assert f["text_ce_copy_two_back"] == pytest.approx(10.0 / 5)
+    assert f["bleu_copy_two_back"] == pytest.approx(1.0)
+    assert f["bleu_copy_last"] < 0.1
+    assert f["retrieval_r1_chance"] == pytest.approx(1 / 6) and f["retrieval_r10_chance"] == 1.0
+    # a batch without the copy condition makes that CE floor unknown rather than wrong
+    b = _batch(1)
+    b["text_ce_sum_copy_last"] = None
+    acc.update(**b)
+    assert acc.compute()["floors"]["text_ce_copy_last"] is None
+    acc = EvalAccumulator()
+    acc.update(**_batch(3, latents=False))
+    assert acc.compute()["floors"]["retrieval_r1_chance"] is None

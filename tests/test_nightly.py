@@ -132,6 +132,11 @@ def test_first_night_is_ok_and_writes_the_report(world):
     assert entry["status"] == "ok" and entry["step"] == 6 and entry["error"] is None
     assert entry["run"] == world["run"] and entry["metrics"]["image_l1"] > 0
     assert night["exit_code"] == 0 and night["status"] == "ok"
+    # every floor travels with the night, and the report's verdict line with it
+    floors = entry["floors"]
+    assert 0 <= floors["best_input_oracle_l1"] <= min(floors["copy_last_l1"], floors["copy_two_back_l1"])
+    assert floors["retrieval_r1_chance"] == pytest.approx(1 / entry["windows"])
+    assert entry["verdict"].startswith("verdict: image L1 ")
 
 
 @pytest.mark.slow
@@ -163,6 +168,9 @@ def test_index_lists_both_nights_with_trends(world):
     assert storage.exists(storage.join(world["nightly"], "trends", "image_l1.png"))
     md = storage.read_text(storage.join(world["nightly"], "index.md"))
     assert "(trends/image_l1.png)" in md and "## 2026-01-02" in md
+    assert "| floor: best_input_oracle_l1 |" in md and "floor: retrieval_r10_chance" in page
+    assert "verdict: image L1 " in md
+    assert "floor" not in {r["metric"][:5] for n in index["nights"] for e in n["runs"] for r in e["regressions"]}
 
 
 @pytest.mark.slow
@@ -212,6 +220,7 @@ def test_compare_two_reports_and_a_run(world, tmp_path):
         assert f"| {name}" in md and name in page, name
     for name in report["floors"]:
         assert f"| floor: {name} |" in md, name
+    assert "best_input_oracle_l1" in report["floors"] and "| verdict |" in md
     result = read_json(storage.join(out, "compare.json"))
     rows = {r["label"]: r for r in result["rows"]}
     assert rows["image_l1"]["best"] == [0]  # the good checkpoint has the lower error

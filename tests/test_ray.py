@@ -365,6 +365,8 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
         logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert logged[-1] == trial["step"]
         assert trial["stopped_early"] == (trial["step"] < 20)
+        if not trial["stopped_early"]:  # finished trials keep their final checkpoint (what --evaluate scores)
+            assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000020.pt"
     table = (Path(out) / "tune.md").read_text()
     assert "| model.visual_latent | loss | step | stopped early | run |" in table
 

@@ -188,3 +188,53 @@ def test_image_layouts(shape):
     arr = np.random.default_rng(1).random(shape).astype(np.float32)
     out = _to_hwc_uint8(torch.from_numpy(arr) if shape[0] == 3 else arr)
     assert out.shape == (10, 12, 3) and out.dtype == np.uint8
+
+
+def _with_floors(l1: float) -> dict:
+    report = _report()
+    report["metrics"]["image_l1"] = l1
+    report["floors"].update(copy_two_back_l1=0.110, mean_of_inputs_l1=0.160, best_input_oracle_l1=0.012,
+                            copy_two_back_mse=0.03, best_input_oracle_mse=0.002, bleu_copy_two_back=0.2,
+                            retrieval_r1_chance=0.025, retrieval_r10_chance=0.25)
+    return report
+
+
+def test_verdict_names_the_strongest_floor_not_beaten():
+    from storymm.evaluation.report import verdict_line
+
+    # floors by strength: oracle .012 < two back .110 < median .153 < mean .160 < copy last .172
+    line = verdict_line(_with_floors(0.155))
+    assert "does not beat best_input_oracle (0.0120), the strongest floor it fails" in line
+    assert "nor copy_two_back (0.1100), median_image (0.1530)" in line
+    assert "beats copy_last, mean_of_inputs" in line
+    # beats all but the oracle: says how far from it
+    line = verdict_line(_with_floors(0.074))
+    assert line == ("verdict: image L1 0.0740 beats every floor but best_input_oracle (0.0120): "
+                    "0.0620 above it (6.17x the oracle's error)")
+    line = verdict_line(_with_floors(0.009))
+    assert "beats every floor, best_input_oracle (0.0120) included, by 25.0%" in line
+    line = verdict_line(_with_floors(0.5))
+    assert line.endswith("beats no floor")
+    # equal to a floor is not beating it; reports without the new floors still get a verdict
+    assert "does not beat copy_two_back" in verdict_line({**_with_floors(0.110), "floors": {"copy_two_back_l1": 0.110}})
+    assert "beats every floor given (copy_last, median_image)" in verdict_line(_report())
+    assert verdict_line({"metrics": {}, "floors": {}}).startswith("verdict: not available")
+
+
+def test_new_floors_in_table_and_page(tmp_path):
+    from storymm.evaluation.report import metrics_rows
+
+    report = _with_floors(0.074)
+    report["verdict"] = "verdict: <b>from the evaluation</b>"
+    marks = {(r["metric"], r.get("floor")): r.get("better than floor") for r in metrics_rows(report)}
+    assert marks[("image_l1", "oracle best input (best_input_oracle_l1)")] == "✗"
+    assert marks[("image_l1", "copy input two back (copy_two_back_l1)")] == "✓"
+    assert marks[("bleu", "repeat sentence two back (bleu_copy_two_back)")] == "✗"  # 0.05 < 0.2: higher is better
+    assert marks[("retrieval_r1", "chance (1/N) (retrieval_r1_chance)")] == "✓"  # 0.1 > 0.025
+    assert marks[("retrieval_r10", "chance (10/N) (retrieval_r10_chance)")] == "✓"
+    # a metric whose floors the report lacks still gets its row
+    assert ("ssim", None) in marks
+    uris = write_report(report, str(tmp_path))
+    for page in (storage.read_text(uris["report.html"]), storage.read_text(uris["report.md"])):
+        assert "verdict: &lt;b&gt;from the evaluation&lt;/b&gt;" in page
+        assert "best_input_oracle_l1" in page and "retrieval_r10_chance" in page

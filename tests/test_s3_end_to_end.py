@@ -64,7 +64,7 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     outputs.append(storymm("train", "--stage", "sequence", "--run", storage.join(runs, "seq"), "--init-from",
                            storage.join(runs, "visual_ae"), storage.join(runs, "text_ae"), *common, env=env))
     checkpoints = [storage.basename(u) for u in storage.list_files(storage.join(runs, "seq", "checkpoints"))]
-    assert checkpoints == ["latest", "step-00000002.pt", "step-00000004.pt"]
+    assert checkpoints == ["best", "latest", "step-00000002.pt", "step-00000004.pt"]  # best: by val loss
     assert storage.exists(storage.join(runs, "seq", "metrics.jsonl"))
 
     report_uri = storage.join(s3_env, "reports", "seq")

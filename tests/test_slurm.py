@@ -160,8 +160,9 @@ def test_sbatch_train_gate_completes_with_two_processes(completed_job):
     state = _latest(run)
     assert state["step"] == 40 and state["status"] == "completed"
     assert state["data_position"]["world_size"] == 2 and len(state["rng"]) == 2
-    assert sorted(p.name for p in (Path(run) / "checkpoints").iterdir()) == [
-        "latest", "step-00000030.pt", "step-00000040.pt"]
+    names = {p.name for p in (Path(run) / "checkpoints").iterdir()}
+    best = json.loads((Path(run) / "checkpoints/best").read_text())["checkpoint"]  # by val loss, never pruned
+    assert {"latest", "step-00000030.pt", "step-00000040.pt", best} == names - {"best"}
 
 
 def test_same_loss_curve_under_plain_accelerate_launch(completed_job, dataset, tmp_path):

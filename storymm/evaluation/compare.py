@@ -22,7 +22,7 @@ from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
 from storymm.evaluation.report import _CSS, _finite, _fmt, _jsonable
 from storymm.evaluation.report import _md_cell as _md
 
-INFO_KEYS = ("run", "step", "split", "windows", "created")
+INFO_KEYS = ("verdict", "run", "step", "checkpoint", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
 
 

@@ -18,7 +18,7 @@ from storymm import storage
 from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.evaluation.metrics import EvalAccumulator, median_image
-from storymm.evaluation.report import write_report
+from storymm.evaluation.report import verdict_line, write_report
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run
 from storymm.training.losses import text_cross_entropy_sum
@@ -28,14 +28,21 @@ from storymm.training.stages import TokenizerInfo, build_model, forward_sequence
 log = logging.getLogger(__name__)
 
 
-def load_sequence_model(run_uri: str, tokens: TokenizerInfo):
-    """The run's record (``run.json``), its config and latest sequence model (eval mode, on CPU),
-    and the checkpoint step."""
+def load_sequence_model(run_uri: str, tokens: TokenizerInfo, which: str = "latest"):
+    """The run's record (``run.json``), its config and sequence model from the ``latest`` (or
+    ``best``, by validation loss) checkpoint (eval mode, on CPU), and the checkpoint step."""
     run = read_run(run_uri)
     if run["stage"] != "sequence":
         raise TrainingError(f"{storage.redact(run_uri)} is a {run['stage']} run; evaluate takes a sequence run")
     config = config_from_dict(run["config"])
-    state = checkpoint.load_latest(run_uri, purpose="evaluating")
+    if which == "best":
+        state = checkpoint.load_best(run_uri, purpose="evaluating")
+        if state is None:
+            raise TrainingError(f"{storage.redact(run_uri)} has no 'best' checkpoint (no validation ran)")
+    elif which == "latest":
+        state = checkpoint.load_latest(run_uri, purpose="evaluating")
+    else:
+        raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
     if state is None:
         raise TrainingError(f"{storage.redact(run_uri)} has no checkpoint to evaluate")
     model = build_model("sequence", config, tokens)
@@ -62,6 +69,50 @@ def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> to
     return median_image(targets(), max_samples=limit, seed=config.seed)
 
 
+def shared_space(model) -> str | None:
+    """Where the predicted visual and text latents can be compared (cross-modal similarity,
+    retrieval): ``"latents"`` when they have one size (as ``loss.cross_modal_infonce`` trains them),
+    ``"fusion"`` when they differ but the fusion projects both into one space (``gate``), else
+    ``None``: the metrics are not applicable and reported as null with a note."""
+    if model.visual.latent_dim == model.text.latent_dim:
+        return "latents"
+    fusion = model.fusion
+    if hasattr(fusion, "proj_v") and hasattr(fusion, "proj_t"):
+        return "fusion"
+    return None
+
+
+def _shared_latents(model, space: str | None, out: dict):
+    if space == "latents":
+        return out["visual_latent"], out["text_latent"]
+    if space == "fusion":
+        return model.fusion.proj_v(out["visual_latent"]), model.fusion.proj_t(out["text_latent"])
+    return None, None
+
+
+_SPACE_NOTES = {
+    "latents": "cosine of the predicted visual and text latents",
+    "fusion": "latent sizes differ: cosine after the fusion's projections of both latents to its shared space",
+    None: "not applicable: the latent sizes differ and the model has no shared space (fusion without projections)",
+}
+
+
+def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dict:
+    """Text floors of one batch: the target cross-entropy with the decoder conditioned on the
+    encoded last / two-back input sentence, and those sentences themselves (for BLEU)."""
+    out = {}
+    k = batch["tokens"].shape[1]
+    for name, back in (("copy_last", 1), ("copy_two_back", 2)):
+        if back > k:
+            continue
+        sentence = batch["tokens"][:, -back]
+        ce, _ = text_cross_entropy_sum(model.text_logits(model.text.encode(sentence), batch["target_tokens"]),
+                                       labels, pad_id)
+        out[f"text_ce_sum_{name}"] = float(ce)
+        out[f"{name}_sentences"] = [tokenizer.decode(row.tolist()) for row in sentence.cpu()]
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     run_uri: str,
@@ -72,12 +123,15 @@ def evaluate(
     progress: bool = True,
     temperature: float | None = None,
     top_p: float | None = None,
+    checkpoint_name: str = "latest",
 ) -> dict:
-    """Score the run's latest checkpoint on ``split``; write the report under ``out_uri`` (rank 0)."""
+    """Score the run's ``latest`` (or ``best``) checkpoint on ``split``; write the report under
+    ``out_uri`` (rank 0)."""
     runtime = runtime or Runtime.from_environment()
     dataset = PreparedDataset(data_uri)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
-    run, config, model, step = load_sequence_model(run_uri, tokens)
+    run, config, model, step = load_sequence_model(run_uri, tokens, checkpoint_name)
+    space = shared_space(model)
     model.to(runtime.device)
     tokenizer = dataset.tokenizer
     temperature = config.eval.temperature if temperature is None else temperature
@@ -107,13 +161,16 @@ def evaluate(
         )
         hypotheses = [tokenizer.decode(row.tolist()) for row in generated.cpu()]
         references = [tokenizer.decode(row.tolist()) for row in batch["target_tokens"].cpu()]
+        copy_floors = _text_copy_floors(model, batch, labels, tokens.pad_id, tokenizer)
         prediction = out["image"].clamp(0, 1)
+        visual_latent, text_latent = _shared_latents(model, space, out)
         accumulator.update(
             pred_image=prediction.cpu(), target_image=batch["target_frame"].cpu(),
-            last_input=batch["frames"][:, -1].cpu(), text_ce_sum_true=float(ce_true),
+            last_input=batch["frames"][:, -1].cpu(), inputs=batch["frames"].cpu(), text_ce_sum_true=float(ce_true),
             text_ce_sum_shuffled=float(ce_shuffled), text_tokens=int(count),
-            visual_latent=out["visual_latent"].cpu(), text_latent=out["text_latent"].cpu(),
-            hypotheses=hypotheses, references=references,
+            visual_latent=None if visual_latent is None else visual_latent.cpu(),
+            text_latent=None if text_latent is None else text_latent.cpu(),
+            hypotheses=hypotheses, references=references, **copy_floors,
         )
         for i in range(min(len(hypotheses), config.eval.samples - len(samples))):
             samples.append(
@@ -143,8 +200,11 @@ def evaluate(
         "model": {"fusion": config.model.fusion, "copy_path": config.model.copy_path,
                   "visual_latent": config.model.visual_latent, "text_latent": config.model.text_latent},
         "generation": {"temperature": temperature, "top_p": top_p},
+        "checkpoint": checkpoint_name,
         **result,
+        "notes": {"cross_modal_similarity": _SPACE_NOTES[space]},
     }
+    report["verdict"] = verdict_line(report)
     if out_uri is not None:
         history = {"sequence": read_metrics(run_uri)}
         for parent in run.get("init_from", []):
@@ -167,11 +227,17 @@ def format_summary(report: dict) -> str:
         [
             f"{report['split']}: {report['windows']} windows, step {report['step']}",
             f"  image L1 {num(m['image_l1'])} (median floor {num(f['median_image_l1'])}, "
-            f"copy-last {num(f['copy_last_l1'])}), MSE {num(m['image_mse'])}, SSIM {num(m['ssim'])}, "
-            f"PSNR {num(m['psnr'])}, spread {num(m['prediction_spread'])}",
-            f"  text CE {num(m['text_ce_true'])} (shuffled {num(m['text_ce_shuffled'])}), "
-            f"perplexity {num(m['perplexity'])}, BLEU {num(m['bleu'])}",
+            f"copy-last {num(f['copy_last_l1'])}, copy-two-back {num(f.get('copy_two_back_l1'))}, "
+            f"mean-of-inputs {num(f.get('mean_of_inputs_l1'))}, "
+            f"best-input oracle {num(f.get('best_input_oracle_l1'))}), "
+            f"MSE {num(m['image_mse'])}, SSIM {num(m['ssim'])}, PSNR {num(m['psnr'])}, "
+            f"spread {num(m['prediction_spread'])}",
+            f"  text CE {num(m['text_ce_true'])} (shuffled {num(m['text_ce_shuffled'])}, "
+            f"copy-two-back {num(f.get('text_ce_copy_two_back'))}), perplexity {num(m['perplexity'])}, "
+            f"BLEU {num(m['bleu'])} (copy-two-back {num(f.get('bleu_copy_two_back'))})",
             f"  cross-modal {num(m['cross_modal_similarity'])}, retrieval R@1 {num(m['retrieval_r1'])} "
-            f"R@10 {num(m['retrieval_r10'])}",
+            f"(chance {num(f.get('retrieval_r1_chance'))}) R@10 {num(m['retrieval_r10'])} "
+            f"(chance {num(f.get('retrieval_r10_chance'))})",
+            *([f"  {report['verdict']}"] if report.get("verdict") else []),
         ]
     )

@@ -32,7 +32,8 @@ Metrics (``compute()["metrics"]``):
   against their one reference each, divided by 100 (so 0..1). Corpus-level: n-gram counts are pooled
   over the split before the geometric mean, it is not a mean of sentence scores.
 - ``cross_modal_similarity`` = (1/N) sum_i cos(v_i, u_i) (cosine of the predicted visual and text
-  latents of the same window; both must have the same dimension).
+  latents of the same window; both must have the same dimension: a model whose latents differ in
+  size gives them projected to a shared space, or no latents at all, and the metric is ``None``).
 - ``retrieval_r1``, ``retrieval_r10``: the N x N cosine-similarity matrix S[i,j] = cos(v_i, u_j)
   over all windows of the split. Image->text: window i is retrieved at rank
   r_i = #{j != i : S[i,j] >= S[i,i]} (ties count AGAINST the model, so a constant latent scores 0,
@@ -53,6 +54,21 @@ Floors (``compute()["floors"]``), the trivial predictors any model must beat:
   per-pixel median of training targets (:func:`median_image`), against every target. ``None`` when
   no median image was given.
 - ``copy_last_l1``, ``copy_last_mse``: L1 / MSE of predicting the last input frame.
+- ``copy_two_back_l1``, ``_mse``, ``_ssim``: predicting the input frame two before the target (the
+  closest one in A-B-A-B edited stories); ``None`` with fewer than 2 input frames.
+- ``mean_of_inputs_l1``, ``_mse``: predicting the per-pixel mean of the K input frames.
+- ``best_input_oracle_l1``, ``_mse``, ``_ssim``: per window, the input frame closest to the target by
+  L1 (ties: the latest); its L1, MSE and SSIM. An oracle (it looks at the target), and the bar no model
+  that only picks and copies an input frame can pass: beating it means the model predicts motion.
+- ``text_ce_copy_last``, ``text_ce_copy_two_back``: the target-sentence cross-entropy (per real token,
+  as ``text_ce_true``) when the text decoder is conditioned on the *encoded* last / two-back input
+  sentence instead of the predicted latent: what repeating that sentence is worth to the decoder.
+- ``bleu_copy_last``, ``bleu_copy_two_back``: corpus BLEU (as ``bleu``) of repeating the last / the
+  two-back input sentence as the prediction.
+- ``retrieval_r1_chance``, ``retrieval_r10_chance``: min(1, k/N) for the N windows that have latents,
+  the expected recall@k of random latents (ties aside).
+The image-input floors need ``inputs`` in :meth:`EvalAccumulator.update`, the text ones the
+``copy_*`` arguments; without them those floors are ``None``.
 
 A metric whose inputs are empty (no text tokens, no sentences, no latents) is ``None``.
 
@@ -72,7 +88,7 @@ from typing import Any
 import numpy as np
 import torch
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 PSNR_CAP_DB = 100.0
 SSIM_MAX_WIN = 7
 SPREAD_SCALE = 2**20  # fixed-point step for the spread sums (exact integer arithmetic)
@@ -108,9 +124,18 @@ _SCALAR_KEYS = (
     "copy_sq",
     "median_abs",
     "median_sq",
+    "two_back_abs",
+    "two_back_sq",
+    "two_back_ssim",
+    "mean_in_abs",
+    "mean_in_sq",
+    "oracle_abs",
+    "oracle_sq",
+    "oracle_ssim",
     "cos",
 )
-_BATCH_KEYS = ("ce_true", "ce_shuffled")
+_BATCH_KEYS = ("ce_true", "ce_shuffled", "ce_copy_last", "ce_copy_two_back")
+_COPY_SENTENCES = ("copy_last", "copy_two_back")
 
 
 def ssim_window(height: int, width: int) -> int:
@@ -167,6 +192,8 @@ class EvalAccumulator:
         self.pixel_sums: dict[str, np.ndarray] | None = None  # pred, pred_sq, target, target_sq
         self.hypotheses: list[str] = []
         self.references: list[str] = []
+        self.copy_sentences: dict[str, list[str]] = {k: [] for k in _COPY_SENTENCES}
+        self.copy_references: dict[str, list[str]] = {k: [] for k in _COPY_SENTENCES}
         self.visual_latents: list[np.ndarray] = []
         self.text_latents: list[np.ndarray] = []
         self.has_median = self.median is not None
@@ -186,10 +213,17 @@ class EvalAccumulator:
         text_latent,
         hypotheses: list[str],
         references: list[str],
+        inputs=None,
+        text_ce_sum_copy_last: float | None = None,
+        text_ce_sum_copy_two_back: float | None = None,
+        copy_last_sentences: list[str] | None = None,
+        copy_two_back_sentences: list[str] | None = None,
     ) -> None:
         """Add one batch. Images ``[B,3,H,W]`` in [0,1]; CE sums in nats over the batch's real
         target tokens; latents ``[B,D]`` (same D) or ``None`` for both; sentence lists of length B
-        (or both empty when text generation is skipped)."""
+        (or both empty when text generation is skipped). Optional floors: ``inputs[B,K,3,H,W]``
+        (all input frames), CE sums of the copy-sentence conditions (over the same tokens), and the
+        copied input sentences (scored against ``references``)."""
         pred = _as_images(pred_image, "pred_image")
         target = _as_images(target_image, "target_image")
         last = _as_images(last_input, "last_input")
@@ -200,6 +234,11 @@ class EvalAccumulator:
             )
         batch = target.shape[0]
         shape = tuple(target.shape[1:])
+        frames = None
+        if inputs is not None:
+            frames = torch.as_tensor(inputs).detach().to("cpu", torch.float64)
+            if frames.ndim != 5 or tuple(frames.shape[:1]) + tuple(frames.shape[2:]) != tuple(target.shape):
+                raise ValueError(f"inputs must be [B,K,3,H,W] matching the targets, got {tuple(frames.shape)}")
         if self.image_shape is None:
             self.image_shape = shape  # type: ignore[assignment]
             ssim_window(shape[1], shape[2])  # fail early on images too small for SSIM
@@ -248,6 +287,8 @@ class EvalAccumulator:
             med = self.median.unsqueeze(0) - target
             self.scalars["median_abs"].extend(med.abs().sum(dims).tolist())
             self.scalars["median_sq"].extend(med.square().sum(dims).tolist())
+        if frames is not None:
+            self._input_floors(frames, target)
 
         qp, qt = _quantise(pred), _quantise(target)
         sums = {
@@ -264,10 +305,19 @@ class EvalAccumulator:
 
         self.batch_sums["ce_true"].append(float(text_ce_sum_true))
         self.batch_sums["ce_shuffled"].append(float(text_ce_sum_shuffled))
+        for key, value in (("ce_copy_last", text_ce_sum_copy_last), ("ce_copy_two_back", text_ce_sum_copy_two_back)):
+            if value is not None:
+                self.batch_sums[key].append(float(value))
         self.text_tokens += int(text_tokens)
 
         self.hypotheses.extend(str(h) for h in hypotheses)
         self.references.extend(str(r) for r in references)
+        for key, copied in (("copy_last", copy_last_sentences), ("copy_two_back", copy_two_back_sentences)):
+            if copied is not None:
+                if len(copied) != len(references):
+                    raise ValueError(f"{len(copied)} {key} sentences for {len(references)} references")
+                self.copy_sentences[key].extend(str(c) for c in copied)
+                self.copy_references[key].extend(str(r) for r in references)
 
         if visual_latent is not None:
             cos = torch.nn.functional.cosine_similarity(v, u, dim=1, eps=1e-12)
@@ -276,6 +326,27 @@ class EvalAccumulator:
             self.text_latents.append(u.to(torch.float32).numpy())
 
         self.n_windows += batch
+
+    def _input_floors(self, frames: torch.Tensor, target: torch.Tensor) -> None:
+        """Per-window errors of the floors built from the input frames ``[B,K,3,H,W]``."""
+        dims = (1, 2, 3)
+        if frames.shape[1] >= 2:
+            two_back = frames[:, -2]
+            diff = two_back - target
+            self.scalars["two_back_abs"].extend(diff.abs().sum(dims).tolist())
+            self.scalars["two_back_sq"].extend(diff.square().sum(dims).tolist())
+            self.scalars["two_back_ssim"].extend(_ssim_batch(two_back, target))
+        diff = frames.mean(1) - target
+        self.scalars["mean_in_abs"].extend(diff.abs().sum(dims).tolist())
+        self.scalars["mean_in_sq"].extend(diff.square().sum(dims).tolist())
+        per_input = (frames - target.unsqueeze(1)).abs().sum((2, 3, 4))  # [B,K]
+        # the latest input among equally close ones: flip, argmin (first), flip back
+        k = frames.shape[1]
+        best = k - 1 - per_input.flip(1).argmin(1)
+        chosen = frames[torch.arange(frames.shape[0]), best]
+        self.scalars["oracle_abs"].extend(per_input.gather(1, best[:, None]).squeeze(1).tolist())
+        self.scalars["oracle_sq"].extend((chosen - target).square().sum(dims).tolist())
+        self.scalars["oracle_ssim"].extend(_ssim_batch(chosen, target))
 
     # ---------------------------------------------------------------------- sums and states
 
@@ -312,6 +383,8 @@ class EvalAccumulator:
             else {k: v.copy() for k, v in self.pixel_sums.items()},
             "hypotheses": list(self.hypotheses),
             "references": list(self.references),
+            "copy_sentences": {k: list(v) for k, v in self.copy_sentences.items()},
+            "copy_references": {k: list(v) for k, v in self.copy_references.items()},
             "visual_latent": np.concatenate(self.visual_latents)
             if self.visual_latents
             else np.zeros((0, dim), np.float32),
@@ -359,6 +432,9 @@ class EvalAccumulator:
                     self.pixel_sums[key] = self.pixel_sums[key] + np.asarray(value, dtype=np.int64)
         self.hypotheses.extend(st["hypotheses"])
         self.references.extend(st["references"])
+        for key in _COPY_SENTENCES:
+            self.copy_sentences[key].extend(st["copy_sentences"][key])
+            self.copy_references[key].extend(st["copy_references"][key])
         if has_latents:
             self.visual_latents.append(np.asarray(st["visual_latent"], dtype=np.float32))
             self.text_latents.append(np.asarray(st["text_latent"], dtype=np.float32))
@@ -386,23 +462,34 @@ class EvalAccumulator:
             count = len(self.scalars[key])
             return s[f"{key}_sum"] / count if count else None
 
+        def pooled_if(key: str) -> float | None:  # a floor some windows may lack (no inputs given)
+            count = len(self.scalars[key])
+            return s[f"{key}_sum"] / (count * s["values_per_image"]) if count else None
+
         tokens = self.text_tokens
         ce_true = s["ce_true_sum"] / tokens if tokens else None
         ce_shuffled = s["ce_shuffled_sum"] / tokens if tokens else None
 
-        bleu = None
-        if self.hypotheses:
+        def ce_floor(key: str) -> float | None:  # only when every batch gave it
+            complete = len(self.batch_sums[key]) == len(self.batch_sums["ce_true"])
+            return s[f"{key}_sum"] / tokens if tokens and complete else None
+
+        def corpus_bleu(hypotheses: list[str], references: list[str]) -> float | None:
+            if not hypotheses:
+                return None
             import sacrebleu
 
-            bleu = sacrebleu.corpus_bleu(
-                self.hypotheses, [self.references], lowercase=self.bleu_lowercase
-            ).score / 100.0
+            return sacrebleu.corpus_bleu(hypotheses, [references], lowercase=self.bleu_lowercase).score / 100.0
 
-        r1 = r10 = None
+        bleu = corpus_bleu(self.hypotheses, self.references)
+
+        r1 = r10 = r1_chance = r10_chance = None
         if self.visual_latents:
             r1, r10 = retrieval_recall(
                 np.concatenate(self.visual_latents), np.concatenate(self.text_latents), ks=(1, 10)
             )
+            latent_windows = int(s["latent_windows"])
+            r1_chance, r10_chance = (min(1.0, k / latent_windows) for k in (1, 10))
 
         pred_spread = target_spread = None
         if self.pixel_sums is not None and n:
@@ -430,6 +517,21 @@ class EvalAccumulator:
             "median_image_mse": pooled("median_sq") if self.has_median else None,
             "copy_last_l1": pooled("copy_abs"),
             "copy_last_mse": pooled("copy_sq"),
+            "copy_two_back_l1": pooled_if("two_back_abs"),
+            "copy_two_back_mse": pooled_if("two_back_sq"),
+            "copy_two_back_ssim": per_window_mean("two_back_ssim"),
+            "mean_of_inputs_l1": pooled_if("mean_in_abs"),
+            "mean_of_inputs_mse": pooled_if("mean_in_sq"),
+            "best_input_oracle_l1": pooled_if("oracle_abs"),
+            "best_input_oracle_mse": pooled_if("oracle_sq"),
+            "best_input_oracle_ssim": per_window_mean("oracle_ssim"),
+            "text_ce_copy_last": ce_floor("ce_copy_last"),
+            "text_ce_copy_two_back": ce_floor("ce_copy_two_back"),
+            "bleu_copy_last": corpus_bleu(self.copy_sentences["copy_last"], self.copy_references["copy_last"]),
+            "bleu_copy_two_back": corpus_bleu(
+                self.copy_sentences["copy_two_back"], self.copy_references["copy_two_back"]),
+            "retrieval_r1_chance": r1_chance,
+            "retrieval_r10_chance": r10_chance,
         }
         return {"windows": n, "metrics": metrics, "floors": floors}
 

@@ -301,7 +301,8 @@ def run_nightly(
         try:
             report = evaluate_fn(run_uri, data_uri, split, storage.join(night_uri, name), progress=False)
             entry.update(step=report.get("step"), windows=report.get("windows"),
-                         metrics=report.get("metrics") or {}, floors=report.get("floors") or {})
+                         metrics=report.get("metrics") or {}, floors=report.get("floors") or {},
+                         verdict=report.get("verdict"))
         except Exception as err:  # recorded, never skipped
             log.error("nightly %s: evaluating %s failed: %s", date, shown, _safe_error(err))
             entry.update(status="failed", error=_safe_error(err), report=None)
@@ -353,6 +354,16 @@ def _metric_order(nights: list[dict]) -> list[str]:
                     seen.append(name)
     known = [m for m in HIGHER_IS_BETTER if m in seen]
     return known + [m for m in seen if m not in known]
+
+
+def _floor_order(nights: list[dict]) -> list[str]:
+    """Every floor any run reported, in first-seen order (shown beside the metrics, never compared:
+    a floor is a property of the data, not of the model)."""
+    seen: list[str] = []
+    for night in nights:
+        for entry in night.get("runs", []):
+            seen += [name for name in (entry.get("floors") or {}) if name not in seen]
+    return seen
 
 
 def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
@@ -446,7 +457,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
                 "exit_code": n.get("exit_code"),
                 "runs": [
                     {k: e.get(k) for k in ("name", "run", "status", "error", "step", "report", "previous",
-                                           "metrics", "regressions")}
+                                           "metrics", "floors", "verdict", "regressions")}
                     for e in n.get("runs", [])
                 ],
             }
@@ -458,7 +469,9 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
 
     # ---- Markdown (images beside the page)
     md = ["# storymm nightly evaluation", "", f"Updated {index['updated']}. {len(nights)} night(s), newest first.", ""]
-    columns = ["run", "status", "step", "report / error", "regressed", *metrics]
+    floors = _floor_order(nights)
+    columns = ["run", "status", "step", "report / error", "regressed", *metrics, *(f"floor: {f}" for f in floors),
+               "verdict"]
     for night in index["nights"]:
         md += [f"## {_md(night['date'])}: {_md(night['status'])}", ""]
         md.append("| " + " | ".join(_md(c) for c in columns) + " |")
@@ -470,6 +483,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             cells.append(_md(", ".join(sorted(bad)) or None))
             cells += [("**" + _md(v) + "**") if m in bad else _md(v)
                       for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)]
+            cells += [_md((e.get("floors") or {}).get(f)) for f in floors] + [_md(e.get("verdict"))]
             md.append("| " + " | ".join(cells) + " |")
         md.append("")
     md += ["## Trends", ""]
@@ -513,6 +527,8 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             for m in metrics:
                 value = (e.get("metrics") or {}).get(m)
                 cells.append(f'<td class="worse">{_esc(value)}</td>' if m in bad else f"<td>{_esc(value)}</td>")
+            cells += [f'<td class="floor">{_esc((e.get("floors") or {}).get(f))}</td>' for f in floors]
+            cells.append(f"<td>{html.escape(str(e.get('verdict') or '—'))}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         rows.append("</tbody>\n</table></div>")
         return rows

@@ -48,17 +48,67 @@ NON_LOSS_KEYS = frozenset(
         "rank",
         "world_size",
         "batch_size",
+        "val_windows",
     }
 )
 
-# (metric, floor key or metric key, floor label): a metric is better than its floor when lower.
+# (metric, floor key or metric key, floor label, higher is better): the metric beats its floor when it
+# is lower (errors, cross-entropy) or higher (SSIM, BLEU, recall).
 _FLOOR_CHECKS = (
-    ("image_l1", "median_image_l1", "median image"),
-    ("image_l1", "copy_last_l1", "copy last input"),
-    ("image_mse", "median_image_mse", "median image"),
-    ("image_mse", "copy_last_mse", "copy last input"),
-    ("text_ce_true", "text_ce_shuffled", "shuffled condition"),
+    ("image_l1", "median_image_l1", "median image", False),
+    ("image_l1", "copy_last_l1", "copy last input", False),
+    ("image_l1", "copy_two_back_l1", "copy input two back", False),
+    ("image_l1", "mean_of_inputs_l1", "mean of the inputs", False),
+    ("image_l1", "best_input_oracle_l1", "oracle best input", False),
+    ("image_mse", "median_image_mse", "median image", False),
+    ("image_mse", "copy_last_mse", "copy last input", False),
+    ("image_mse", "copy_two_back_mse", "copy input two back", False),
+    ("image_mse", "mean_of_inputs_mse", "mean of the inputs", False),
+    ("image_mse", "best_input_oracle_mse", "oracle best input", False),
+    ("ssim", "copy_two_back_ssim", "copy input two back", True),
+    ("ssim", "best_input_oracle_ssim", "oracle best input", True),
+    ("text_ce_true", "text_ce_shuffled", "shuffled condition", False),
+    ("text_ce_true", "text_ce_copy_last", "repeat last sentence", False),
+    ("text_ce_true", "text_ce_copy_two_back", "repeat sentence two back", False),
+    ("bleu", "bleu_copy_last", "repeat last sentence", True),
+    ("bleu", "bleu_copy_two_back", "repeat sentence two back", True),
+    ("retrieval_r1", "retrieval_r1_chance", "chance (1/N)", True),
+    ("retrieval_r10", "retrieval_r10_chance", "chance (10/N)", True),
 )
+
+#: The image floors the verdict weighs (L1 keys), all of which a predicting model should beat.
+IMAGE_FLOORS = ("median_image", "copy_last", "copy_two_back", "mean_of_inputs", "best_input_oracle")
+ORACLE = "best_input_oracle"
+
+
+def verdict_line(report: dict) -> str:
+    """One line on the image L1 against every image floor: the floors the model does not beat,
+    strongest (lowest error) first, or, when it beats all but the oracle, how far it is from it."""
+    value = (report.get("metrics") or {}).get("image_l1")
+    floors = report.get("floors") or {}
+    present = {name: floors.get(f"{name}_l1") for name in IMAGE_FLOORS if _finite(floors.get(f"{name}_l1"))}
+    if not _finite(value) or not present:
+        return "verdict: not available (no image L1 or no floors)"
+    failed = sorted((v, name) for name, v in present.items() if value >= v)
+    head = f"verdict: image L1 {value:.4f}"
+    if not failed:
+        if ORACLE in present:
+            oracle = present[ORACLE]
+            return (f"{head} beats every floor, {ORACLE} ({oracle:.4f}) included, "
+                    f"by {(oracle - value) / oracle:.1%}: it predicts beyond copying an input")
+        return f"{head} beats every floor given ({', '.join(sorted(present))})"
+    if [name for _, name in failed] == [ORACLE]:
+        oracle = present[ORACLE]
+        return (f"{head} beats every floor but {ORACLE} ({oracle:.4f}): {value - oracle:.4f} above it "
+                f"({value / oracle:.2f}x the oracle's error)" if oracle > 0 else
+                f"{head} beats every floor but {ORACLE} (0: some input equals every target)")
+    strongest_value, strongest = failed[0]
+    others = ", ".join(f"{name} ({v:.4f})" for v, name in failed[1:])
+    beaten = sorted(name for name in present if value < present[name])
+    return (f"{head} does not beat {strongest} ({strongest_value:.4f}), the strongest floor it fails"
+            + (f"; nor {others}" if others else "")
+            + (f"; beats {', '.join(beaten)}" if beaten else "; beats no floor"))
+
 
 TABLE_COLUMNS = ["metric", "value", "floor", "floor value", "better than floor"]
 
@@ -119,7 +169,7 @@ def metrics_rows(report: dict) -> list[dict]:
     metrics = dict(report.get("metrics") or {})
     floors = dict(report.get("floors") or {})
     rows: list[dict] = []
-    checked = {m for m, _, _ in _FLOOR_CHECKS}
+    checked = {m for m, _, _, _ in _FLOOR_CHECKS}
     for name, value in metrics.items():
         if name not in checked:
             if name == "prediction_spread":
@@ -136,13 +186,17 @@ def metrics_rows(report: dict) -> list[dict]:
             else:
                 rows.append({"metric": name, "value": value})
             continue
-        for metric, floor_key, label in _FLOOR_CHECKS:
+        before = len(rows)
+        for metric, floor_key, label, higher in _FLOOR_CHECKS:
             if metric != name:
                 continue
+            if floor_key not in floors and floor_key not in metrics:
+                continue  # an older report without this floor
             floor_value = floors.get(floor_key, metrics.get(floor_key))
             mark = None
-            if isinstance(value, (int, float)) and isinstance(floor_value, (int, float)):
-                mark = "✓" if value < floor_value else "✗"
+            if _finite(value) and _finite(floor_value):
+                better = value > floor_value if higher else value < floor_value
+                mark = "✓" if better else "✗"
             rows.append(
                 {
                     "metric": name,
@@ -152,6 +206,8 @@ def metrics_rows(report: dict) -> list[dict]:
                     "better than floor": mark,
                 }
             )
+        if len(rows) == before:  # no floor of this metric in the report
+            rows.append({"metric": name, "value": value})
     return rows
 
 
@@ -370,8 +426,10 @@ def write_report(
     meta_rows = [
         {"field": key, "value": value}
         for key, value in clean.items()
-        if key not in ("metrics", "floors") and not isinstance(value, (dict, list))
+        if key not in ("metrics", "floors", "verdict") and not isinstance(value, (dict, list))
     ]
+    verdict = clean.get("verdict") or (verdict_line(clean) if clean.get("metrics") else None)
+    notes = [f"{name}: {text}" for name, text in (clean.get("notes") or {}).items()]
     meta_md, meta_html = render_table(meta_rows, ["field", "value"])
     table_md, table_html = render_table(metrics_rows(clean), TABLE_COLUMNS)
     sample_md, sample_html = render_table(
@@ -389,11 +447,16 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{safe_title}</h1>",
         f"<p>Generated {html.escape(generated)}. Metric definitions: see the README "
-        "(<code>storymm.evaluation.metrics</code>). ✓ means better than the floor (lower error).</p>",
+        "(<code>storymm.evaluation.metrics</code>). ✓ means better than the floor (lower error; higher for SSIM, BLEU "
+        "and recall).</p>",
     ]
     if meta_rows:
         parts += ["<h2>Run</h2>", meta_html.replace("<table>", '<table class="meta">', 1)]
-    parts += ["<h2>Metrics against the floors</h2>", table_html]
+    parts.append("<h2>Metrics against the floors</h2>")
+    if verdict:
+        parts.append(f'<p class="verdict"><strong>{html.escape(str(verdict))}</strong></p>')
+    parts.append(table_html)
+    parts += [f"<p>{html.escape(note)}</p>" for note in notes]
     parts.append("<h2>Loss curves</h2>")
     if loss_png is not None:
         b64 = base64.b64encode(loss_png).decode("ascii")
@@ -417,7 +480,11 @@ def write_report(
     md = [f"# {html.escape(str(title))}", "", f"Generated {generated}.", ""]
     if meta_rows:
         md += ["## Run", "", meta_md]
-    md += ["## Metrics against the floors", "", "✓ means better than the floor (lower error).", "", table_md]
+    md += ["## Metrics against the floors", ""]
+    if verdict:
+        md += [f"**{html.escape(str(verdict))}**", ""]
+    md += ["✓ means better than the floor (lower error; higher for SSIM, BLEU and recall).", "", table_md]
+    md += [html.escape(note) + "\n" for note in notes]
     md += ["## Loss curves", ""]
     md += ["![loss curves](loss_curves.png)", ""] if loss_png is not None else ["No training history was given.", ""]
     md += ["## Sample predictions", ""]

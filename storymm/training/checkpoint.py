@@ -16,6 +16,7 @@ it is refused, with no fallback, so that someone looks at it.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import re
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # JSON {"checkpoint", "step", "metric", "value"}: the best validation score so far
 KEEP = 2
 
 
@@ -73,10 +75,41 @@ def save(run_uri: str, state: dict, step: int) -> str:
     storage.write_bytes(storage.join(directory, name), buffer.getvalue())
     storage.write_text(storage.join(directory, LATEST), name + "\n")
     existing = [uri for uri in storage.list_files(directory, suffix=".pt")]
+    best = read_best(run_uri)
+    keep = {name, best["checkpoint"] if best else None}
     for uri in existing[:-KEEP]:
-        if storage.basename(uri) != name:
+        if storage.basename(uri) not in keep:
             storage.delete(uri)
     return storage.join(directory, name)
+
+
+def read_best(run_uri: str) -> dict | None:
+    """The ``best`` marker (``{"checkpoint", "step", "metric", "value"}``) or None."""
+    marker = storage.join(checkpoint_dir(run_uri), BEST)
+    if not storage.exists(marker):
+        return None
+    return json.loads(storage.read_text(marker))
+
+
+def mark_best(run_uri: str, step: int, metric: str, value: float) -> None:
+    """Point ``best`` at the (already published) checkpoint of ``step``; it is then never pruned."""
+    name = f"step-{step:08d}.pt"
+    if not storage.exists(storage.join(checkpoint_dir(run_uri), name)):
+        raise CheckpointError(f"cannot mark {name} best: it is not under {storage.redact(run_uri)}")
+    record = {"checkpoint": name, "step": int(step), "metric": metric, "value": float(value)}
+    storage.write_text(storage.join(checkpoint_dir(run_uri), BEST), json.dumps(record) + "\n")
+
+
+def load_best(run_uri: str, map_location="cpu", purpose: str = "loading") -> dict | None:
+    best = read_best(run_uri)
+    if best is None:
+        return None
+    uri = storage.join(checkpoint_dir(run_uri), best["checkpoint"])
+    if not storage.exists(uri):
+        raise CheckpointError(f"'best' names {best['checkpoint']}, which is missing under {storage.redact(run_uri)}")
+    log.info("%s %s (best %s %.6g at step %d)", purpose, storage.redact(uri), best["metric"], best["value"],
+             best["step"])
+    return load(uri, map_location)
 
 
 def latest_uri(run_uri: str) -> str | None:

@@ -32,6 +32,7 @@ from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
+from storymm.training.validation import Validator
 from storymm.training.stages import (
     STAGES,
     TokenizerInfo,
@@ -283,6 +284,16 @@ class MetricsLog:
         self.runtime.report(self.last)
         return True
 
+    def add_validation(self, record: dict, step: int) -> None:
+        """Validation terms (``val_*``) into the step's line, or a line of their own."""
+        if not self.runtime.is_main:
+            return
+        if self.history and self.history[-1]["step"] == step:
+            self.history[-1].update(record)
+        else:
+            self.history.append(record)
+        self.run.write_metrics(self.history)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -294,13 +305,14 @@ class CheckpointPolicy:
     def __init__(self, every: int, total: int, saved_at: int):
         self.every, self.total, self.saved_at = every, total, saved_at
 
-    def status_to_save(self, step: int, stopping: bool) -> str | None:
-        """``completed``/``stopped``/``running`` when this step is saved, else None."""
+    def status_to_save(self, step: int, stopping: bool, improved: bool = False) -> str | None:
+        """``completed``/``stopped``/``running`` when this step is saved, else None. A step that
+        improved the validation loss is saved too: it becomes the ``best`` checkpoint."""
         if step >= self.total:
             return "completed"
         if stopping:
             return "stopped"
-        return "running" if step % self.every == 0 else None
+        return "running" if step % self.every == 0 or improved else None
 
     def saved(self, step: int) -> None:
         self.saved_at = step
@@ -387,6 +399,7 @@ def train(
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
     guard = NonFiniteGuard(runtime, stage, position.step)
+    validator = Validator(config, stage, dataset, runtime, run_uri, loss_fn)
 
     def save(status: str) -> None:
         guard.check(position.step)
@@ -407,10 +420,17 @@ def train(
                 guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
-            stopping = position.step < stage_cfg.steps and runtime.should_stop()
-            saving = policy.status_to_save(position.step, stopping)
+            finished = position.step >= stage_cfg.steps
+            stopping = not finished and runtime.should_stop()
+            improved = False
+            if validator.due(position.step, finished):
+                record, improved = validator.run(runtime.unwrap(model), position.step)
+                metrics.add_validation(record, position.step)
+            saving = policy.status_to_save(position.step, stopping, improved)
             if saving is not None:
                 save(saving)
+            if improved and runtime.is_main:
+                checkpoint.mark_best(run_uri, position.step, validator.key, validator.best)
             if saving in ("completed", "stopped"):
                 status = saving
                 break

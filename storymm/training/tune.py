@@ -7,6 +7,9 @@ step; an ASHA scheduler stops the trials that fall behind at each rung. The resu
 swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
 as ``tune.md`` and ``tune.json``.
 
+With ``--evaluate`` (sequence sweeps) every trial is then scored on the test split and the trials
+are compared side by side with all metrics and floors (:func:`compare_trials`, ``OUT/compare.md``).
+
 The grid defaults to the visual latent sizes the second seed compared (16/32/64/128); any config
 key can be swept with ``--grid KEY=V1,V2,...`` (e.g. loss weights: ``--grid loss.gradient=0,0.1``).
 """
@@ -63,15 +66,19 @@ def trial_name(params: dict) -> str:
 class TuneRuntime(Runtime):
     """One process per trial; the loss of each logged step goes to Ray Tune (and ASHA)."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, checkpoint_every: int = 0, final_step: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self._last_step = -1
+        self.checkpoint_every, self.final_step = checkpoint_every, final_step
 
     def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
         from ray import tune
 
         step = int(metrics.get("step", -1)) if metrics else -1
         if step <= self._last_step:  # the loop reports again at a checkpoint of the same step
+            return
+        saving = step == self.final_step or (self.checkpoint_every and step % self.checkpoint_every == 0)
+        if saving and checkpoint_uri is None:  # wait for the checkpoint: ASHA may stop the trial at this report
             return
         self._last_step = step
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -88,7 +95,9 @@ def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str
     torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
     config = trial_config(base, params)
     run_uri = storage.join(runs_uri, trial_name(params))
-    train(config, stage, data_uri, run_uri, TuneRuntime(name="tune"), progress=False)
+    stage_cfg = getattr(config.train, stage)
+    runtime = TuneRuntime(name="tune", checkpoint_every=stage_cfg.checkpoint_every, final_step=stage_cfg.steps)
+    train(config, stage, data_uri, run_uri, runtime, progress=False)
 
 
 def _format_value(value) -> str:
@@ -202,3 +211,26 @@ def run_tune(
     if errors:
         log.warning("%d of %d trials failed: %s", len(errors), len(trials), errors[0]["error"])
     return summary
+
+
+def compare_trials(summary: dict, runs_uri: str, data_uri: str, out_uri: str, *, split: str = "test",
+                   evaluate_fn=None) -> dict:
+    """Evaluate every trial run that has a checkpoint (sequence sweeps) and write one comparison
+    (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric and floor."""
+    from storymm.evaluation.compare import compare
+    from storymm.training import checkpoint
+
+    if summary["stage"] != "sequence":
+        raise ValueError(f"--evaluate scores sequence models; this sweep trained {summary['stage']}")
+    names, sources = [], []
+    for trial in summary["trials"]:
+        name = trial_name(trial["params"])
+        run = storage.join(runs_uri, name)
+        if checkpoint.latest_uri(run) is None:
+            log.warning("trial %s has no checkpoint: left out of the comparison", name)
+            continue
+        names.append(name)
+        sources.append(run)
+    if not sources:
+        raise ValueError("no trial has a checkpoint to evaluate")
+    return compare(sources, out_uri, names=names, data_uri=data_uri, split=split, evaluate_fn=evaluate_fn)
