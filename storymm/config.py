@@ -125,6 +125,8 @@ class SynthConfig(_Section):
     stories: int = Field(400, ge=2)
     frames_min: int = Field(8, ge=2)
     frames_max: int = Field(14, ge=2)
+    scene: Literal["shapes", "pan"] = Field(
+        "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds")
 
 
 class Config(_Section):
