@@ -541,8 +541,9 @@ def synthesize(
     """Write ``stories`` synthetic stories as ``<out_uri>/{train,test}/part-NNNNN.parquet``.
 
     ``frames`` is the inclusive range of frames per story; ``scene`` is ``"shapes"`` (a shape moving
-    over a flat background per shot) or ``"pan"`` (a camera panning over a textured world). Older ``part-*.parquet`` files left in the
-    split folders by a bigger earlier run are deleted, so readers never mix two runs.
+    over a flat background per shot) or ``"pan"`` (a camera panning over a textured world). Older
+    ``part-*.parquet`` files left in the split folders by a bigger earlier run are deleted, so
+    readers never mix two runs.
     Returns ``{"train": n_train, "test": n_test, "files": [uris...], "out": out_uri}``.
     """
     lo, hi = int(frames[0]), int(frames[1])
