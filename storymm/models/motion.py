@@ -47,13 +47,11 @@ class MotionWarp(nn.Module):
     ``params`` are ``(tx, ty, log_zoom)`` per input frame in ``affine_grid``'s normalised
     coordinates; ``inside`` is 1 where the warp sampled inside the frame (reflected outside)."""
 
-    def __init__(self, context_frames: int, image_size: tuple[int, int], ctx_dim: int,
-                 max_shift: float = 0.25, hidden: int = 128):
+    def __init__(self, context_frames: int, ctx_dim: int, max_shift: float = 0.25, hidden: int = 128):
         super().__init__()
         self.context_frames = int(context_frames)
         if self.context_frames < 2:
             raise ValueError("the warp head estimates motion between input frames: it needs at least 2")
-        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.pairs = list(itertools.combinations(range(self.context_frames), 2))
         self.max_shift = float(max_shift)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(20.0)))  # sharpness of the shift softmax

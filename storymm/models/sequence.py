@@ -94,7 +94,7 @@ class StoryContinuationModel(nn.Module):
             self.copy_key = nn.Linear(hd + dv, hd)
             self.copy_pos = nn.Embedding(self.max_frames, hd)  # index = frames back from the last
             if image_head == "warp":
-                self.motion = MotionWarp(context_frames, visual.image_size, 2 * hd)
+                self.motion = MotionWarp(context_frames, 2 * hd)
                 # [generated, warped, inside-the-frame mask]: new name, so copy checkpoints keep theirs.
                 self.warp_gate_conv = nn.Sequential(
                     nn.Conv2d(7, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
