@@ -89,7 +89,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_synth(args) -> int:
     from storymm.data.synth import synthesize
 
-    summary = synthesize(args.out, args.stories, seed=args.seed, frames=args.frames)
+    summary = synthesize(args.out, args.stories, seed=args.seed, frames=args.frames, scene=args.scene)
     print(f"synthesised {summary['train']} train and {summary['test']} test stories under {summary['out']}")
     return 0
 
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--stories", type=_positive_int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frames", type=_frames_range, default=(8, 14), help="frames per story, MIN-MAX")
+    synth.add_argument("--scene", choices=("shapes", "pan"), default="shapes",
+                       help="shapes: a shape moving over a flat background per shot; pan: a camera panning "
+                            "(and zooming) over a textured world")
     synth.set_defaults(handler=cmd_synth)
 
     prep = commands.add_parser("prepare", help="validate, resize and tokenize stories into shards")

@@ -51,6 +51,8 @@ class ModelConfig(_Section):
     sequence_hidden: int = Field(128, ge=4)
     fusion: str = "gate"
     copy_path: bool = True
+    image_head: Literal["copy", "warp"] = Field(
+        "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first")
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
         "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)")
@@ -73,6 +75,12 @@ class ModelConfig(_Section):
         if name not in FUSIONS:
             raise ValueError(f"unknown fusion {name!r}, choose from {', '.join(sorted(FUSIONS))}")
         return name
+
+    @model_validator(mode="after")
+    def _check_image_head(self) -> ModelConfig:
+        if self.image_head == "warp" and not self.copy_path:
+            raise ValueError("image_head 'warp' warps the frames the copy path attends to: set copy_path: true")
+        return self
 
 
 class LossConfig(_Section):
@@ -141,6 +149,8 @@ class SynthConfig(_Section):
     stories: int = Field(400, ge=2)
     frames_min: int = Field(8, ge=2)
     frames_max: int = Field(14, ge=2)
+    scene: Literal["shapes", "pan"] = Field(
+        "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds")
 
 
 class Config(_Section):

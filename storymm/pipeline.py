@@ -60,9 +60,11 @@ def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers:
     if not storage.list_files(storage.join(source, "train"), suffix=".parquet"):
         from storymm.data.synth import synthesize
 
-        say(f"[1/6] synthesising {config.synth.stories} stories into {storage.redact(source)}")
+        say(f"[1/6] synthesising {config.synth.stories} {config.synth.scene} stories "
+            f"into {storage.redact(source)}")
         synthesize(source, config.synth.stories, seed=config.seed,
-                   frames=(config.synth.frames_min, config.synth.frames_max), progress=progress)
+                   frames=(config.synth.frames_min, config.synth.frames_max), scene=config.synth.scene,
+                   progress=progress)
     else:
         say(f"[1/6] source stories already in {storage.redact(source)}")
 

@@ -29,10 +29,11 @@ def small_config(*extra: str, base: str = "tiny") -> Config:
     return load_config(ROOT / f"configs/{base}.yaml", SMALL + list(extra))
 
 
-def small_dataset(root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None) -> str:
-    """Synthesise ``stories`` into ``<root>/src`` and prepare them into ``<root>/data`` (local or
-    s3://) with ``config`` (default ``small_config()``); returns the data URI."""
+def small_dataset(root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None,
+                  scene: str = "shapes") -> str:
+    """Synthesise ``stories`` of ``scene`` into ``<root>/src`` and prepare them into ``<root>/data``
+    (local or s3://) with ``config`` (default ``small_config()``); returns the data URI."""
     src, data = storage.join(root, "src"), storage.join(root, "data")
-    synth.synthesize(src, stories, seed=seed, frames=frames, progress=False)
+    synth.synthesize(src, stories, seed=seed, frames=frames, progress=False, scene=scene)
     prepare(src, data, config or small_config(), progress=False)
     return data

@@ -104,3 +104,13 @@ def test_set_and_grid_follow_the_same_rules():
 def test_fp16_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"train\.mixed_precision: .*gradient scaler.*use bf16"):
         load_config(None, ["train.mixed_precision=fp16"])
+
+
+def test_warp_image_head_needs_the_copy_path():
+    assert load_config(None, ["model.image_head=warp"]).model.image_head == "warp"
+    with pytest.raises(ConfigError, match=r"model.*image_head 'warp' warps the frames the copy path attends to"):
+        load_config(None, ["model.image_head=warp", "model.copy_path=false"])
+    with pytest.raises(ConfigError, match=r"model\.image_head"):
+        load_config(None, ["model.image_head=flow"])
+    with pytest.raises(ConfigError, match=r"synth\.scene"):
+        load_config(None, ["synth.scene=film"])

@@ -438,3 +438,83 @@ def test_copy_path_learns_to_copy_two_back():
     assert w.argmax().item() == 2 and w[2] > 0.5, w  # index -2 of K=4
     assert out["copy_gate"].mean() > 0.5
     assert last["l1"] < 0.25 * first["l1"], (first, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# warp image head (models/motion.py)
+
+
+def pan_windows(b: int = 16, k: int = 4, h: int = 24, w: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Windows of one camera panning over a smooth random texture at a constant velocity (vx in
+    +-1..3, vy in -1..1 px per frame, per window): the target is the next view, which no input equals."""
+    g = torch.Generator().manual_seed(seed)
+    frames, targets, velocities = [], [], []
+    for _ in range(b):
+        world = torch.nn.functional.interpolate(torch.rand(1, 3, h // 3 + 4, w // 3 + 12, generator=g),
+                                                size=(h + 12, w + 36), mode="bicubic", align_corners=False)[0]
+        vx, vy = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))
+        vx = vx if torch.rand(1, generator=g) < 0.5 else -vx
+        x0, y0 = 18 - 2 * vx, 6 - 2 * vy
+        views = [world[:, y0 + t * vy: y0 + t * vy + h, x0 + t * vx: x0 + t * vx + w] for t in range(k + 1)]
+        frames.append(torch.stack(views[:k]))
+        targets.append(views[k])
+        velocities.append((vx, vy))
+    return {"frames": torch.stack(frames).clamp(0, 1), "target_frame": torch.stack(targets).clamp(0, 1),
+            "velocity": torch.tensor(velocities, dtype=torch.float32)}
+
+
+def warp_story_model(size=(24, 48)) -> StoryContinuationModel:
+    return StoryContinuationModel(small_visual(size), small_text(), hidden_dim=64, copy_path=True, image_head="warp")
+
+
+def test_warp_head_starts_as_the_copy_head_and_copy_checkpoints_keep_their_keys():
+    torch.manual_seed(0)
+    batch = story_batch(b=3, h=24, w=48)
+    warp = warp_story_model()
+    out = warp(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+    assert out["warp_params"].shape == (3, 4, 3) and torch.all(out["warp_params"] == 0)
+    copied = torch.einsum("bk,bkchw->bchw", out["copy_weights"], batch["frames"])
+    assert torch.allclose(out["copied_image"], copied, atol=1e-5)  # the identity warp moves nothing
+
+    copy = StoryContinuationModel(small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True)  # old call
+    assert copy.image_head == "copy"
+    copy_keys, warp_keys = set(copy.state_dict()), set(warp.state_dict())
+    assert {k.split(".")[0] for k in warp_keys - copy_keys} == {"motion", "warp_gate_conv"}
+    assert {k.split(".")[0] for k in copy_keys - warp_keys} == {"copy_gate_conv"}
+    with pytest.raises(ValueError, match="needs copy_path"):
+        StoryContinuationModel(small_visual(), small_text(), copy_path=False, image_head="warp")
+    with pytest.raises(ValueError, match="built for 4 input frames"):
+        warp(batch["frames"][:, 1:], batch["tokens"][:, 1:])
+
+
+def test_motion_evidence_measures_a_known_pan():
+    batch = pan_windows(b=6)
+    motion = warp_story_model().motion
+    frames = batch["frames"]
+    h, w = frames.shape[-2:]
+    measured = motion.evidence(frames)["translation"] * torch.tensor([w, h])  # [B,pairs,2] px
+    # frame b is frame a moved by (b - a) steps of the pan: its content sits (b - a) * v further back
+    gaps = torch.tensor([b - a for a, b in motion.pairs], dtype=torch.float32)
+    expected = -gaps[None, :, None] * batch["velocity"][:, None, :]
+    assert (measured - expected).abs().max() < 0.5, (measured, expected)
+
+
+def test_warp_head_learns_to_predict_the_pan_beyond_the_best_input():
+    torch.manual_seed(0)
+    batch = pan_windows(b=16)
+    batch.pop("velocity")
+    tokens = sentences(16 * 4, 8).view(16, 4, 8)
+    batch.update(tokens=tokens, target_tokens=tokens[:, -1].clone())
+    m = warp_story_model()
+
+    def step():
+        out = m(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
+        return sequence_loss(out, batch, LossWeights(text=0.1), PAD)
+
+    adam_steps(m, step, steps=50, lr=3e-3)
+    m.eval()
+    with torch.no_grad():
+        out = m(batch["frames"], batch["tokens"])
+    best_input = (batch["frames"] - batch["target_frame"][:, None]).abs().mean((2, 3, 4)).min(1).values.mean()
+    l1 = (out["image"] - batch["target_frame"]).abs().mean()
+    assert l1 < 0.5 * best_input, (l1, best_input)

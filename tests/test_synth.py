@@ -186,3 +186,75 @@ def test_text_says_what_the_pixels_show():
                     if word in direction.split():
                         assert ok, (row["story_id"], t, direction, dx, dy)
             seen[entity] = (direction, cx, cy)
+
+
+# ---- the textured camera-pan scene ----------------------------------------------------------------
+PAN_SENTENCE = re.compile(
+    r"The <gdo (char\d)>camera</gdo> <gda \1>\w+ ([a-z ]+?)(?: and zooms (in|out))?</gda> "
+    r"over the <gdl (bg\d)>[a-z ]+</gdl>(?: with an? <gdo (obj\d+)>(\w+) (box|disc)</gdo> "
+    r"(?:in the (middle)|near the ([a-z ]+)))?\."
+)
+
+
+def _pan_rows(n: int, seed: int = 0) -> list[dict]:
+    rows = []
+    for index in range(n):
+        rng = synth.story_rng(seed, index)
+        rows.append(synth.render_pan_story(rng, index, int(rng.integers(8, 15))))
+    return rows
+
+
+def test_pan_scene_same_seed_same_bytes_and_valid_schema(tmp_path):
+    def files(root, seed):
+        summary = synth.synthesize(str(root), 4, seed=seed, frames=(5, 7), progress=False, scene="pan")
+        return {os.path.relpath(uri, root): open(uri, "rb").read() for uri in summary["files"]}
+
+    first, again, other = files(tmp_path / "a", 7), files(tmp_path / "b", 7), files(tmp_path / "c", 8)
+    assert first == again and first != other
+    shapes = synth.synthesize(str(tmp_path / "s"), 4, seed=7, frames=(5, 7), progress=False)
+    assert {os.path.relpath(u, tmp_path / "s") for u in shapes["files"]} == set(first)
+    for name in first:
+        assert first[name] != open(tmp_path / "s" / name, "rb").read()  # another scene, other pixels
+        assert pq.read_schema(tmp_path / "a" / name).equals(synth.SOURCE_SCHEMA, check_metadata=False)
+    with pytest.raises(ValueError, match="unknown scene"):
+        synth.synthesize(str(tmp_path / "bad"), 2, scene="film", progress=False)
+
+
+def test_pan_scene_text_and_boxes_say_what_the_pixels_show():
+    for row in _pan_rows(12, seed=4):
+        sentences = [body for _, body in GDI.findall(row["story"])]
+        assert len(sentences) == row["frame_count"] == len(row["images"])
+        sections = re.split(r"^## Image \d+\n", row["chain_of_thought"], flags=re.M)[1:]
+        for image, sentence, section in zip(row["images"], sentences, sections):
+            match = PAN_SENTENCE.search(sentence)
+            assert match, sentence
+            obj, colour, near_middle, near = match.group(5), match.group(6), match.group(8), match.group(9)
+            if obj is None:
+                continue
+            box = re.search(rf"^\| {obj} \|.*\| (\d+),(\d+),(\d+),(\d+) \|$", section, flags=re.M)
+            x1, y1, x2, y2 = (int(v) for v in box.groups())
+            pixels = _decode(image).astype(np.int32)
+            height, width, _ = pixels.shape
+            # The named object's colour fills the middle of its box (bilinear sampling blurs the edges).
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            assert np.abs(pixels[cy, cx] - np.array(synth.SHAPE_COLOURS[colour])).max() <= 12, (sentence, box.groups())
+            cell = CELL_OF_PHRASE[near_middle or near]
+            assert cell == (min(2, int(3 * ((y1 + y2 + 1) / 2) / height)), min(2, int(3 * ((x1 + x2 + 1) / 2) / width)))
+
+
+def test_pan_scene_moves_within_a_shot_so_no_input_frame_is_a_copy():
+    """At 125x60: two frames back is the closest input on average, but far from exact (the pan
+    shifted it), and the last frame (the other shot) is much further."""
+    last, two_back, best = [], [], []
+    for row in _pan_rows(20, seed=1):
+        frames = [np.asarray(Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR),
+                             dtype=np.float32) / 255 for im in row["images"]]
+        for t in range(4, len(frames)):
+            dist = [np.abs(frames[t] - frames[t - back]).mean() for back in (1, 2, 3, 4)]
+            last.append(dist[0])
+            two_back.append(dist[1])
+            best.append(min(dist))
+    last, two_back, best = float(np.mean(last)), float(np.mean(two_back)), float(np.mean(best))
+    print(f"pan: mean L1 to t-1 {last:.4f}, to t-2 {two_back:.4f}, best input {best:.4f}")
+    assert two_back < 0.7 * last
+    assert best > 0.06  # the motion makes even the best input frame a poor copy

@@ -177,6 +177,15 @@ def test_cross_modal_infonce(data_uri, tmp_path):
     assert_loss_falls(run, "cross_modal_infonce")
 
 
+def test_warp_image_head_trains_and_evaluates(data_uri, tmp_path):
+    config = small_config("model.image_head=warp", "train.sequence.steps=12")
+    run = str(tmp_path / "seq")
+    train(config, "sequence", data_uri, run, progress=False)
+    assert_loss_falls(run)
+    report = evaluate(run, data_uri, "test", None, progress=False)  # rebuilds the warp head from run.json
+    assert report["metrics"]["image_l1"] is not None
+
+
 def test_tag_features_loader_and_sequence(data_uri, tmp_path):
     dataset = PreparedDataset(data_uri)
     loader = WindowLoader(dataset, "train", batch_size=4, context_frames=4, max_tokens=20, tag_vocab=256, max_tags=6)

@@ -10,6 +10,12 @@ Frames cut between the shots (mostly A-B-A-B), so the closest input to the next 
 frames back and copying the last frame is a weak baseline, as in the real data where 94% of
 consecutive frames are cuts.
 
+Two scenes (``synthesize(scene=...)``, ``storymm synth --scene``): ``shapes`` (above) and ``pan``,
+where each shot is a camera window panning with constant velocity (and zooming mildly) over a large
+procedurally textured world with a few static objects (``render_pan_story``). In ``pan`` no input
+frame equals the next one even within a shot, so a model must predict the motion to beat the best
+input frame (DESIGN §2, the oracle bar).
+
 What the text says: one ``<gdi imageN>`` block per frame with one sentence naming the shape, its
 direction of motion and the 3x3 grid cell of its centre, all computed from what was drawn, so the
 sentence is predictable from the images. ``chain_of_thought`` carries the real dataset's markdown
@@ -295,6 +301,213 @@ def render_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
     }
 
 
+# ---- textured camera-pan scenes ---------------------------------------------------------------
+# Each shot is a large procedurally textured world (multi-scale value noise between two colours, a
+# stripes or checker pattern on top, a few static objects) seen through a camera window that pans with
+# constant velocity and zooms mildly (constant rate). Copying an input frame is then never exact: the
+# closest input (usually two frames back) is shifted by two steps of the pan, which a model can only
+# undo by predicting the motion.
+PATTERNS = ("vertical stripes", "horizontal stripes", "diagonal stripes", "checks", "no pattern")
+PATTERN_WORDS = {"vertical stripes": "striped", "horizontal stripes": "banded", "diagonal stripes": "hatched",
+                 "checks": "checked", "no pattern": "mottled"}
+OBJECT_KINDS = ("box", "disc")
+NOISE_OCTAVES = ((40.0, 1.0), (20.0, 0.6), (10.0, 0.4), (5.0, 0.25))  # (cell size in px, amplitude)
+PAN_SPEED = (0.02, 0.04)  # view widths per step
+ZOOM_RATE = (0.01, 0.02)  # relative scale change per step, when the shot zooms
+ZOOM_PROBABILITY = 0.4
+
+
+def _value_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W) float32 multi-scale value noise in about [-1, 1]: bilinearly upsampled random grids."""
+    total = np.zeros((height, width), dtype=np.float32)
+    norm = 0.0
+    for cell, amplitude in NOISE_OCTAVES:
+        gh, gw = int(height / cell) + 2, int(width / cell) + 2
+        grid = rng.uniform(-1.0, 1.0, size=(gh, gw)).astype(np.float32)
+        ys, xs = np.arange(height, dtype=np.float32) / cell, np.arange(width, dtype=np.float32) / cell
+        total += amplitude * _bilinear(grid[:, :, None], ys, xs)[:, :, 0]
+        norm += amplitude
+    return total / norm * 1.8  # the sum of octaves rarely reaches its bound; stretch to use the range
+
+
+def _bilinear(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``image[ys][:, xs]`` at fractional, axis-aligned coordinates (separable bilinear, edges clamped)."""
+    h, w = image.shape[:2]
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.minimum(ys.astype(np.int64), h - 2) if h > 1 else np.zeros(len(ys), np.int64)
+    x0 = np.minimum(xs.astype(np.int64), w - 2) if w > 1 else np.zeros(len(xs), np.int64)
+    fy = (ys - y0)[:, None, None].astype(np.float32)
+    fx = (xs - x0)[None, :, None].astype(np.float32)
+    rows = image[y0] * (1 - fy) + image[np.minimum(y0 + 1, h - 1)] * fy
+    return rows[:, x0] * (1 - fx) + rows[:, np.minimum(x0 + 1, w - 1)] * fx
+
+
+def _pattern(rng: np.random.Generator, kind: str, height: int, width: int) -> np.ndarray:
+    """(H, W) float32 in {-1, 1} (or zeros): the shot's stripes or checks."""
+    period = float(rng.uniform(12, 26))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "vertical stripes":
+        phase = xs
+    elif kind == "horizontal stripes":
+        phase = ys
+    elif kind == "diagonal stripes":
+        phase = (xs + ys) / math.sqrt(2)
+    elif kind == "checks":
+        return np.where(((xs // (period / 2)) + (ys // (period / 2))) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    else:
+        return np.zeros((height, width), dtype=np.float32)
+    return np.where((phase // (period / 2)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+
+
+def _make_pan_shot(rng: np.random.Generator, number: int, width: int, height: int, n_frames: int,
+                   taken: dict, next_object: list[int]) -> dict:
+    """One shot: its textured world (big enough for the whole trajectory), camera path and objects."""
+    bg_names = [
+        name for name, rgb in BACKGROUND_COLOURS.items()
+        if all(_distance(rgb, BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP for other in taken.get("bg", []))
+    ]
+    bg_colour = bg_names[int(rng.integers(len(bg_names)))]
+    taken.setdefault("bg", []).append(bg_colour)
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    place = PLACES[int(rng.integers(len(PLACES)))]
+
+    angle = math.radians(45 * int(rng.integers(8)) + rng.uniform(-12, 12))
+    speed = rng.uniform(*PAN_SPEED) * width
+    vx, vy = math.cos(angle) * speed, math.sin(angle) * speed
+    zoom = 0.0
+    if rng.random() < ZOOM_PROBABILITY:
+        zoom = float(rng.uniform(*ZOOM_RATE)) * (1 if rng.random() < 0.5 else -1)
+    scale0 = float(rng.uniform(0.9, 1.1))  # world pixels per view pixel
+    steps = max(1, n_frames - 1)
+    max_scale = scale0 * max(1.0, (1 + zoom) ** steps)
+    margin = 4
+    world_w = int(math.ceil(width * max_scale + abs(vx) * steps)) + 2 * margin
+    world_h = int(math.ceil(height * max_scale + abs(vy) * steps)) + 2 * margin
+    # Centre of the view at t = 0, so that every frame of the trajectory stays inside the world.
+    cx0 = margin + width * max_scale / 2 + (abs(vx) * steps if vx < 0 else 0.0)
+    cy0 = margin + height * max_scale / 2 + (abs(vy) * steps if vy < 0 else 0.0)
+
+    base = np.asarray(BACKGROUND_COLOURS[bg_colour], dtype=np.float32)
+    other = np.clip(base + rng.uniform(-90, 90, size=3), 0, 255).astype(np.float32)
+    mix = 0.5 + 0.5 * np.tanh(1.5 * _value_noise(rng, world_h, world_w))
+    world = base[None, None] * (1 - mix[..., None]) + other[None, None] * mix[..., None]
+    world += 28.0 * _pattern(rng, pattern, world_h, world_w)[..., None]
+    world = Image.fromarray(np.clip(np.rint(world), 0, 255).astype(np.uint8))
+
+    objects = []
+    draw = ImageDraw.Draw(world)
+    colours = [c for c, rgb in SHAPE_COLOURS.items() if _distance(rgb, base) >= MIN_CONTRAST * 0.75]
+    for _ in range(min(len(colours), int(rng.integers(3, 6)))):
+        colour = colours.pop(int(rng.integers(len(colours))))  # distinct within the shot
+        kind = OBJECT_KINDS[int(rng.integers(len(OBJECT_KINDS)))]
+        size = int(round(height * rng.uniform(0.18, 0.32)))
+        x1, y1 = int(rng.integers(0, world_w - size)), int(rng.integers(0, world_h - size))
+        box = (x1, y1, x1 + size - 1, y1 + size - 1)
+        (draw.rectangle if kind == "box" else draw.ellipse)(box, fill=SHAPE_COLOURS[colour])
+        next_object[0] += 1
+        objects.append({"id": f"obj{next_object[0]}", "name": f"{colour} {kind}", "box": box})
+    return {
+        "number": number, "entity": f"char{number}", "setting": f"bg{number}",
+        "bg_name": f"{PATTERN_WORDS[pattern]} {bg_colour} {place}", "pattern": pattern,
+        "world": np.asarray(world, dtype=np.float32), "objects": objects,
+        "cx0": cx0, "cy0": cy0, "vx": vx, "vy": vy, "scale0": scale0, "zoom": zoom,
+        "verb": ("pans", "moves", "drifts", "glides")[int(rng.integers(4))],
+    }
+
+
+def _pan_view(shot: dict, t: int, width: int, height: int) -> tuple[np.ndarray, float, float, float]:
+    """The shot's camera view at time ``t``: (H, W, 3) uint8 and the view's centre and scale."""
+    scale = shot["scale0"] * (1 + shot["zoom"]) ** t
+    cx, cy = shot["cx0"] + shot["vx"] * t, shot["cy0"] + shot["vy"] * t
+    xs = cx + (np.arange(width, dtype=np.float64) - (width - 1) / 2) * scale
+    ys = cy + (np.arange(height, dtype=np.float64) - (height - 1) / 2) * scale
+    pixels = _bilinear(shot["world"], ys, xs)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), cx, cy, scale
+
+
+def _visible_objects(shot: dict, cx: float, cy: float, scale: float, width: int, height: int) -> list[dict]:
+    """Objects at least half inside the view, with their clipped box in view pixels, largest first."""
+    out = []
+    for obj in shot["objects"]:
+        x1, y1, x2, y2 = obj["box"]
+        vx1, vx2 = (x1 - cx) / scale + (width - 1) / 2, (x2 - cx) / scale + (width - 1) / 2
+        vy1, vy2 = (y1 - cy) / scale + (height - 1) / 2, (y2 - cy) / scale + (height - 1) / 2
+        full = (vx2 - vx1) * (vy2 - vy1)
+        cx1, cx2 = max(vx1, 0.0), min(vx2, width - 1.0)
+        cy1, cy2 = max(vy1, 0.0), min(vy2, height - 1.0)
+        if cx2 <= cx1 or cy2 <= cy1 or (cx2 - cx1) * (cy2 - cy1) < 0.5 * full:
+            continue
+        box = tuple(int(round(v)) for v in (cx1, cy1, cx2, cy2))
+        out.append({**obj, "view_box": box, "area": (cx2 - cx1) * (cy2 - cy1)})
+    return sorted(out, key=lambda o: -o["area"])
+
+
+def _camera_action(shot: dict) -> str:
+    # The camera moving left makes the scene slide right; the words describe the camera.
+    action = f"{shot['verb']} {direction_phrase(shot['vx'], shot['vy'])}"
+    if shot["zoom"]:
+        action += " and zooms " + ("out" if shot["zoom"] > 0 else "in")  # a larger scale sees more: out
+    return action
+
+
+def render_pan_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
+    """One source row of the textured camera-pan scene (see the constants above)."""
+    story_id = f"synth-{index:08d}"
+    width = int(rng.integers(160, 257))
+    height = int(np.clip(round(width * rng.uniform(0.42, 0.58)), 80, 128))
+    taken: dict = {}
+    next_object = [0]
+    shots = [_make_pan_shot(rng, n, width, height, n_frames, taken, next_object) for n in (1, 2)]
+    sequence = _cut_sequence(rng, n_frames)
+
+    images, sentences, sections = [], [], []
+    for t, which in enumerate(sequence):
+        shot = shots[which]
+        pixels, cx, cy, scale = _pan_view(shot, t, width, height)  # global time: the unseen camera moves too
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        images.append({"bytes": buffer.getvalue(), "path": f"{story_id}/frame_{t + 1:02d}.png"})
+
+        ent, bg, action = shot["entity"], shot["setting"], _camera_action(shot)
+        visible = _visible_objects(shot, cx, cy, scale, width, height)
+        sentence = (f"<gdi image{t + 1}> The <gdo {ent}>camera</gdo> <gda {ent}>{action}</gda> "
+                    f"over the <gdl {bg}>{shot['bg_name']}</gdl>")
+        if visible:
+            obj = visible[0]
+            x1, y1, x2, y2 = obj["view_box"]
+            where = location_phrase((x1 + x2 + 1) / 2, (y1 + y2 + 1) / 2, width, height)
+            place = "in the middle" if where == "middle" else f"near the {where}"
+            sentence += f" with a <gdo {obj['id']}>{obj['name']}</gdo> {place}"
+        sentences.append(sentence + ". </gdi>")
+
+        camera = "### Characters\n" + _table(
+            ["Character ID", "Name", "Description", "Bounding Box"],
+            [[ent, "camera", f"A camera that {action}", f"0,0,{width - 1},{height - 1}"]],
+        )
+        parts = [camera]
+        if visible:
+            parts.append("### Objects\n" + _table(
+                ["Object ID", "Name", "Description", "Bounding Box"],
+                [[o["id"], o["name"], f"{_a(o['name'])} standing still", ",".join(map(str, o["view_box"]))]
+                 for o in visible],
+            ))
+        parts.append("### Setting\n" + _table(["Setting ID", "Name", "Description"],
+                                              [[bg, shot["bg_name"], _a(shot["bg_name"]) + " seen from above"]]))
+        sections.append(f"## Image {t + 1}\n\n" + "\n\n".join(parts))
+
+    return {
+        "story_id": story_id,
+        "images": images,
+        "frame_count": n_frames,
+        "chain_of_thought": "\n\n".join(sections) + "\n",
+        "story": "\n".join(sentences),
+    }
+
+
+SCENES = {"shapes": render_story, "pan": render_pan_story}
+
+
 def story_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of story ``index``: independent of how many stories are made."""
     return np.random.default_rng([0, seed, index])  # first entry names the stream: 0 = stories
@@ -323,11 +536,14 @@ def synthesize(
     test_fraction: float = 0.15,
     rows_per_file: int = 256,
     progress: bool = True,
+    scene: str = "shapes",
 ) -> dict:
     """Write ``stories`` synthetic stories as ``<out_uri>/{train,test}/part-NNNNN.parquet``.
 
-    ``frames`` is the inclusive range of frames per story. Older ``part-*.parquet`` files left in the
-    split folders by a bigger earlier run are deleted, so readers never mix two runs.
+    ``frames`` is the inclusive range of frames per story; ``scene`` is ``"shapes"`` (a shape moving
+    over a flat background per shot) or ``"pan"`` (a camera panning over a textured world). Older
+    ``part-*.parquet`` files left in the split folders by a bigger earlier run are deleted, so
+    readers never mix two runs.
     Returns ``{"train": n_train, "test": n_test, "files": [uris...], "out": out_uri}``.
     """
     lo, hi = int(frames[0]), int(frames[1])
@@ -339,6 +555,9 @@ def synthesize(
         raise ValueError("seed must be non-negative")
     if rows_per_file < 1:
         raise ValueError("rows_per_file must be at least 1")
+    if scene not in SCENES:
+        raise ValueError(f"unknown scene {scene!r} (choose from {', '.join(SCENES)})")
+    render = SCENES[scene]
 
     test = _test_indices(seed, stories, test_fraction)
     buffers: dict[str, list[dict]] = {"train": [], "test": []}
@@ -356,7 +575,7 @@ def synthesize(
     for index in tqdm(range(stories), desc="synth", unit="story", disable=not progress):
         rng = story_rng(seed, index)
         split = "test" if index in test else "train"
-        buffers[split].append(render_story(rng, index, int(rng.integers(lo, hi + 1))))
+        buffers[split].append(render(rng, index, int(rng.integers(lo, hi + 1))))
         counts[split] += 1
         if len(buffers[split]) >= rows_per_file:
             flush(split)

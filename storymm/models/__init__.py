@@ -1,6 +1,7 @@
 """Models: visual and text autoencoders, fusion registry, story continuation model."""
 
 from .fusion import FUSIONS, ConcatFusion, GateFusion, build_fusion, register_fusion
+from .motion import MotionWarp
 from .sequence import StoryContinuationModel
 from .text import TextAutoencoder
 from .visual import VisualAutoencoder
@@ -9,6 +10,7 @@ __all__ = [
     "FUSIONS",
     "ConcatFusion",
     "GateFusion",
+    "MotionWarp",
     "StoryContinuationModel",
     "TextAutoencoder",
     "VisualAutoencoder",

@@ -17,6 +17,9 @@ from the GRU outputs, the frame latents and a learned "frames back from the last
 attention-weighted mix of the input images is the copied image, and a per-pixel sigmoid gate (a small
 conv over [generated, copied] plus a per-image bias from ``ctx``) blends it with the generated image.
 With A-B-A-B editing the right frame to copy is often two back; this is how the model can learn it.
+``image_head="warp"`` (``models/motion.py``) first warps every input frame by a predicted translation
+and zoom (motion estimated from correlations between the input frames), so the attended frame is
+moved to where the story will be; ``"copy"`` (the default, and the ablation) copies frames as they are.
 The same path exists for text: a second query attends over the input sentences' latents, and a
 sigmoid gate from ``ctx`` blends the attended sentence latent with the generated one. A pretrained
 text autoencoder decodes an input sentence's latent back into that sentence, so the model can reuse
@@ -38,8 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fusion import build_fusion
+from .motion import MotionWarp
 from .text import TextAutoencoder
 from .visual import VisualAutoencoder
+
+IMAGE_HEADS = ("copy", "warp")
 
 
 class StoryContinuationModel(nn.Module):
@@ -52,6 +58,8 @@ class StoryContinuationModel(nn.Module):
         copy_path: bool = False,
         max_frames: int = 64,
         tag_vocab: int = 0,
+        image_head: str = "copy",
+        context_frames: int = 4,
     ):
         super().__init__()
         self.visual = visual
@@ -59,6 +67,11 @@ class StoryContinuationModel(nn.Module):
         self.fusion_name = fusion
         self.hidden_dim = int(hidden_dim)
         self.copy_path = bool(copy_path)
+        if image_head not in IMAGE_HEADS:
+            raise ValueError(f"unknown image head {image_head!r} (choose from {', '.join(IMAGE_HEADS)})")
+        if image_head == "warp" and not self.copy_path:
+            raise ValueError("image_head 'warp' warps the frames the copy path attends to: it needs copy_path")
+        self.image_head = image_head
         self.autoencoders_frozen = False
         dv, dt, hd = visual.latent_dim, text.latent_dim, self.hidden_dim
 
@@ -80,9 +93,16 @@ class StoryContinuationModel(nn.Module):
             self.copy_query = nn.Linear(2 * hd, hd)
             self.copy_key = nn.Linear(hd + dv, hd)
             self.copy_pos = nn.Embedding(self.max_frames, hd)  # index = frames back from the last
-            self.copy_gate_conv = nn.Sequential(
-                nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
-            )
+            if image_head == "warp":
+                self.motion = MotionWarp(context_frames, 2 * hd)
+                # [generated, warped, inside-the-frame mask]: new name, so copy checkpoints keep theirs.
+                self.warp_gate_conv = nn.Sequential(
+                    nn.Conv2d(7, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
+                )
+            else:
+                self.copy_gate_conv = nn.Sequential(
+                    nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
+                )
             self.copy_gate_bias = nn.Linear(2 * hd, 1)
             self.text_copy_query = nn.Linear(2 * hd, hd)
             self.text_copy_key = nn.Linear(hd + dt, hd)
@@ -182,7 +202,8 @@ class StoryContinuationModel(nn.Module):
         given; ``target_visual_latent``/``target_text_latent`` (the autoencoders' encodings of the true
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
         copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``,
-        ``text_copy_weights[B,K]`` and ``text_copy_gate[B]``."""
+        ``copied_image[B,3,H,W]`` (warped with the warp head), ``text_copy_weights[B,K]`` and
+        ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``."""
         c = self._context(frames, tokens, tags)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
@@ -218,11 +239,26 @@ class StoryContinuationModel(nn.Module):
         back = torch.arange(k - 1, -1, -1, device=frames.device)  # frames back from the last
         keys = self.copy_key(torch.cat([c["gru_out"], c["frame_visual_latents"]], dim=-1)) + self.copy_pos(back)
         query = self.copy_query(c["ctx"])
-        weights = torch.softmax(torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim), dim=-1)
-        copied = torch.einsum("bk,bkchw->bchw", weights, frames)
+        scores = torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim)
+        extra: dict[str, torch.Tensor] = {}
+        candidates = frames
+        if self.image_head == "warp":
+            motion = self.motion(frames, c["ctx"])
+            scores = scores + motion["frame_logits"]
+            candidates = motion["warped"]
+            extra = {"warp_params": motion["params"]}
+        weights = torch.softmax(scores, dim=-1)
+        if self.image_head == "warp":
+            inside = torch.einsum("bk,bkchw->bchw", weights, motion["inside"])
+        copied = torch.einsum("bk,bkchw->bchw", weights, candidates)
         if copied.shape[-2:] != generated.shape[-2:]:
             copied = F.interpolate(copied, size=generated.shape[-2:], mode="bilinear", align_corners=False)
-        gate_logit = self.copy_gate_conv(torch.cat([generated, copied], dim=1))
+        if self.image_head == "warp":
+            if inside.shape[-2:] != generated.shape[-2:]:
+                inside = F.interpolate(inside, size=generated.shape[-2:], mode="bilinear", align_corners=False)
+            gate_logit = self.warp_gate_conv(torch.cat([generated, copied, inside], dim=1))
+        else:
+            gate_logit = self.copy_gate_conv(torch.cat([generated, copied], dim=1))
         gate = torch.sigmoid(gate_logit + self.copy_gate_bias(c["ctx"])[:, :, None, None])
         image = gate * copied + (1.0 - gate) * generated
         return {
@@ -231,6 +267,7 @@ class StoryContinuationModel(nn.Module):
             "copied_image": copied,
             "copy_gate": gate,
             "copy_weights": weights,
+            **extra,
         }
 
     @torch.no_grad()

@@ -79,6 +79,8 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             hidden_dim=config.model.sequence_hidden,
             copy_path=config.model.copy_path,
             tag_vocab=config.model.tag_vocab if config.model.tag_features else 0,
+            image_head=config.model.image_head,
+            context_frames=config.data.context_frames,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
