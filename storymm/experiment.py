@@ -25,9 +25,9 @@ from pathlib import Path
 
 from storymm import storage
 from storymm.config import Config, ConfigError, load_config
-from storymm.evaluation.compare import comparison_rows, render
 from storymm.data.loader import PreparedDataset
 from storymm.errors import StorymmError
+from storymm.evaluation.compare import comparison_rows, render
 from storymm.training.stages import STAGES
 
 log = logging.getLogger(__name__)

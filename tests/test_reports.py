@@ -183,7 +183,7 @@ def test_non_finite_values_become_null(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 10, 12), (10, 12, 3)])
 def test_image_layouts(shape):
-    from storymm.evaluation.report import _to_hwc_uint8
+    from storymm.evaluation.render import image_uint8 as _to_hwc_uint8
 
     arr = np.random.default_rng(1).random(shape).astype(np.float32)
     out = _to_hwc_uint8(torch.from_numpy(arr) if shape[0] == 3 else arr)

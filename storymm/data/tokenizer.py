@@ -6,10 +6,9 @@ used, and the manifest records its hash.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 

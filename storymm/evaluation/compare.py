@@ -19,8 +19,7 @@ from typing import Any
 from storymm import storage
 from storymm.errors import StorymmError
 from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
-from storymm.evaluation.report import _CSS, _finite, _fmt, _jsonable
-from storymm.evaluation.report import _md_cell as _md
+from storymm.evaluation.render import CSS, fmt, is_finite_number, md_cell, to_jsonable
 
 INFO_KEYS = ("verdict", "run", "step", "checkpoint", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
@@ -90,7 +89,7 @@ def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = 
 def _best(values: list[Any], higher: bool | None) -> set[int]:
     if higher is None:
         return set()
-    finite = [(i, v) for i, v in enumerate(values) if _finite(v)]
+    finite = [(i, v) for i, v in enumerate(values) if is_finite_number(v)]
     if len(finite) < 2:
         return set()
     target = max(v for _, v in finite) if higher else min(v for _, v in finite)
@@ -140,13 +139,13 @@ def render(names: list[str], rows: list[dict], sources: list[str]) -> tuple[str,
     note = "↑ higher is better, ↓ lower is better; ★ marks the best value of each metric row."
     header = ["metric", *names]
     md = ["# storymm comparison", "", f"Generated {generated}. {note}", "",
-          "| " + " | ".join(_md(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+          "| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        cells = [_md(row["label"]) + _arrow(row["higher_is_better"])]
+        cells = [md_cell(row["label"]) + _arrow(row["higher_is_better"])]
         for i, value in enumerate(row["values"]):
-            cells.append(f"**{_md(value)}** ★" if i in row["best"] else _md(value))
+            cells.append(f"**{md_cell(value)}** ★" if i in row["best"] else md_cell(value))
         md.append("| " + " | ".join(cells) + " |")
-    md += ["", "## Sources", ""] + [f"- {_md(n)}: `{_md(s)}`" for n, s in zip(names, sources)] + [""]
+    md += ["", "## Sources", ""] + [f"- {md_cell(n)}: `{md_cell(s)}`" for n, s in zip(names, sources)] + [""]
 
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = []
@@ -154,10 +153,10 @@ def render(names: list[str], rows: list[dict], sources: list[str]) -> tuple[str,
         cls = f' class="{row["kind"]}"'
         cells = [f"<th{cls}>{html.escape(row['label'] + _arrow(row['higher_is_better']))}</th>"]
         for i, value in enumerate(row["values"]):
-            text = html.escape(_fmt(value))
+            text = html.escape(fmt(value))
             cells.append(f'<td class="best"><strong>{text}</strong> ★</td>' if i in row["best"] else f"<td>{text}</td>")
         body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
-    css = _CSS + "td.best { background: #e3f4e5; } tr.floor th, tr.floor td { color: #555; font-style: italic; }"
+    css = CSS + "td.best { background: #e3f4e5; } tr.floor th, tr.floor td { color: #555; font-style: italic; }"
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>storymm comparison</title>",
         f"<style>{css}</style></head><body>", "<h1>storymm comparison</h1>",
@@ -178,7 +177,7 @@ def compare(sources: list[str], out_uri: str, *, names: list[str] | None = None,
     shown = [source for _, source, _ in loaded]
     rows = comparison_rows([report for _, _, report in loaded])
     md, page = render(column_names, rows, shown)
-    result = _jsonable({"names": column_names, "sources": shown, "rows": rows,
+    result = to_jsonable({"names": column_names, "sources": shown, "rows": rows,
                         "files": {k: storage.join(storage.redact(out_uri), f"compare.{k}") for k in ("md", "html", "json")}})
     storage.write_text(storage.join(out_uri, "compare.md"), md)
     storage.write_text(storage.join(out_uri, "compare.html"), page)

@@ -38,8 +38,17 @@ import yaml
 
 from storymm import storage
 from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
-from storymm.evaluation.report import _CSS, _fig_png, _figure, _finite, _fmt, _jsonable, _plain
-from storymm.evaluation.report import _md_cell as _md
+from storymm.evaluation.render import (
+    CSS,
+    escaped,
+    figure_png,
+    fmt,
+    is_finite_number,
+    md_cell,
+    new_figure,
+    plain_text,
+    to_jsonable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +170,7 @@ def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> li
     """The metrics of ``current`` worse than ``previous`` beyond tolerance (in metric order)."""
     regressions = []
     for name, before in previous.items():
-        if name in tolerances.ignore or not _finite(before):
+        if name in tolerances.ignore or not is_finite_number(before):
             continue
         higher = tolerances.higher_is_better(name)
         if higher is None:
@@ -170,7 +179,7 @@ def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> li
         tol = tolerances.for_metric(name)
         entry = {"metric": name, "previous": before, "current": after, "higher_is_better": higher,
                  "allowed": tol.allowed(before)}
-        if not _finite(after):
+        if not is_finite_number(after):
             if name in current:  # became NaN/inf (stored as null): a regression
                 regressions.append({**entry, "change": None, "relative_change": None})
             continue
@@ -182,17 +191,14 @@ def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> li
     return regressions
 
 
-def _num(value: Any) -> str:
-    return "n/a" if not _finite(value) else f"{value:.4g}"
-
-
 def regression_line(name: str, regressions: list[dict]) -> str:
     """``REGRESSION: <run>: bleu 0.41 -> 0.3 (-26.8%), image_l1 …``"""
     parts = []
     for r in regressions:
         rel = r.get("relative_change")
         pct = f" ({rel * 100:+.1f}%)" if rel is not None else ""
-        parts.append(f"{r['metric']} {_num(r['previous'])} -> {_num(r['current'])}{pct}")
+        shown = [fmt(v) if is_finite_number(v) else "n/a" for v in (r["previous"], r["current"])]
+        parts.append(f"{r['metric']} {shown[0]} -> {shown[1]}{pct}")
     return f"REGRESSION: {name}: " + ", ".join(parts)
 
 
@@ -334,7 +340,7 @@ def run_nightly(
         "tolerances": tolerances.as_dict(),
         "runs": entries,
     }
-    night = _jsonable(night)
+    night = to_jsonable(night)
     storage.write_text(storage.join(night_uri, NIGHT_FILE), json.dumps(night, indent=2, ensure_ascii=False) + "\n")
     nights = [n for n in history if n["date"] != date] + [night]
     write_index(reports_uri, nights)
@@ -350,7 +356,7 @@ def _metric_order(nights: list[dict]) -> list[str]:
     for night in nights:
         for entry in night.get("runs", []):
             for name, value in (entry.get("metrics") or {}).items():
-                if name not in seen and (_finite(value) or value is None):
+                if name not in seen and (is_finite_number(value) or value is None):
                     seen.append(name)
     known = [m for m in HIGHER_IS_BETTER if m in seen]
     return known + [m for m in seen if m not in known]
@@ -373,7 +379,7 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
         day = _dt.date.fromisoformat(night["date"])
         for entry in night.get("runs", []):
             value = (entry.get("metrics") or {}).get(metric)
-            if entry.get("status") != "ok" or not _finite(value):
+            if entry.get("status") != "ok" or not is_finite_number(value):
                 continue
             xs, ys = series.setdefault(entry["name"], ([], []))
             xs.append(day)
@@ -382,13 +388,13 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
         return None
     import matplotlib.dates as mdates
 
-    fig = _figure(figsize=(6.0, 3.2))
+    fig = new_figure(figsize=(6.0, 3.2))
     ax = fig.subplots()
     for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker="o", linewidth=1.4, label=_plain(name))
+        ax.plot(xs, ys, marker="o", linewidth=1.4, label=plain_text(name))
     direction = HIGHER_IS_BETTER.get(metric)
     hint = "" if direction is None else " (higher is better)" if direction else " (lower is better)"
-    ax.set_title(_plain(metric + hint))
+    ax.set_title(plain_text(metric + hint))
     days = sorted({d for xs, _ in series.values() for d in xs})
     if len(days) <= 10:  # one tick per night, never hours
         ax.set_xticks(days)
@@ -401,11 +407,7 @@ def plot_trend(metric: str, nights: list[dict]) -> bytes | None:
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
     fig.tight_layout()
-    return _fig_png(fig)
-
-
-def _esc(value: Any) -> str:
-    return html.escape(_fmt(value))
+    return figure_png(fig)
 
 
 _STATUS_STYLE = """
@@ -465,7 +467,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
         ],
         "trends": {m: f"{TRENDS_DIR}/{m}.png" for m in trends},
     }
-    index = _jsonable(index)
+    index = to_jsonable(index)
 
     # ---- Markdown (images beside the page)
     md = ["# storymm nightly evaluation", "", f"Updated {index['updated']}. {len(nights)} night(s), newest first.", ""]
@@ -473,42 +475,24 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
     columns = ["run", "status", "step", "report / error", "regressed", *metrics, *(f"floor: {f}" for f in floors),
                "verdict"]
     for night in index["nights"]:
-        md += [f"## {_md(night['date'])}: {_md(night['status'])}", ""]
-        md.append("| " + " | ".join(_md(c) for c in columns) + " |")
+        md += [f"## {md_cell(night['date'])}: {md_cell(night['status'])}", ""]
+        md.append("| " + " | ".join(md_cell(c) for c in columns) + " |")
         md.append("|" + "|".join("---" for _ in columns) + "|")
         for e in night["runs"]:
             bad = _regressed_names(e)
-            cells = [_md(e["name"]), _md(e["status"]), _md(e["step"])]
-            cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else _md(e.get("error")))
-            cells.append(_md(", ".join(sorted(bad)) or None))
-            cells += [("**" + _md(v) + "**") if m in bad else _md(v)
+            cells = [md_cell(e["name"]), md_cell(e["status"]), md_cell(e["step"])]
+            cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else md_cell(e.get("error")))
+            cells.append(md_cell(", ".join(sorted(bad)) or None))
+            cells += [("**" + md_cell(v) + "**") if m in bad else md_cell(v)
                       for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)]
-            cells += [_md((e.get("floors") or {}).get(f)) for f in floors] + [_md(e.get("verdict"))]
+            cells += [md_cell((e.get("floors") or {}).get(f)) for f in floors] + [md_cell(e.get("verdict"))]
             md.append("| " + " | ".join(cells) + " |")
         md.append("")
     md += ["## Trends", ""]
-    md += [f"![{_md(m)}]({TRENDS_DIR}/{m}.png)" for m in trends] or ["No successful evaluation yet."]
+    md += [f"![{md_cell(m)}]({TRENDS_DIR}/{m}.png)" for m in trends] or ["No successful evaluation yet."]
     md.append("")
 
     # ---- HTML (self-contained: trend plots embedded)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>storymm nightly evaluation</title>",
-        f"<style>{_CSS}{_STATUS_STYLE}</style></head><body>",
-        "<h1>storymm nightly evaluation</h1>",
-        f"<p>Updated {html.escape(index['updated'])}. {len(nights)} night(s), newest first. "
-        "Cells shaded red regressed against the run's previous night beyond tolerance.</p>",
-        *_latest_html(index["nights"]),
-        "<h2>Trends</h2>",
-        '<div class="trends">',
-    ]
-    for metric, png in trends.items():
-        b64 = base64.b64encode(png).decode("ascii")
-        parts.append(f'<img alt="{html.escape(metric)} trend" src="data:image/png;base64,{b64}">')
-    if not trends:
-        parts.append("<p>No successful evaluation yet.</p>")
-    parts.append("</div>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
 
     def night_table(night: dict) -> list[str]:
@@ -517,7 +501,7 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             bad = _regressed_names(e)
             cells = [f'<td title="{html.escape(str(e["run"]))}">{html.escape(str(e["name"]))}</td>',
                      f'<td class="{html.escape(str(e["status"]))}">{html.escape(str(e["status"]))}</td>',
-                     f"<td>{_esc(e['step'])}</td>"]
+                     f"<td>{escaped(e['step'])}</td>"]
             if e.get("report"):
                 href = html.escape(f"{night['date']}/{e['report']}", quote=True)
                 cells.append(f'<td><a href="{href}">report</a></td>')
@@ -526,15 +510,32 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             cells.append(f"<td>{html.escape(', '.join(sorted(bad)) or '—')}</td>")
             for m in metrics:
                 value = (e.get("metrics") or {}).get(m)
-                cells.append(f'<td class="worse">{_esc(value)}</td>' if m in bad else f"<td>{_esc(value)}</td>")
-            cells += [f'<td class="floor">{_esc((e.get("floors") or {}).get(f))}</td>' for f in floors]
+                cells.append(f'<td class="worse">{escaped(value)}</td>' if m in bad else f"<td>{escaped(value)}</td>")
+            cells += [f'<td class="floor">{escaped((e.get("floors") or {}).get(f))}</td>' for f in floors]
             cells.append(f"<td>{html.escape(str(e.get('verdict') or '—'))}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         rows.append("</tbody>\n</table></div>")
         return rows
 
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>storymm nightly evaluation</title>",
+        f"<style>{CSS}{_STATUS_STYLE}</style></head><body>",
+        "<h1>storymm nightly evaluation</h1>",
+        f"<p>Updated {html.escape(index['updated'])}. {len(nights)} night(s), newest first. "
+        "Cells shaded red regressed against the run's previous night beyond tolerance.</p>",
+        *_latest_html(index["nights"]),
+    ]
     if index["nights"]:  # the newest night's table right under its summary, above the trends
-        parts[parts.index("<h2>Trends</h2>"):parts.index("<h2>Trends</h2>")] = night_table(index["nights"][0])
+        parts += night_table(index["nights"][0])
+    parts += ["<h2>Trends</h2>", '<div class="trends">']
+    for metric, png in trends.items():
+        b64 = base64.b64encode(png).decode("ascii")
+        parts.append(f'<img alt="{html.escape(metric)} trend" src="data:image/png;base64,{b64}">')
+    if not trends:
+        parts.append("<p>No successful evaluation yet.</p>")
+    parts.append("</div>")
     parts.append("<h2>Every night</h2>")
     for night in index["nights"]:
         status = str(night["status"])

@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from datetime import datetime, timezone
-from typing import Any
 
 import numpy as np
 
 from storymm import storage
+from storymm.evaluation.render import (
+    CSS,
+    figure_png,
+    image_uint8,
+    images_uint8,
+    is_finite_number,
+    new_figure,
+    plain_text,
+    render_table,
+    to_jsonable,
+)
 
 #: Keys in a metrics-history step dict that are not loss terms (not drawn as curves).
 NON_LOSS_KEYS = frozenset(
@@ -86,8 +95,8 @@ def verdict_line(report: dict) -> str:
     strongest (lowest error) first, or, when it beats all but the oracle, how far it is from it."""
     value = (report.get("metrics") or {}).get("image_l1")
     floors = report.get("floors") or {}
-    present = {name: floors.get(f"{name}_l1") for name in IMAGE_FLOORS if _finite(floors.get(f"{name}_l1"))}
-    if not _finite(value) or not present:
+    present = {name: floors.get(f"{name}_l1") for name in IMAGE_FLOORS if is_finite_number(floors.get(f"{name}_l1"))}
+    if not is_finite_number(value) or not present:
         return "verdict: not available (no image L1 or no floors)"
     failed = sorted((v, name) for name, v in present.items() if value >= v)
     head = f"verdict: image L1 {value:.4f}"
@@ -114,54 +123,6 @@ TABLE_COLUMNS = ["metric", "value", "floor", "floor value", "better than floor"]
 
 
 # ------------------------------------------------------------------------------------ tables
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v == 0:
-            return "0"
-        if abs(v) >= 1e5 or abs(v) < 1e-4:
-            return f"{v:.3e}"
-        return f"{v:.4g}" if abs(v) < 1 else f"{v:.4f}".rstrip("0").rstrip(".")
-    return str(value)
-
-
-def _finite(value: Any) -> bool:
-    """A real, finite number (not a bool, None, NaN or inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _md_cell(value: Any) -> str:
-    text = html.escape(_fmt(value))
-    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
-def render_table(rows: list[dict], columns: list[str]) -> tuple[str, str]:
-    """A comparison table as ``(markdown, html)``; missing cells show ``—``, all text escaped."""
-    md_lines = [
-        "| " + " | ".join(_md_cell(c) for c in columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    for row in rows:
-        md_lines.append("| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |")
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
-        for row in rows
-    )
-    table_html = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
-    return "\n".join(md_lines) + "\n", table_html
 
 
 def metrics_rows(report: dict) -> list[dict]:
@@ -194,7 +155,7 @@ def metrics_rows(report: dict) -> list[dict]:
                 continue  # an older report without this floor
             floor_value = floors.get(floor_key, metrics.get(floor_key))
             mark = None
-            if _finite(value) and _finite(floor_value):
+            if is_finite_number(value) and is_finite_number(floor_value):
                 better = value > floor_value if higher else value < floor_value
                 mark = "✓" if better else "✗"
             rows.append(
@@ -212,64 +173,6 @@ def metrics_rows(report: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ images
-
-
-def _to_hwc_uint8(img: Any) -> np.ndarray:
-    """One image as ``[H,W,3]`` uint8 from uint8 HWC arrays or float CHW/HWC tensors in [0,1]."""
-    try:
-        import torch
-
-        if isinstance(img, torch.Tensor):
-            is_tensor = True
-            img = img.detach().to("cpu")
-            img = img.float().numpy() if img.dtype != torch.uint8 else img.numpy()
-        else:
-            is_tensor = False
-    except ImportError:  # pragma: no cover - torch is a dependency
-        is_tensor = False
-    arr = np.asarray(img)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.ndim != 3:
-        raise ValueError(f"an image must be [3,H,W] or [H,W,3], got shape {arr.shape}")
-    channels_first = arr.shape[0] in (1, 3) and (is_tensor or arr.shape[-1] not in (1, 3))
-    if channels_first:
-        arr = np.moveaxis(arr, 0, -1)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.dtype == np.uint8:
-        return arr
-    return (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _frames(images: Any) -> list[np.ndarray]:
-    if isinstance(images, (list, tuple)):
-        return [_to_hwc_uint8(x) for x in images]
-    arr = images
-    n = arr.shape[0]
-    return [_to_hwc_uint8(arr[i]) for i in range(n)]
-
-
-def _figure(**kwargs):
-    # A bare Figure renders with the Agg canvas, whatever pyplot's backend is, and leaves no global
-    # state behind (no pyplot figure manager), so it is safe on headless workers and in threads.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plain(text: Any) -> str:
-    """Text for matplotlib drawn literally (a ``$`` would otherwise start mathtext)."""
-    return str(text).replace("$", r"\$")
-
-
-def _fig_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
 
 
 def plot_loss_curves(metrics_history: dict[str, list[dict]]) -> bytes | None:
@@ -293,21 +196,21 @@ def plot_loss_curves(metrics_history: dict[str, list[dict]]) -> bytes | None:
             stages.append((stage, terms))
     if not stages:
         return None
-    fig = _figure(figsize=(5.5 * len(stages), 4))
+    fig = new_figure(figsize=(5.5 * len(stages), 4))
     axes = fig.subplots(1, len(stages), squeeze=False)
     for ax, (stage, terms) in zip(axes[0], stages):
         positive = all(y > 0 for _, ys in terms.values() for y in ys)
         for key, (xs, ys) in sorted(terms.items()):
-            ax.plot(xs, ys, label=_plain(key), marker="." if len(xs) < 30 else None, linewidth=1.2)
+            ax.plot(xs, ys, label=plain_text(key), marker="." if len(xs) < 30 else None, linewidth=1.2)
         if positive:
             ax.set_yscale("log")
-        ax.set_title(_plain(f"stage: {stage}"))
+        ax.set_title(plain_text(f"stage: {stage}"))
         ax.set_xlabel("step")
         ax.set_ylabel("loss (log scale)" if positive else "loss")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _fig_png(fig)
+    return figure_png(fig)
 
 
 def plot_samples(samples: list[dict]) -> bytes | None:
@@ -316,13 +219,13 @@ def plot_samples(samples: list[dict]) -> bytes | None:
         return None
     rows = []
     for sample in samples:
-        inputs = _frames(sample["inputs"])
-        rows.append(inputs + [_to_hwc_uint8(sample["target"]), _to_hwc_uint8(sample["prediction"])])
+        inputs = images_uint8(sample["inputs"])
+        rows.append(inputs + [image_uint8(sample["target"]), image_uint8(sample["prediction"])])
     k = max(len(r) for r in rows) - 2
     h, w = rows[0][0].shape[:2]
     cell_w = 2.2
     cell_h = max(0.8, cell_w * h / w) + 0.35
-    fig = _figure(figsize=(cell_w * (k + 2), cell_h * len(rows)))
+    fig = new_figure(figsize=(cell_w * (k + 2), cell_h * len(rows)))
     axes = fig.subplots(len(rows), k + 2, squeeze=False)
     titles = [f"input {j + 1}" for j in range(k)] + ["target", "prediction"]
     for r, images in enumerate(rows):
@@ -341,29 +244,10 @@ def plot_samples(samples: list[dict]) -> bytes | None:
             if c == 0:
                 ax.set_ylabel(f"sample {r + 1}", fontsize=9)
     fig.tight_layout()
-    return _fig_png(fig)
+    return figure_png(fig)
 
 
 # ------------------------------------------------------------------------------------ report
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else None  # strict JSON has no NaN/inf
-    if value is None or isinstance(value, str):
-        return value
-    if hasattr(value, "tolist"):
-        return _jsonable(value.tolist())
-    return str(value)
 
 
 def _sample_rows(samples: list[dict]) -> list[dict]:
@@ -379,17 +263,6 @@ def _sample_rows(samples: list[dict]) -> list[dict]:
             }
         )
     return rows
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
-       color: #222; line-height: 1.4; padding: 0 1em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-img { max-width: 100%; border: 1px solid #ddd; }
-.meta td:first-child { font-weight: 600; }
-"""
 
 
 def write_report(
@@ -416,7 +289,7 @@ def write_report(
         written[name] = uri
         return uri
 
-    clean = _jsonable(report)
+    clean = to_jsonable(report)
     report_json = json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     loss_png = plot_loss_curves(metrics_history) if metrics_history else None
@@ -444,7 +317,7 @@ def write_report(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{safe_title}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{CSS}</style></head><body>",
         f"<h1>{safe_title}</h1>",
         f"<p>Generated {html.escape(generated)}. Metric definitions: see the README "
         "(<code>storymm.evaluation.metrics</code>). ✓ means better than the floor (lower error; higher for SSIM, BLEU "

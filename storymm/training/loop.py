@@ -32,7 +32,6 @@ from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
-from storymm.training.validation import Validator
 from storymm.training.stages import (
     STAGES,
     TokenizerInfo,
@@ -42,6 +41,7 @@ from storymm.training.stages import (
     unused_parameters,
     windows_per_step,
 )
+from storymm.training.validation import Validator
 
 log = logging.getLogger(__name__)
 

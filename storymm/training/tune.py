@@ -23,7 +23,6 @@ import logging
 import os
 import time
 
-
 from storymm import storage
 from storymm.config import Config, ConfigError, config_from_dict, parse_value, set_key
 from storymm.errors import UsageError
