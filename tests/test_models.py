@@ -518,3 +518,36 @@ def test_warp_head_learns_to_predict_the_pan_beyond_the_best_input():
     best_input = (batch["frames"] - batch["target_frame"][:, None]).abs().mean((2, 3, 4)).min(1).values.mean()
     l1 = (out["image"] - batch["target_frame"]).abs().mean()
     assert l1 < 0.5 * best_input, (l1, best_input)
+
+
+@pytest.mark.parametrize("image_head", ["copy", "warp"])
+def test_checkpoints_from_before_the_shared_frame_attention_still_load(image_head):
+    """The copy path's two attentions (image, sentence) are one FrameAttention module each now; a
+    state dict with the old parameter names loads into the same model, and the parameter order
+    (what optimiser states are keyed by) is the old one."""
+    from storymm.models.sequence import _OLD_ATTENTION_KEYS
+
+    torch.manual_seed(0)
+    batch = story_batch(b=3, h=24, w=48)
+    model = StoryContinuationModel(small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True,
+                                   image_head=image_head).eval()
+    new_to_old = {new: old for old, new in _OLD_ATTENTION_KEYS.items()}
+
+    def old_name(key: str) -> str:
+        return next((new_to_old[p] + key[len(p):] for p in new_to_old if key.startswith(p)), key)
+
+    old_state = {old_name(k): v for k, v in model.state_dict().items()}
+    assert "copy_query.weight" in old_state and "text_copy_pos.weight" in old_state
+    torch.manual_seed(1)
+    fresh = StoryContinuationModel(small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True,
+                                   image_head=image_head).eval()
+    fresh.load_state_dict(old_state)  # strict: every old key found its new place
+    with torch.no_grad():
+        a = model(batch["frames"], batch["tokens"], batch["target_tokens"])
+        b = fresh(batch["frames"], batch["tokens"], batch["target_tokens"])
+    for key in ("image", "copy_weights", "text_copy_weights", "text_latent"):
+        assert torch.equal(a[key], b[key]), key
+    names = [old_name(n) for n, _ in model.named_parameters()]
+    assert names.index("copy_query.weight") < names.index("copy_key.weight") < names.index("copy_pos.weight")
+    assert names.index("copy_gate_bias.weight") < names.index("text_copy_query.weight")
+    assert names.index("text_copy_pos.weight") < names.index("text_copy_gate.weight")

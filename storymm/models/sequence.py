@@ -48,6 +48,50 @@ from .visual import VisualAutoencoder
 IMAGE_HEADS = ("copy", "warp")
 
 
+class FrameAttention(nn.Module):
+    """Where to look among the K input frames: a query from the story context against keys made of
+    each frame's GRU output and latent, plus an embedding of how many frames back it is (so "two
+    back", the A-B-A-B shot, is learnable). The copy path asks it twice: which input image to copy
+    and which input sentence."""
+
+    def __init__(self, context_dim: int, hidden_dim: int, latent_dim: int, max_frames: int):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.query = nn.Linear(context_dim, hidden_dim)
+        self.key = nn.Linear(hidden_dim + latent_dim, hidden_dim)
+        self.position = nn.Embedding(max_frames, hidden_dim)  # index = frames back from the last
+
+    def scores(self, context: torch.Tensor, gru_out: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """``[B,K]`` scaled dot-product scores (before the softmax)."""
+        k = latents.shape[1]
+        if k > self.position.num_embeddings:
+            raise ValueError(f"copy path supports at most {self.position.num_embeddings} input frames, got {k}")
+        back = torch.arange(k - 1, -1, -1, device=latents.device)
+        keys = self.key(torch.cat([gru_out, latents], dim=-1)) + self.position(back)
+        return torch.einsum("bh,bkh->bk", self.query(context), keys) / math.sqrt(self.hidden_dim)
+
+
+#: Parameter names before the two copy attentions became :class:`FrameAttention` modules; old
+#: checkpoints load through this map (the parameter order, which optimiser states rely on, is kept).
+_OLD_ATTENTION_KEYS = {
+    "copy_query.": "image_attention.query.",
+    "copy_key.": "image_attention.key.",
+    "copy_pos.": "image_attention.position.",
+    "text_copy_query.": "text_attention.query.",
+    "text_copy_key.": "text_attention.key.",
+    "text_copy_pos.": "text_attention.position.",
+}
+
+
+def _rename_old_attention_keys(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_ATTENTION_KEYS.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
+
+
 class StoryContinuationModel(nn.Module):
     def __init__(
         self,
@@ -90,9 +134,7 @@ class StoryContinuationModel(nn.Module):
 
         if self.copy_path:
             self.max_frames = int(max_frames)
-            self.copy_query = nn.Linear(2 * hd, hd)
-            self.copy_key = nn.Linear(hd + dv, hd)
-            self.copy_pos = nn.Embedding(self.max_frames, hd)  # index = frames back from the last
+            self.image_attention = FrameAttention(2 * hd, hd, dv, self.max_frames)
             if image_head == "warp":
                 self.motion = MotionWarp(context_frames, 2 * hd)
                 # [generated, warped, inside-the-frame mask]: new name, so copy checkpoints keep theirs.
@@ -104,10 +146,9 @@ class StoryContinuationModel(nn.Module):
                     nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 1, 3, padding=1)
                 )
             self.copy_gate_bias = nn.Linear(2 * hd, 1)
-            self.text_copy_query = nn.Linear(2 * hd, hd)
-            self.text_copy_key = nn.Linear(hd + dt, hd)
-            self.text_copy_pos = nn.Embedding(self.max_frames, hd)
+            self.text_attention = FrameAttention(2 * hd, hd, dt, self.max_frames)
             self.text_copy_gate = nn.Linear(2 * hd, 1)
+            self.register_load_state_dict_pre_hook(_rename_old_attention_keys)
 
     # ------------------------------------------------------------------------------------------
     def freeze_autoencoders(self, flag: bool = True) -> None:
@@ -161,11 +202,7 @@ class StoryContinuationModel(nn.Module):
         if not self.copy_path:
             return {"text_latent": generated}
         t = c["frame_text_latents"]
-        k = t.shape[1]
-        back = torch.arange(k - 1, -1, -1, device=t.device)
-        keys = self.text_copy_key(torch.cat([c["gru_out"], t], dim=-1)) + self.text_copy_pos(back)
-        query = self.text_copy_query(c["ctx"])
-        weights = torch.softmax(torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim), dim=-1)
+        weights = torch.softmax(self.text_attention.scores(c["ctx"], c["gru_out"], t), dim=-1)
         copied = torch.einsum("bk,bkd->bd", weights, t)
         gate = torch.sigmoid(self.text_copy_gate(c["ctx"]))
         return {
@@ -233,13 +270,7 @@ class StoryContinuationModel(nn.Module):
         return out
 
     def _copy(self, frames: torch.Tensor, c: dict[str, torch.Tensor], generated: torch.Tensor) -> dict[str, torch.Tensor]:
-        b, k = frames.shape[:2]
-        if k > self.max_frames:
-            raise ValueError(f"copy path supports at most {self.max_frames} input frames, got {k}")
-        back = torch.arange(k - 1, -1, -1, device=frames.device)  # frames back from the last
-        keys = self.copy_key(torch.cat([c["gru_out"], c["frame_visual_latents"]], dim=-1)) + self.copy_pos(back)
-        query = self.copy_query(c["ctx"])
-        scores = torch.einsum("bh,bkh->bk", query, keys) / math.sqrt(self.hidden_dim)
+        scores = self.image_attention.scores(c["ctx"], c["gru_out"], c["frame_visual_latents"])
         extra: dict[str, torch.Tensor] = {}
         candidates = frames
         if self.image_head == "warp":
