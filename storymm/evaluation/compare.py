@@ -20,6 +20,7 @@ from storymm import storage
 from storymm.errors import StorymmError
 from storymm.evaluation.metrics import CONTROL_METRICS, HIGHER_IS_BETTER
 from storymm.evaluation.render import CSS, fmt, is_finite_number, md_cell, to_jsonable
+from storymm.training.run import RunFolder
 
 INFO_KEYS = ("verdict", "run", "step", "checkpoint", "split", "windows", "created")
 MODEL_KEYS = ("fusion", "copy_path", "visual_latent", "text_latent")
@@ -71,7 +72,7 @@ def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = 
     out = []
     for (uri, _, report), name in zip(loaded, final):
         if report is None:
-            if not storage.exists(storage.join(uri, "run.json")):
+            if not RunFolder(uri).exists():
                 raise CompareError(f"{storage.redact(uri)} holds neither a report.json nor a run (run.json)")
             if data_uri is None:
                 raise CompareError(

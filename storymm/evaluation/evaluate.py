@@ -19,9 +19,8 @@ from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.evaluation.metrics import EvalAccumulator, median_image
 from storymm.evaluation.report import verdict_line, write_report
-from storymm.training import checkpoint
-from storymm.training.loop import TrainingError, read_metrics, read_run
 from storymm.training.losses import text_cross_entropy_sum
+from storymm.training.run import RunFolder, TrainingError
 from storymm.training.runtime import Runtime
 from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, loader_options
 
@@ -31,16 +30,17 @@ log = logging.getLogger(__name__)
 def load_sequence_model(run_uri: str, tokens: TokenizerInfo, which: str = "latest"):
     """The run's record (``run.json``), its config and sequence model from the ``latest`` (or
     ``best``, by validation loss) checkpoint (eval mode, on CPU), and the checkpoint step."""
-    run = read_run(run_uri)
+    folder = RunFolder(run_uri)
+    run = folder.read_record()
     if run["stage"] != "sequence":
         raise TrainingError(f"{storage.redact(run_uri)} is a {run['stage']} run; evaluate takes a sequence run")
     config = config_from_dict(run["config"])
     if which == "best":
-        state = checkpoint.load_best(run_uri, purpose="evaluating")
+        state = folder.load_best(purpose="evaluating")
         if state is None:
             raise TrainingError(f"{storage.redact(run_uri)} has no 'best' checkpoint (no validation ran)")
     elif which == "latest":
-        state = checkpoint.load_latest(run_uri, purpose="evaluating")
+        state = folder.load_latest(purpose="evaluating")
     else:
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
     if state is None:
@@ -206,10 +206,10 @@ def evaluate(
     }
     report["verdict"] = verdict_line(report)
     if out_uri is not None:
-        history = {"sequence": read_metrics(run_uri)}
+        history = {"sequence": RunFolder(run_uri).read_metrics()}
         for parent in run.get("init_from", []):
             try:
-                history[read_run(parent)["stage"]] = read_metrics(parent)
+                history[RunFolder(parent).stage] = RunFolder(parent).read_metrics()
             except Exception as err:  # a moved parent run only costs its curve
                 log.warning("no loss curve for %s: %s", storage.redact(parent), err)
         write_report(report, out_uri, metrics_history=history, samples=samples,

@@ -430,7 +430,7 @@ def train(
             if saving is not None:
                 save(saving)
             if improved and runtime.is_main:
-                checkpoint.mark_best(run_uri, position.step, validator.key, validator.best)
+                run.mark_best(position.step, validator.key, validator.best)
             if saving in ("completed", "stopped"):
                 status = saving
                 break

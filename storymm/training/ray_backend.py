@@ -30,6 +30,7 @@ import torch
 from storymm import storage
 from storymm.config import Config, config_from_dict
 from storymm.training.loop import TrainingError
+from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime, effective_precision
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,7 @@ class RayRuntime(Runtime):
 
 
 def _record_attempt(run_uri: str, runtime: RayRuntime, hosts: list) -> None:
-    from storymm.training import checkpoint
-
-    latest = checkpoint.latest_uri(run_uri)
+    latest = RunFolder(run_uri).latest_checkpoint_uri()
     start_step = 0
     if latest is not None:
         start_step = int(storage.basename(latest).split("-")[1].split(".")[0])
@@ -242,9 +241,6 @@ def run_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from storymm.training import checkpoint
-    from storymm.training.loop import read_metrics
-
     workers = parse_workers(workers)
     v2 = train_v2()
     if isinstance(workers, tuple) and not v2:
@@ -294,8 +290,8 @@ def run_ray(
         trainer.fit()
     except Exception as err:  # TrainingFailedError and friends: keep the message, drop Ray's wrapping
         raise RayBackendError(f"Ray Train run failed for {storage.redact(run_uri)}: {err}") from err
-    state = checkpoint.load_latest(run_uri, purpose="summarising")
-    metrics = read_metrics(run_uri)
+    state = RunFolder(run_uri).load_latest(purpose="summarising")
+    metrics = RunFolder(run_uri).read_metrics()
     step = int(state["step"]) if state else 0
     return {
         "stage": stage,

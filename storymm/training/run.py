@@ -96,6 +96,13 @@ class RunFolder:
     def save_checkpoint(self, state: dict, step: int) -> str:
         return checkpoint.save(self.uri, state, step)
 
+    def load_best(self, purpose: str = "loading") -> dict | None:
+        """The checkpoint with the best validation score (``train.<stage>.eval_every``), if any."""
+        return checkpoint.load_best(self.uri, purpose=purpose)
+
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        checkpoint.mark_best(self.uri, step, metric, value)
+
 
 def read_run(run_uri: str) -> dict:
     """``run.json`` of the run at ``run_uri``."""

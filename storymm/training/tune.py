@@ -26,6 +26,7 @@ import time
 from storymm import storage
 from storymm.config import Config, ConfigError, config_from_dict, parse_value, set_key
 from storymm.errors import UsageError
+from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES
 
@@ -217,7 +218,6 @@ def compare_trials(summary: dict, runs_uri: str, data_uri: str, out_uri: str, *,
     """Evaluate every trial run that has a checkpoint (sequence sweeps) and write one comparison
     (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric and floor."""
     from storymm.evaluation.compare import compare
-    from storymm.training import checkpoint
 
     if summary["stage"] != "sequence":
         raise ValueError(f"--evaluate scores sequence models; this sweep trained {summary['stage']}")
@@ -225,7 +225,7 @@ def compare_trials(summary: dict, runs_uri: str, data_uri: str, out_uri: str, *,
     for trial in summary["trials"]:
         name = trial_name(trial["params"])
         run = storage.join(runs_uri, name)
-        if checkpoint.latest_uri(run) is None:
+        if RunFolder(run).latest_checkpoint_uri() is None:
             log.warning("trial %s has no checkpoint: left out of the comparison", name)
             continue
         names.append(name)
