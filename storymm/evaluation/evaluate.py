@@ -197,7 +197,7 @@ def evaluate(
         "split": split,
         "step": step,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"fusion": config.model.fusion, "copy_path": config.model.copy_path,
+        "model": {"fusion": config.model.fusion, "copy_path": config.model.copy_path, "image_head": config.model.image_head,
                   "visual_latent": config.model.visual_latent, "text_latent": config.model.text_latent},
         "generation": {"temperature": temperature, "top_p": top_p},
         "checkpoint": checkpoint_name,
