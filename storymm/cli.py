@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     report_commands = report.add_subparsers(dest="report_command", required=True)
     url = report_commands.add_parser("url", help="print a link to a report page (presigned for s3://)")
     url.add_argument("uri", metavar="REPORT_URI", help="report folder, nightly folder or .html page")
-    url.add_argument("--expires", type=_expires, default=3600, help="seconds the presigned link is valid (default 3600)")
+    url.add_argument("--expires", type=_expires, default=3600,
+                     help="seconds the presigned link is valid (default 3600)")
     url.set_defaults(handler=cmd_report_url)
     return parser
 

@@ -406,10 +406,12 @@ def ensure_bucket(uri: str) -> None:
         loc.fs.create_dir(bucket)
 
 
+@_retrying
 def open_input_file(uri: str):
-    """A seekable random-access file (what pyarrow.parquet wants for streaming row groups)."""
+    """A seekable random-access file (what pyarrow.parquet wants for streaming row groups). Only
+    opening is retried; reads through it are the caller's (shards are read with ``read_bytes``)."""
     loc = locate(uri)
-    return _retrying(loc.fs.open_input_file)(loc.path)
+    return loc.fs.open_input_file(loc.path)
 
 
 def safe_name(text: str, keep: str = "._-") -> str:

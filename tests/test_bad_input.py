@@ -74,7 +74,8 @@ def _train(data: str, run: str = "{w}/new-runs/{name}", *extra: str) -> list[str
 CASES = [
     # ---- configuration and arguments
     Case("yaml_syntax", ["train", "--stage", "visual_ae", "--data", "{w}/data", "--run", "{w}/new-runs/y",
-                         "--config", "{w}/configs/broken.yaml"], ["broken.yaml", "not valid YAML", "line 4", "fix the file"]),
+                         "--config", "{w}/configs/broken.yaml"],
+         ["broken.yaml", "not valid YAML", "line 4", "fix the file"]),
     Case("config_not_mapping", ["prepare", "--source", "{w}/src", "--out", "{w}/new-data",
                                 "--config", "{w}/configs/list.yaml"], ["list.yaml", "mapping"]),
     Case("config_missing", ["prepare", "--source", "{w}/src", "--out", "{w}/data", "--config", "{w}/nope.yaml"],
