@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness the tes
 
 import torch  # noqa: E402
 
-from storymm import storage
+from storymm import storage  # noqa: E402
 from storymm.data import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402

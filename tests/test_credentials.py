@@ -41,7 +41,7 @@ def _context(data: bytes, width: int = 150) -> list[str]:
     """Where the keys occur (masked), so a failure says which component wrote them."""
     text = data.decode("utf-8", "replace")
     spots = []
-    for key, mask in ((ACCESS_KEY, "<ACCESS-KEY>"), (SECRET_KEY, "<SECRET>")):
+    for key, _mask in ((ACCESS_KEY, "<ACCESS-KEY>"), (SECRET_KEY, "<SECRET>")):
         at = text.find(key)
         if at >= 0:
             spots.append(text[max(0, at - width):at + len(key) + 40].replace(ACCESS_KEY, "<ACCESS-KEY>")

@@ -117,18 +117,18 @@ def test_loss_weights_defaults():
     assert (w.l1, w.mse, w.gradient, w.context, w.text, w.alignment, w.infonce) == (1, 0, 0.1, 0.5, 1, 0.1, 0)
 
 
-def _seq_outputs(b=4, h=12, w=20, v=11, l=6, d=8):
+def _seq_outputs(b=4, h=12, w=20, v=11, length=6, d=8):
     torch.manual_seed(0)
     out = {
         "image": torch.rand(b, 3, h, w, requires_grad=True),
         "context": torch.rand(b, 3, 3, 5, requires_grad=True),
-        "text_logits": torch.randn(b, l - 1, v, requires_grad=True),
+        "text_logits": torch.randn(b, length - 1, v, requires_grad=True),
         "visual_latent": torch.randn(b, d, requires_grad=True),
         "text_latent": torch.randn(b, d, requires_grad=True),
         "target_visual_latent": torch.randn(b, d),
         "target_text_latent": torch.randn(b, d),
     }
-    tt = torch.randint(1, v, (b, l))
+    tt = torch.randint(1, v, (b, length))
     tt[:, -2:] = PAD
     batch = {"target_frame": torch.rand(b, 3, h, w), "target_tokens": tt}
     return out, batch

@@ -331,14 +331,14 @@ def small_story_model(fusion="gate", copy_path=False, size=(16, 24)) -> StoryCon
 @pytest.mark.parametrize("copy_path", [False, True])
 def test_sequence_shapes(copy_path):
     torch.manual_seed(0)
-    b, k, l = 3, 4, 8
+    b, k, length = 3, 4, 8
     m = small_story_model(copy_path=copy_path, size=(17, 27))
-    batch = story_batch(b=b, k=k, h=17, w=27, length=l)
+    batch = story_batch(b=b, k=k, h=17, w=27, length=length)
     out = m(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"])
     expected = {
         "image": (b, 3, 17, 27),
         "context": (b, 3, 5, 7),
-        "text_logits": (b, l - 1, VOCAB),
+        "text_logits": (b, length - 1, VOCAB),
         "visual_latent": (b, 32),
         "text_latent": (b, 32),
         "attention": (b, k),

@@ -412,9 +412,9 @@ class WindowLoader:
         """[frames of the table's stories, max_tags] hashed tag ids, 0-padded."""
         columns = [table.column(c).to_pylist() for c in TAG_COLUMNS]
         rows = [
-            hash_tags(o, a, l, self.tag_vocab, self.max_tags)
+            hash_tags(objects, actions, locations, self.tag_vocab, self.max_tags)
             for story in zip(*columns)
-            for o, a, l in zip(*story)
+            for objects, actions, locations in zip(*story)
         ]
         out = np.zeros((len(rows), self.max_tags), dtype=np.int64)
         for index, ids in enumerate(rows):
