@@ -121,18 +121,28 @@ def main(argv=None) -> int:
     height, width = dataset.height, dataset.width
     context = dataset.manifest["context_frames"]
 
-    ours = WindowLoader(dataset, args.split, batch_size=args.batch_size, context_frames=context,
-                        max_tokens=config.data.max_tokens, seed=0, shuffle_buffer=config.data.shuffle_buffer)
+    ours = WindowLoader(
+        dataset,
+        args.split,
+        batch_size=args.batch_size,
+        context_frames=context,
+        max_tokens=config.data.max_tokens,
+        seed=0,
+        shuffle_buffer=config.data.shuffle_buffer,
+    )
     ours_rate, ours_windows = _rate(_repeat(ours), args.seconds)
 
     rows = [row for batch in open_source(source_uri).iter_batches("train") for row in batch]
     reference = PerItemReference(rows, dataset.tokenizer.tokenizer, context, (height, width), config.data.max_tokens)
-    loader = torch.utils.data.DataLoader(reference, batch_size=args.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        reference, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     ref_rate, ref_windows = _rate(_repeat(loader), args.seconds)
 
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(f"data: {storage.redact(args.data)} ({args.split}, {height}x{width}, K={context}, B={args.batch_size})")
     print(f"storymm WindowLoader      : {ours_rate:10.1f} windows/s ({ours_windows} windows)")
     print(f"per-item reference (course): {ref_rate:10.1f} windows/s ({ref_windows} windows)")

@@ -35,8 +35,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from storymm.data import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
+from storymm.data import synth  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 
 
@@ -52,11 +52,13 @@ def jpeg_source(out: str, stories: int) -> float:
                 for image in row["images"]:
                     buffer = io.BytesIO()
                     with Image.open(io.BytesIO(image["bytes"])) as picture:
-                        pixels = np.asarray(picture.convert("RGB").resize((512, 288), Image.Resampling.BICUBIC),
-                                            dtype=np.float32)
+                        pixels = np.asarray(
+                            picture.convert("RGB").resize((512, 288), Image.Resampling.BICUBIC), dtype=np.float32
+                        )
                     grain = rng.normal(0.0, 4.0, pixels.shape)  # film grain: JPEGs the size of real frames
                     Image.fromarray(np.clip(pixels + grain, 0, 255).astype(np.uint8)).save(
-                        buffer, format="JPEG", quality=85)
+                        buffer, format="JPEG", quality=85
+                    )
                     image["bytes"], image["path"] = buffer.getvalue(), image["path"].replace(".png", ".jpg")
                     sizes.append(len(image["bytes"]))
             pq.write_table(pa.Table.from_pylist(rows, schema=synth.SOURCE_SCHEMA), path)
@@ -124,15 +126,21 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"ray {ray.__version__}")
-    print(f"source: {stories} stories, {frames} kept frames, JPEG 512x288 ~{frame_bytes / 1024:.1f} KB/frame; "
-          f"output {config.data.image_height}x{config.data.image_width}, tokenizer {config.data.tokenizer}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"ray {ray.__version__}"
+    )
+    print(
+        f"source: {stories} stories, {frames} kept frames, JPEG 512x288 ~{frame_bytes / 1024:.1f} KB/frame; "
+        f"output {config.data.image_height}x{config.data.image_width}, tokenizer {config.data.tokenizer}"
+    )
     identical = len(set(digests.values())) == 1
     print(f"outputs byte-identical across backends: {identical}")
     for name, seconds in results.items():
-        print(f"{name:18s}: {seconds:6.2f} s  {stories / seconds:6.1f} stories/s  "
-              f"{seconds / stories * 1000:6.1f} ms/story")
+        print(
+            f"{name:18s}: {seconds:6.2f} s  {stories / seconds:6.1f} stories/s  "
+            f"{seconds / stories * 1000:6.1f} ms/story"
+        )
     print(f"Ray start-up (not in the times above): {startup[1]:.1f} s (1 CPU), {startup[2]:.1f} s (2 CPUs)")
     print(f"driver work (encode + sha256 + write the shards): {driver:.2f} s = {driver / stories * 1000:.2f} ms/story")
     one, two = results["ray, 1 worker(s)"], results["ray, 2 worker(s)"]

@@ -7,8 +7,9 @@ One run measures, alternating: the in-process backend (``Runtime``), Ray Train w
 Ray runs, each between two in-process runs, so that drift in the machine's load, e.g. other jobs on
 a shared box, hits both sides alike). Each Ray run is compared with the mean of its two neighbours;
 the reported ratio is the median over rounds. The best run of each side is compared too: other load
-only ever slows a run down, so on a shared machine that is the least disturbed estimate. Both backends train the same stage on the same prepared data with
-the same config and one torch thread (what a Ray CPU worker gets).
+only ever slows a run down, so on a shared machine that is the least disturbed estimate. Both
+backends train the same stage on the same prepared data with the same config and one torch thread
+(what a Ray CPU worker gets).
 
 Steady state: steps/s comes from the run's ``metrics.jsonl`` (each logged window's
 ``samples_per_s``, i.e. steps in the window over the window's wall time), leaving out the first
@@ -80,8 +81,10 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="storymm-ray-bench-")
     ray_tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths live under it
     overrides = [
-        f"data.batch_size={args.batch_size}", f"train.{args.stage}.steps={args.steps}",
-        f"train.{args.stage}.log_every={args.log_every}", f"train.{args.stage}.checkpoint_every={args.steps}",
+        f"data.batch_size={args.batch_size}",
+        f"train.{args.stage}.steps={args.steps}",
+        f"train.{args.stage}.log_every={args.log_every}",
+        f"train.{args.stage}.checkpoint_every={args.steps}",
         f"train.{args.stage}.warmup_steps=5",
     ]
     config = load_config(os.path.join(REPO, "configs", "tiny.yaml"), overrides)
@@ -93,8 +96,7 @@ def main() -> int:
 
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=ray_tmp)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
         results = {}
         plan = [("local-0", "local")]
         for i in range(1, args.rounds + 1):
@@ -106,8 +108,11 @@ def main() -> int:
             wall = time.perf_counter() - started
             rate, windows = steady_steps_per_s(run, per_step, args.log_every, args.skip)
             results[label] = {"backend": backend, "steps_per_s": rate, "windows": windows, "wall_s": wall}
-            print(f"{label:8s} {backend:5s} {rate:7.2f} steps/s steady ({windows} windows of {args.log_every} "
-                  f"steps), whole run {wall:6.1f} s", flush=True)
+            print(
+                f"{label:8s} {backend:5s} {rate:7.2f} steps/s steady ({windows} windows of {args.log_every} "
+                f"steps), whole run {wall:6.1f} s",
+                flush=True,
+            )
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -122,29 +127,51 @@ def main() -> int:
     ray_rate = statistics.mean(r["steps_per_s"] for r in results.values() if r["backend"] == "ray")
     # best of each side: interference from other load only ever slows a run down, so the fastest run
     # of each backend is the least disturbed estimate on a shared machine
-    best = (max(r["steps_per_s"] for r in results.values() if r["backend"] == "ray")
-            / max(r["steps_per_s"] for r in results.values() if r["backend"] == "local"))
+    best = max(r["steps_per_s"] for r in results.values() if r["backend"] == "ray") / max(
+        r["steps_per_s"] for r in results.values() if r["backend"] == "local"
+    )
     from ray.train.v2._internal.constants import is_v2_enabled
 
     # what the Ray runs used: storymm's defaults unless the environment overrides them
-    trainer = (f"Ray Train {'v2' if is_v2_enabled() else 'v1'}, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
-               f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', 'unset (2)')}")
+    trainer = (
+        f"Ray Train {'v2' if is_v2_enabled() else 'v1'}, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="
+        f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', 'unset (2)')}"
+    )
     summary = {
-        "stage": args.stage, "steps": args.steps, "batch_size": args.batch_size, "torch_threads": 1,
-        "results": results, "local_mean_steps_per_s": local, "ray_mean_steps_per_s": ray_rate,
-        "round_ratios": ratios, "ray_over_local": ratio, "best_ray_over_best_local": best,
-        "overhead": 1 - ratio, "cpus": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "ray": ray.__version__, "trainer": trainer,
+        "stage": args.stage,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "torch_threads": 1,
+        "results": results,
+        "local_mean_steps_per_s": local,
+        "ray_mean_steps_per_s": ray_rate,
+        "round_ratios": ratios,
+        "ray_over_local": ratio,
+        "best_ray_over_best_local": best,
+        "overhead": 1 - ratio,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "trainer": trainer,
     }
     print(f"\ntrainer: {trainer}")
-    print(f"means: in-process {local:.2f} steps/s, ray {ray_rate:.2f} steps/s; per-round ray/in-process "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"ray / in-process (median of rounds) = {ratio:.3f}  ->  overhead {100 * (1 - ratio):.1f}% "
-          f"(target < 15%: {'met' if 1 - ratio < 0.15 else 'NOT met'})")
-    print(f"best Ray run / best in-process run = {best:.3f}  ->  overhead {100 * (1 - best):.1f}% "
-          "(the least disturbed estimate when other jobs share the machine)")
-    print("steady state: logged windows after the first "
-          f"{args.skip} (worker start-up excluded; ray.train.report per logged step included)")
+    print(
+        f"means: in-process {local:.2f} steps/s, ray {ray_rate:.2f} steps/s; per-round ray/in-process "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}"
+    )
+    print(
+        f"ray / in-process (median of rounds) = {ratio:.3f}  ->  overhead {100 * (1 - ratio):.1f}% "
+        f"(target < 15%: {'met' if 1 - ratio < 0.15 else 'NOT met'})"
+    )
+    print(
+        f"best Ray run / best in-process run = {best:.3f}  ->  overhead {100 * (1 - best):.1f}% "
+        "(the least disturbed estimate when other jobs share the machine)"
+    )
+    print(
+        "steady state: logged windows after the first "
+        f"{args.skip} (worker start-up excluded; ray.train.report per logged step included)"
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)

@@ -35,10 +35,23 @@ def _free_port() -> int:
 
 
 def _train_args(data: str, run: str, steps: int, log_every: int) -> list[str]:
-    sets = [f"train.sequence.steps={steps}", f"train.sequence.log_every={log_every}",
-            "train.sequence.checkpoint_every=100000", "data.batch_size=16"]
-    return ["--config", str(ROOT / "configs/tiny.yaml"), "--stage", "sequence", "--data", data, "--run", run,
-            *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"train.sequence.steps={steps}",
+        f"train.sequence.log_every={log_every}",
+        "train.sequence.checkpoint_every=100000",
+        "data.batch_size=16",
+    ]
+    return [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--stage",
+        "sequence",
+        "--data",
+        data,
+        "--run",
+        run,
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def command(variant: str, data: str, run: str, steps: int, log_every: int) -> tuple[list[str], dict]:
@@ -49,8 +62,20 @@ def command(variant: str, data: str, run: str, steps: int, log_every: int) -> tu
     if variant.startswith("accelerate"):
         procs = int(variant[-1])
         env["ACCELERATE_USE_CPU"] = "true"
-        launch = [str(BIN / "accelerate"), "launch", "--num_processes", str(procs), "--num_machines", "1",
-                  "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launch = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         launch += ["--multi_gpu"] if procs > 1 else ["--cpu"]
         return [*launch, str(ROOT / "jobs/train.py"), *args, "--backend", "accelerate"], env
     if variant.startswith("ray"):
@@ -85,13 +110,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="storymm-bench-scaling-")
     source, data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
-    subprocess.run([PY, "-m", "storymm.cli", "synth", "--out", source, "--stories", str(args.stories)],
-                   check=True, cwd=ROOT, capture_output=True)
-    subprocess.run([PY, "-m", "storymm.cli", "prepare", "--source", source, "--out", data, "--config",
-                    str(ROOT / "configs/tiny.yaml")], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [PY, "-m", "storymm.cli", "synth", "--out", source, "--stories", str(args.stories)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "storymm.cli",
+            "prepare",
+            "--source",
+            source,
+            "--out",
+            data,
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     log_every = max(5, args.steps // 6)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; tiny config, batch 16 per worker, "
-          f"1 torch thread per process, {args.steps} steps")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; tiny config, batch 16 per worker, "
+        f"1 torch thread per process, {args.steps} steps"
+    )
     results = {}
     for variant in args.variants.split(","):
         run = os.path.join(scratch, f"run-{variant}")
@@ -105,8 +151,10 @@ def main(argv=None) -> int:
         rate, world = steady_rate(run)
         results[variant] = rate
         ratio = rate / results["local"] if "local" in results else float("nan")
-        print(f"{variant:12s} world {world}: {rate:8.1f} samples/s  x{ratio:.2f} vs in-process  "
-              f"(wall {wall:.0f} s incl. start-up)")
+        print(
+            f"{variant:12s} world {world}: {rate:8.1f} samples/s  x{ratio:.2f} vs in-process  "
+            f"(wall {wall:.0f} s incl. start-up)"
+        )
     grad_bytes = allreduce_bytes(data)
     print(f"all-reduce per step: {grad_bytes / 1e6:.2f} MB of fp32 gradients (tiny config)")
     return 0

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness the tes
 import torch  # noqa: E402
 
 from storymm import storage  # noqa: E402
-from storymm.data import synth  # noqa: E402
 from storymm.config import load_config  # noqa: E402
+from storymm.data import synth  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training.loop import read_metrics, train  # noqa: E402
 
@@ -65,7 +65,7 @@ class DelayProxy:
         self._tasks: set[asyncio.Task] = set()
         self.port = 0
 
-    def __enter__(self) -> "DelayProxy":
+    def __enter__(self) -> DelayProxy:
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("delay proxy did not start")
@@ -86,8 +86,7 @@ class DelayProxy:
         self._tasks.add(task)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(LOOPBACK, self.upstream_port)
-            await asyncio.gather(self._pipe(client_reader, upstream_writer),
-                                 self._pipe(upstream_reader, client_writer))
+            await asyncio.gather(self._pipe(client_reader, upstream_writer), self._pipe(upstream_reader, client_writer))
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -186,14 +185,23 @@ def main(argv=None) -> int:
     from s3server import SeaweedS3Server
 
     scratch = tempfile.mkdtemp(prefix="storymm-bench-latency-")
-    config = load_config(os.path.join(REPO, "configs/tiny.yaml"), [
-        f"data.rows_per_shard={args.rows_per_shard}", f"data.shuffle_buffer={args.shuffle_buffer}",
-        f"data.batch_size={BATCH}", f"data.prefetch_chunks={args.prefetch_chunks}",
-        f"train.sequence.steps={args.steps}", "train.sequence.log_every=10",
-        f"train.sequence.checkpoint_every={10**6}", "train.sequence.warmup_steps=5",
-    ])
-    saved_env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                  "AWS_REGION", "AWS_ENDPOINT_URL_S3")}
+    config = load_config(
+        os.path.join(REPO, "configs/tiny.yaml"),
+        [
+            f"data.rows_per_shard={args.rows_per_shard}",
+            f"data.shuffle_buffer={args.shuffle_buffer}",
+            f"data.batch_size={BATCH}",
+            f"data.prefetch_chunks={args.prefetch_chunks}",
+            f"train.sequence.steps={args.steps}",
+            "train.sequence.log_every=10",
+            f"train.sequence.checkpoint_every={10**6}",
+            "train.sequence.warmup_steps=5",
+        ],
+    )
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
+    }
     try:
         source, local_data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
         synth.synthesize(source, args.stories, seed=0, progress=False)
@@ -226,13 +234,19 @@ def main(argv=None) -> int:
                         rates[name].append(steady_steps_per_s(run, BATCH))
                     s3_pass = passes.message
 
-        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-              f"{args.threads} torch thread(s), {datetime.date.today().isoformat()}")
-        print(f"data: {args.stories} synthetic stories, {shards} train shards of {args.rows_per_shard} stories, "
-              f"shuffle_buffer {args.shuffle_buffer} windows, batch {BATCH}, {args.steps} steps, "
-              f"prefetch_chunks {args.prefetch_chunks}")
-        print(f"S3 request round trip (HEAD): direct {direct_ms:.1f} ms, through the proxy {delayed_ms:.1f} ms "
-              f"(+{args.latency_ms:g} ms each way)")
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{args.threads} torch thread(s), {datetime.date.today().isoformat()}"
+        )
+        print(
+            f"data: {args.stories} synthetic stories, {shards} train shards of {args.rows_per_shard} stories, "
+            f"shuffle_buffer {args.shuffle_buffer} windows, batch {BATCH}, {args.steps} steps, "
+            f"prefetch_chunks {args.prefetch_chunks}"
+        )
+        print(
+            f"S3 request round trip (HEAD): direct {direct_ms:.1f} ms, through the proxy {delayed_ms:.1f} ms "
+            f"(+{args.latency_ms:g} ms each way)"
+        )
         print(f"S3 run, loader's last pass: {s3_pass}")
         local, remote = max(rates["local"]), max(rates["s3"])  # other load only slows a run: best of rounds
         print(f"local disk : {local:.2f} steps/s (rounds: {', '.join(f'{r:.2f}' for r in rates['local'])})")

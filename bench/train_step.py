@@ -45,10 +45,17 @@ from storymm.training.stages import TokenizerInfo, build_model, loss_weights
 
 
 def _loader(dataset, config):
-    return WindowLoader(dataset, "train", batch_size=config.data.batch_size,
-                        context_frames=config.data.context_frames, max_tokens=config.data.max_tokens,
-                        windows=config.data.windows, shuffle=True, seed=config.seed,
-                        shuffle_buffer=config.data.shuffle_buffer)
+    return WindowLoader(
+        dataset,
+        "train",
+        batch_size=config.data.batch_size,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        windows=config.data.windows,
+        shuffle=True,
+        seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+    )
 
 
 def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
@@ -92,8 +99,18 @@ class GpuUtilisation:
         self.proc = None
         if torch.cuda.is_available() and shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200",
-                 "-i", str(torch.cuda.current_device())], stdout=subprocess.PIPE, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                    "-i",
+                    str(torch.cuda.current_device()),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         return self
 
     def __exit__(self, *exc):
@@ -148,8 +165,10 @@ def main(argv=None) -> int:
     source = os.path.join(scratch, "source")
     synth.synthesize(source, args.stories, seed=0, progress=False)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}"
+    )
     results = []
     for path in args.configs.split(","):
         name = os.path.splitext(os.path.basename(path))[0]
@@ -162,12 +181,20 @@ def main(argv=None) -> int:
         epoch_windows = len(_loader(dataset, config)) * config.data.batch_size
         feed = loader_rate(config, dataset, seconds=5.0)
         row = {
-            "config": name, "image": f"{config.data.image_height}x{config.data.image_width}",
-            "batch": config.data.batch_size, "vocab": dataset.manifest["tokenizer"]["vocab_size"],
-            "reference_samples_per_s": ref, "storymm_samples_per_s": ours, "loop_vs_reference": ours / ref,
-            "loader_windows_per_s": feed, "loader_vs_step": feed / ours,
-            "gflops_per_sample": flops / 1e9, "achieved_gflops_per_s": flops * ours / 1e9,
-            "epoch_windows": epoch_windows, "epoch_s": epoch_windows / ours, "gpu_utilisation": utilisation,
+            "config": name,
+            "image": f"{config.data.image_height}x{config.data.image_width}",
+            "batch": config.data.batch_size,
+            "vocab": dataset.manifest["tokenizer"]["vocab_size"],
+            "reference_samples_per_s": ref,
+            "storymm_samples_per_s": ours,
+            "loop_vs_reference": ours / ref,
+            "loader_windows_per_s": feed,
+            "loader_vs_step": feed / ours,
+            "gflops_per_sample": flops / 1e9,
+            "achieved_gflops_per_s": flops * ours / 1e9,
+            "epoch_windows": epoch_windows,
+            "epoch_s": epoch_windows / ours,
+            "gpu_utilisation": utilisation,
         }
         results.append(row)
         print(f"{name} ({row['image']}, batch {row['batch']}, vocab {row['vocab']}):")
@@ -175,8 +202,10 @@ def main(argv=None) -> int:
         print(f"  storymm loop, streaming shards      : {ours:8.1f} samples/s  ratio {ours / ref:.2f}x")
         print(f"  WindowLoader alone                  : {feed:8.1f} windows/s ratio {feed / ours:.1f}x the step")
         print(f"  model FLOPs {flops / 1e9:.3f} GFLOP/sample (fwd+bwd), achieved {flops * ours / 1e9:.2f} GFLOP/s")
-        print(f"  epoch of {epoch_windows} train windows: {epoch_windows / ours:.1f} s, 5 epochs "
-              f"{5 * epoch_windows / ours:.1f} s" + (f"; GPU utilisation {utilisation:.0f}%" if utilisation else ""))
+        print(
+            f"  epoch of {epoch_windows} train windows: {epoch_windows / ours:.1f} s, 5 epochs "
+            f"{5 * epoch_windows / ours:.1f} s" + (f"; GPU utilisation {utilisation:.0f}%" if utilisation else "")
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -81,7 +81,11 @@ def _workers(text: str) -> int | tuple[int, int]:
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/*.yaml); defaults when omitted")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set data.batch_size=16 (repeatable)",
     )
 
@@ -110,8 +114,14 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = run_training(
-        config, args.stage, args.data, args.run, backend=args.backend, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, init_from=args.init_from,
+        config,
+        args.stage,
+        args.data,
+        args.run,
+        backend=args.backend,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        init_from=args.init_from,
     )
     print(f"{summary['stage']}: {summary['status']} at step {summary['step']} -> {summary['run']}")
     return EXIT_STOPPED if summary["status"] == "stopped" else 0
@@ -120,8 +130,15 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from storymm.evaluation.evaluate import evaluate, format_summary
 
-    report = evaluate(args.run, args.data, args.split, args.out, temperature=args.temperature, top_p=args.top_p,
-                      checkpoint_name=args.checkpoint)
+    report = evaluate(
+        args.run,
+        args.data,
+        args.split,
+        args.out,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        checkpoint_name=args.checkpoint,
+    )
     if report:
         print(format_summary(report))
         if args.out:
@@ -142,8 +159,9 @@ def cmd_experiment(args) -> int:
     from storymm.experiment import run_experiment
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    run_experiment(args.data, args.work, names, args.overrides, split=args.split, backend=args.backend,
-                   workers=args.workers)
+    run_experiment(
+        args.data, args.work, names, args.overrides, split=args.split, backend=args.backend, workers=args.workers
+    )
     return 0
 
 
@@ -153,8 +171,14 @@ def cmd_tune(args) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = run_tune(
-        config, args.stage, args.data, args.runs, args.out, grid=parse_grid(args.grid) or None,
-        max_concurrent=args.max_concurrent, grace_steps=args.grace_steps,
+        config,
+        args.stage,
+        args.data,
+        args.runs,
+        args.out,
+        grid=parse_grid(args.grid) or None,
+        max_concurrent=args.max_concurrent,
+        grace_steps=args.grace_steps,
     )
     print(results_markdown(summary))
     print(f"results: {args.out}")
@@ -178,8 +202,9 @@ def cmd_nightly(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
 
-    night = run_nightly(args.runs, args.data, args.reports, tolerance_uri=args.tolerance, date=args.date,
-                        split=args.split)
+    night = run_nightly(
+        args.runs, args.data, args.reports, tolerance_uri=args.tolerance, date=args.date, split=args.split
+    )
     print("\n".join(night["lines"]))
     return night["exit_code"]
 
@@ -211,16 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--stories", type=_positive_int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frames", type=_frames_range, default=(8, 14), help="frames per story, MIN-MAX")
-    synth.add_argument("--scene", choices=("shapes", "pan"), default="shapes",
-                       help="shapes: a shape moving over a flat background per shot; pan: a camera panning "
-                            "(and zooming) over a textured world")
+    synth.add_argument(
+        "--scene",
+        choices=("shapes", "pan"),
+        default="shapes",
+        help="shapes: a shape moving over a flat background per shot; pan: a camera panning "
+        "(and zooming) over a textured world",
+    )
     synth.set_defaults(handler=cmd_synth)
 
     prep = commands.add_parser("prepare", help="validate, resize and tokenize stories into shards")
     prep.add_argument("--source", required=True, help="hub id (hf:NAME or owner/name) or a folder/URI of parquet")
     prep.add_argument("--out", required=True, help="dataset folder or URI")
-    prep.add_argument("--backend", choices=["local", "ray"], default="local",
-                      help="local: threads in this process; ray: decode/resize/tokenize as Ray tasks (same output)")
+    prep.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: threads in this process; ray: decode/resize/tokenize as Ray tasks (same output)",
+    )
     prep.add_argument("--workers", type=int, default=None, help="ray: tasks at a time (and CPUs of a local Ray)")
     _add_config_args(prep)
     prep.set_defaults(handler=cmd_prepare)
@@ -230,11 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="prepared dataset URI")
     train.add_argument("--run", required=True, help="run URI (checkpoints, metrics)")
     train.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
-    train.add_argument("--workers", type=_workers, default=1,
-                       help="data-parallel workers (ray): N, or MIN-MAX for elastic training (Ray Train v2)")
+    train.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="data-parallel workers (ray): N, or MIN-MAX for elastic training (Ray Train v2)",
+    )
     train.add_argument("--gpus-per-worker", type=float, default=0.0)
-    train.add_argument("--init-from", nargs="*", default=[], metavar="RUN_URI",
-                       help="visual_ae / text_ae runs whose weights the sequence stage starts from")
+    train.add_argument(
+        "--init-from",
+        nargs="*",
+        default=[],
+        metavar="RUN_URI",
+        help="visual_ae / text_ae runs whose weights the sequence stage starts from",
+    )
     _add_config_args(train)
     train.set_defaults(handler=cmd_train)
 
@@ -245,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="report folder or URI (report.json, report.html, plots)")
     evaluate.add_argument("--temperature", type=_temperature, help="sampling temperature (default: greedy)")
     evaluate.add_argument("--top-p", type=_top_p, help="nucleus sampling mass, in (0, 1]")
-    evaluate.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
-                          help="the latest checkpoint, or the best by validation loss (train.sequence.eval_every)")
+    evaluate.add_argument(
+        "--checkpoint",
+        default="latest",
+        choices=["latest", "best"],
+        help="the latest checkpoint, or the best by validation loss (train.sequence.eval_every)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")
@@ -257,13 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(handler=cmd_pipeline)
 
     experiment = commands.add_parser(
-        "experiment", help="train and evaluate several configs on the same data; WORK/reports/comparison.md")
+        "experiment", help="train and evaluate several configs on the same data; WORK/reports/comparison.md"
+    )
     experiment.add_argument("--data", required=True, help="prepared dataset URI (shared by every config)")
     experiment.add_argument("--work", required=True, help="work URI: runs/<config>/<stage>, reports/<config>/")
-    experiment.add_argument("--configs", default="baseline,gate,gate_retrained",
-                            help="comma-separated config names (configs/<name>.yaml) or YAML paths")
-    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override applied to every config (repeatable)")
+    experiment.add_argument(
+        "--configs",
+        default="baseline,gate,gate_retrained",
+        help="comma-separated config names (configs/<name>.yaml) or YAML paths",
+    )
+    experiment.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every config (repeatable)",
+    )
     experiment.add_argument("--split", default="test", choices=["train", "val", "test"])
     experiment.add_argument("--backend", default="local", choices=["local", "ray", "accelerate"])
     experiment.add_argument("--workers", type=_positive_int, default=1)
@@ -274,21 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True, help="prepared dataset URI")
     tune.add_argument("--runs", required=True, help="URI under which each trial gets its run folder")
     tune.add_argument("--out", required=True, help="reports folder or URI for tune.md and tune.json")
-    tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                      help="config key and values to sweep (repeatable; all combinations); "
-                           "default model.visual_latent=16,32,64,128")
+    tune.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="config key and values to sweep (repeatable; all combinations); default model.visual_latent=16,32,64,128",
+    )
     tune.add_argument("--max-concurrent", type=_positive_int, default=2, help="trials running at once")
     tune.add_argument("--grace-steps", type=_positive_int, help="ASHA grace period in steps (default steps/4)")
-    tune.add_argument("--evaluate", action="store_true",
-                      help="sequence sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
-                           "(all metrics and floors side by side)")
+    tune.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="sequence sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
+        "(all metrics and floors side by side)",
+    )
     tune.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for --evaluate")
     _add_config_args(tune)
     tune.set_defaults(handler=cmd_tune)
     nightly = commands.add_parser(
-        "nightly", help="evaluate each run's latest checkpoint, update the nightly index, flag regressions",
+        "nightly",
+        help="evaluate each run's latest checkpoint, update the nightly index, flag regressions",
         description="Exit codes: 0 nothing regressed, 3 a metric regressed beyond tolerance, "
-                    "4 an evaluation failed (recorded as failed), 2 bad arguments.")
+        "4 an evaluation failed (recorded as failed), 2 bad arguments.",
+    )
     nightly.add_argument("--runs", nargs="+", required=True, metavar="RUN_URI", help="sequence runs to evaluate")
     nightly.add_argument("--data", required=True, help="prepared dataset URI")
     nightly.add_argument("--reports", required=True, help="reports URI; nights go under REPORTS/nightly/<date>/")
@@ -298,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.set_defaults(handler=cmd_nightly)
 
     comp = commands.add_parser("compare", help="side-by-side table of reports (or runs) as Markdown and HTML")
-    comp.add_argument("sources", nargs="+", metavar="RUN_OR_REPORT_URI",
-                      help="report folders (report.json) or sequence runs (evaluated on --data first)")
+    comp.add_argument(
+        "sources",
+        nargs="+",
+        metavar="RUN_OR_REPORT_URI",
+        help="report folders (report.json) or sequence runs (evaluated on --data first)",
+    )
     comp.add_argument("--out", required=True, help="folder or URI for compare.md, compare.html, compare.json")
     comp.add_argument("--names", help="column names, comma-separated (default: last path component)")
     comp.add_argument("--data", help="prepared dataset URI, to evaluate sources that are runs")
@@ -310,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     report_commands = report.add_subparsers(dest="report_command", required=True)
     url = report_commands.add_parser("url", help="print a link to a report page (presigned for s3://)")
     url.add_argument("uri", metavar="REPORT_URI", help="report folder, nightly folder or .html page")
-    url.add_argument("--expires", type=_expires, default=3600,
-                     help="seconds the presigned link is valid (default 3600)")
+    url.add_argument(
+        "--expires", type=_expires, default=3600, help="seconds the presigned link is valid (default 3600)"
+    )
     url.set_defaults(handler=cmd_report_url)
     return parser
 

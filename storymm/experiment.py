@@ -135,8 +135,15 @@ def run_experiment(
     for index, (name, config) in enumerate(loaded.items(), start=1):
         runs = {stage: storage.join(work_uri, "runs", name, stage) for stage in STAGES}
         prefix = f"[{index}/{len(loaded)} {name}]"
-        train_stages(config, data_uri, runs, backend=backend, workers=workers, progress=progress,
-                     announce=lambda stage, uri, prefix=prefix: say(f"{prefix} training {stage} -> {storage.redact(uri)}"))
+        train_stages(
+            config,
+            data_uri,
+            runs,
+            backend=backend,
+            workers=workers,
+            progress=progress,
+            announce=lambda stage, uri, prefix=prefix: say(f"{prefix} training {stage} -> {storage.redact(uri)}"),
+        )
         report_uri = storage.join(reports_uri, name)
         say(f"[{index}/{len(loaded)} {name}] evaluating on {split} -> {storage.redact(report_uri)}")
         report = evaluate(runs["sequence"], data_uri, split, report_uri, progress=progress)

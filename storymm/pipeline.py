@@ -48,8 +48,9 @@ def _needs_prepare(data_uri: str, config: Config) -> bool:
     return wanted != have
 
 
-def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers: int = 1,
-                 say=print, progress: bool = True) -> dict:
+def run_pipeline(
+    config: Config, work_uri: str, backend: str = "local", workers: int = 1, say=print, progress: bool = True
+) -> dict:
     started = time.perf_counter()
     source = storage.join(work_uri, "source")
     data = storage.join(work_uri, "data")
@@ -60,11 +61,15 @@ def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers:
     if not storage.list_files(storage.join(source, "train"), suffix=".parquet"):
         from storymm.data.synth import synthesize
 
-        say(f"[1/6] synthesising {config.synth.stories} {config.synth.scene} stories "
-            f"into {storage.redact(source)}")
-        synthesize(source, config.synth.stories, seed=config.seed,
-                   frames=(config.synth.frames_min, config.synth.frames_max), scene=config.synth.scene,
-                   progress=progress)
+        say(f"[1/6] synthesising {config.synth.stories} {config.synth.scene} stories into {storage.redact(source)}")
+        synthesize(
+            source,
+            config.synth.stories,
+            seed=config.seed,
+            frames=(config.synth.frames_min, config.synth.frames_max),
+            scene=config.synth.scene,
+            progress=progress,
+        )
     else:
         say(f"[1/6] source stories already in {storage.redact(source)}")
 
@@ -80,8 +85,15 @@ def run_pipeline(config: Config, work_uri: str, backend: str = "local", workers:
         "sequence": storage.join(runs, f"sequence-{fusion}"),
     }
     numbers = {"visual_ae": 3, "text_ae": 4, "sequence": 5}
-    train_stages(config, data, stage_runs, backend=backend, workers=workers, progress=progress,
-                 announce=lambda stage, uri: say(f"[{numbers[stage]}/6] training {stage} -> {storage.redact(uri)}"))
+    train_stages(
+        config,
+        data,
+        stage_runs,
+        backend=backend,
+        workers=workers,
+        progress=progress,
+        announce=lambda stage, uri: say(f"[{numbers[stage]}/6] training {stage} -> {storage.redact(uri)}"),
+    )
 
     say(f"[6/6] evaluating on the test split -> {storage.redact(report_uri)}")
     report = evaluate(stage_runs["sequence"], data, "test", report_uri, progress=progress)

@@ -224,8 +224,10 @@ def _s3_settings() -> tuple:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # The credentials are only part of the cache key (new variables, new filesystem), never passed on.
-    credentials = tuple(os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                           "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    credentials = tuple(
+        os.environ.get(name)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    )
     return endpoint, region, hash(credentials)
 
 
@@ -366,7 +368,7 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
         name = posixpath.basename(info.path)
         if name.startswith(".tmp-"):
             continue
-        relative = info.path[len(prefix):] if info.path.startswith(prefix) else name
+        relative = info.path[len(prefix) :] if info.path.startswith(prefix) else name
         out.append(join(uri, relative))
     return sorted(out)
 

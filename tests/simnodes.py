@@ -55,45 +55,69 @@ class SimNodes:
         self.bucket = "storymm"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLURM_", "RAY_"))}
         self.env.update(
-            STORYMM_SLURM_DIR=self.dir, STORYMM_NODES_PREFIX=self.prefix, STORYMM_NODES_SUBNET=self.subnet,
-            STORYMM_SLURMD_TIMEOUT=str(slurmd_timeout), STORYMM_S3_BUCKET=self.bucket,
-            AWS_ACCESS_KEY_ID="AK" + secrets.token_hex(8).upper(), AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(24),
-            AWS_REGION="us-east-1", OMP_NUM_THREADS="1",
+            STORYMM_SLURM_DIR=self.dir,
+            STORYMM_NODES_PREFIX=self.prefix,
+            STORYMM_NODES_SUBNET=self.subnet,
+            STORYMM_SLURMD_TIMEOUT=str(slurmd_timeout),
+            STORYMM_S3_BUCKET=self.bucket,
+            AWS_ACCESS_KEY_ID="AK" + secrets.token_hex(8).upper(),
+            AWS_SECRET_ACCESS_KEY=secrets.token_urlsafe(24),
+            AWS_REGION="us-east-1",
+            OMP_NUM_THREADS="1",
             PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}:/usr/sbin:/sbin",
         )
 
     def ip(self, node: str) -> str:
         return f"{self.subnet}.{node.removeprefix('node')}"
 
-    def up(self) -> "SimNodes":
+    def up(self) -> SimNodes:
         started = time.monotonic()
-        out = subprocess.run([str(LOCAL / "up.sh"), "--nodes", str(self.nodes)], env=self.env, cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(LOCAL / "up.sh"), "--nodes", str(self.nodes)],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"up.sh --nodes {self.nodes} failed:\n{out.stdout}\n{out.stderr}")
         for name, value in re.findall(r"^export (\w+)=(\S+)$", out.stdout, re.M):
             self.env[name] = value
         assert self.env.get("SLURM_CONF") and self.env.get("AWS_ENDPOINT_URL"), out.stdout
-        print(f"{self.nodes} simulated nodes up in {time.monotonic() - started:.1f}s "
-              f"({self.prefix}, {self.subnet}.0/24)")
+        print(
+            f"{self.nodes} simulated nodes up in {time.monotonic() - started:.1f}s ({self.prefix}, {self.subnet}.0/24)"
+        )
         return self
 
     def down(self) -> None:
-        subprocess.run([str(LOCAL / "down.sh"), "--purge"], env=self.env, cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
-        left = [n for n in os.listdir("/run/netns") if n.startswith(self.prefix + "-")] \
-            if os.path.isdir("/run/netns") else []
+        subprocess.run(
+            [str(LOCAL / "down.sh"), "--purge"], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        left = (
+            [n for n in os.listdir("/run/netns") if n.startswith(self.prefix + "-")]
+            if os.path.isdir("/run/netns")
+            else []
+        )
         assert not left, f"down.sh left namespaces {left}"
 
     # ------------------------------------------------------------------ commands on a node
 
-    def on(self, node: str, *cmd: str, env: dict | None = None, timeout: float = 120,
-           check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(LOCAL / "on"), node, *cmd], env={**self.env, **(env or {})}, cwd=REPO,
-                             capture_output=True, text=True, timeout=timeout)
+    def on(
+        self, node: str, *cmd: str, env: dict | None = None, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            [str(LOCAL / "on"), node, *cmd],
+            env={**self.env, **(env or {})},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and out.returncode != 0:
-            raise AssertionError(f"on {node} {' '.join(cmd)} -> {out.returncode}\n{out.stdout[-3000:]}\n"
-                                 f"{out.stderr[-3000:]}")
+            raise AssertionError(
+                f"on {node} {' '.join(cmd)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            )
         return out
 
     def python(self, node: str, code: str, timeout: float = 120):
@@ -103,7 +127,9 @@ class SimNodes:
 
     def upload(self, local_dir: str, uri: str) -> None:
         """Copy a local folder to s3:// on the nodes' S3 server (from node1)."""
-        self.python("node1", f"""
+        self.python(
+            "node1",
+            f"""
             import json, os, boto3
             bucket, _, prefix = {uri!r}.removeprefix("s3://").partition("/")
             client, n = boto3.client("s3"), 0
@@ -112,11 +138,14 @@ class SimNodes:
                     path = os.path.join(root, name)
                     client.upload_file(path, bucket, prefix + "/" + os.path.relpath(path, {local_dir!r}))
                     n += 1
-            print(json.dumps(n))""")
+            print(json.dumps(n))""",
+        )
 
     def run_state(self, run: str) -> dict:
         """run.json, metrics and the latest checkpoint's step/status/world size of an S3 run."""
-        return self.python("node1", f"""
+        return self.python(
+            "node1",
+            f"""
             import json
             from storymm.training import checkpoint
             from storymm.training.loop import read_metrics, read_run
@@ -126,21 +155,24 @@ class SimNodes:
             print(json.dumps({{
                 "run": read_run(run), "metrics": read_metrics(run),
                 "latest": None if state is None else {{"step": int(state["step"]), "status": state["status"],
-                           "world_size": int(state["data_position"]["world_size"])}}}}))""")
+                           "world_size": int(state["data_position"]["world_size"])}}}}))""",
+        )
 
     def node(self, action: str, node: str) -> None:
-        subprocess.run([str(LOCAL / "node"), action, node], env=self.env, check=True, timeout=60,
-                       capture_output=True)
+        subprocess.run([str(LOCAL / "node"), action, node], env=self.env, check=True, timeout=60, capture_output=True)
 
     def s3_text(self, uri: str) -> str | None:
         """An object's text on the nodes' S3 server, or None (boto3 only: quick enough to poll)."""
-        return self.python("node1", f"""
+        return self.python(
+            "node1",
+            f"""
             import json, boto3
             bucket, _, key = {uri!r}.removeprefix("s3://").partition("/")
             try:
                 print(json.dumps(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()))
             except Exception:
-                print("null")""")
+                print("null")""",
+        )
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):

@@ -29,8 +29,9 @@ def small_config(*extra: str, base: str = "tiny") -> Config:
     return load_config(ROOT / f"configs/{base}.yaml", SMALL + list(extra))
 
 
-def small_dataset(root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None,
-                  scene: str = "shapes") -> str:
+def small_dataset(
+    root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None, scene: str = "shapes"
+) -> str:
     """Synthesise ``stories`` of ``scene`` into ``<root>/src`` and prepare them into ``<root>/data``
     (local or s3://) with ``config`` (default ``small_config()``); returns the data URI."""
     src, data = storage.join(root, "src"), storage.join(root, "data")

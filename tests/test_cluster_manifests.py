@@ -62,8 +62,17 @@ def test_runtime_env_is_valid_for_ray(runtime_env):
 
 
 def test_launcher_config_for_gpu_nodes(launcher):
-    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
-                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "max_workers",
+        "provider",
+        "auth",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in launcher, key
     provider = launcher["provider"]
     assert provider["type"] == "aws" and provider["region"]
@@ -138,7 +147,7 @@ def test_documented_commands_are_valid(launcher):
     lines = [line.lstrip("# ").rstrip("\\").strip() for line in text.splitlines() if line.startswith("#")]
     joined = " ".join(lines)
     start = joined.index("python jobs/train.py")
-    command = joined[start:joined.index("ray down")]
+    command = joined[start : joined.index("ray down")]
     args = _train_args(command)
     assert args.workers >= 1 and args.gpus_per_worker == 1
     assert (REPO / "cluster" / "runtime_env.yaml").exists() and "--runtime-env cluster/runtime_env.yaml" in joined

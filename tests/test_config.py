@@ -41,7 +41,8 @@ def test_overrides_are_typed():
 def test_base_chain_merges_sections_and_replaces_values(tmp_path):
     (tmp_path / "parent.yaml").write_text(
         "data:\n  batch_size: 5\n  image_height: 40\nmodel:\n  visual_channels: [8, 16, 32]\n"
-        "train:\n  sequence: {steps: 50, lr: 0.01}\n")
+        "train:\n  sequence: {steps: 50, lr: 0.01}\n"
+    )
     (tmp_path / "child.yaml").write_text("base: parent\ndata:\n  batch_size: 6\ntrain:\n  sequence: {steps: 70}\n")
     (tmp_path / "grandchild.yaml").write_text("base: child.yaml\nmodel:\n  visual_channels: [4, 8]\n")
     config = load_config(tmp_path / "grandchild.yaml", ["data.image_height=44"])
@@ -63,7 +64,10 @@ def test_shipped_seed_configs_state_only_differences_from_gate():
         ({"a.yaml": "base: missing.yaml\n"}, r"base 'missing.yaml' not found"),
         ({"a.yaml": "base: b\n", "b.yaml": "base: a\n"}, r"base chain loops"),
         ({"a.yaml": "base: [x]\n"}, r"base must name another config file"),
-        ({"a.yaml": "data:\n  batch_size: [1\n"}, r"a\.yaml: not valid YAML \(.* at line \d+, column \d+\): fix the file"),
+        (
+            {"a.yaml": "data:\n  batch_size: [1\n"},
+            r"a\.yaml: not valid YAML \(.* at line \d+, column \d+\): fix the file",
+        ),
         ({"a.yaml": "base: b\n", "b.yaml": "data: {batch_size: 3\n"}, r"b\.yaml: not valid YAML"),
     ],
 )
@@ -91,8 +95,10 @@ def test_set_and_grid_follow_the_same_rules():
     assert grid == {"model.visual_latent": [16, 32], "loss.gradient": [0, 0.1], "model.fusion": ["gate", "concat"]}
     base = load_config("configs/tiny.yaml").to_dict()
     assert trial_config(base, {"model.visual_latent": 32}).model.visual_latent == 32
-    for bad, message in [({"model.visual_latnt": 32}, r"model\.visual_latnt: unknown key"),
-                         ({"seed.x": 1}, r"seed is not a section")]:
+    for bad, message in [
+        ({"model.visual_latnt": 32}, r"model\.visual_latnt: unknown key"),
+        ({"seed.x": 1}, r"seed is not a section"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             trial_config(base, bad)
         with pytest.raises(ConfigError, match=message):

@@ -22,10 +22,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from test_ray import RayHead
 
 from s3server import AWS_VARS_TO_CLEAR, SeaweedS3Server, _quiet_boto, point_storage_at
 from small import SMALL, small_config, small_dataset
-from test_ray import RayHead
 
 REPO = Path(__file__).resolve().parents[1]
 ACCESS_KEY = "AKLEAKCHECK" + secrets.token_hex(5).upper()
@@ -44,8 +44,11 @@ def _context(data: bytes, width: int = 150) -> list[str]:
     for key, _mask in ((ACCESS_KEY, "<ACCESS-KEY>"), (SECRET_KEY, "<SECRET>")):
         at = text.find(key)
         if at >= 0:
-            spots.append(text[max(0, at - width):at + len(key) + 40].replace(ACCESS_KEY, "<ACCESS-KEY>")
-                         .replace(SECRET_KEY, "<SECRET>"))
+            spots.append(
+                text[max(0, at - width) : at + len(key) + 40]
+                .replace(ACCESS_KEY, "<ACCESS-KEY>")
+                .replace(SECRET_KEY, "<SECRET>")
+            )
     return spots
 
 
@@ -113,30 +116,83 @@ def test_ray_train_tune_nightly_and_report_url_store_no_credentials(tmp_path, mo
         outputs: dict[str, str] = {}
 
         def storymm(name: str, *args: str) -> subprocess.CompletedProcess:
-            result = subprocess.run([sys.executable, "-m", "storymm.cli", "-v", *args], env=env, cwd=work,
-                                    capture_output=True, text=True, timeout=180)
+            result = subprocess.run(
+                [sys.executable, "-m", "storymm.cli", "-v", *args],
+                env=env,
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             outputs[name] = result.stdout + result.stderr
             assert result.returncode == 0, f"{name}:\n{outputs[name][-4000:]}"
             return result
 
-        config = ["--config", str(REPO / "configs/tiny.yaml"), *[a for s in SMALL for a in ("--set", s)],
-                  "--set", "eval.median_windows=20", "--set", "eval.samples=2"]
+        config = [
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            *[a for s in SMALL for a in ("--set", s)],
+            "--set",
+            "eval.median_windows=20",
+            "--set",
+            "eval.samples=2",
+        ]
         run = f"{root}/runs/seq"
-        storymm("train", "train", "--backend", "ray", "--workers", "1", "--stage", "sequence", "--data", data,
-                "--run", run, *config, "--set", "train.sequence.steps=4", "--set", "train.sequence.checkpoint_every=2",
-                "--set", "train.sequence.log_every=2", "--set", "train.sequence.warmup_steps=1")
-        storymm("tune", "tune", "--stage", "visual_ae", "--data", data, "--runs", f"{root}/tune-runs",
-                "--out", f"{root}/tune-out", "--grid", "model.visual_latent=16", *config,
-                "--set", "train.visual_ae.steps=2", "--set", "train.visual_ae.log_every=1",
-                "--set", "train.visual_ae.warmup_steps=1")
+        storymm(
+            "train",
+            "train",
+            "--backend",
+            "ray",
+            "--workers",
+            "1",
+            "--stage",
+            "sequence",
+            "--data",
+            data,
+            "--run",
+            run,
+            *config,
+            "--set",
+            "train.sequence.steps=4",
+            "--set",
+            "train.sequence.checkpoint_every=2",
+            "--set",
+            "train.sequence.log_every=2",
+            "--set",
+            "train.sequence.warmup_steps=1",
+        )
+        storymm(
+            "tune",
+            "tune",
+            "--stage",
+            "visual_ae",
+            "--data",
+            data,
+            "--runs",
+            f"{root}/tune-runs",
+            "--out",
+            f"{root}/tune-out",
+            "--grid",
+            "model.visual_latent=16",
+            *config,
+            "--set",
+            "train.visual_ae.steps=2",
+            "--set",
+            "train.visual_ae.log_every=1",
+            "--set",
+            "train.visual_ae.warmup_steps=1",
+        )
         storymm("nightly", "nightly", "--runs", run, "--data", data, "--reports", f"{root}/reports", "--date", DATE)
         link = storymm("report url", "report", "url", f"{root}/reports/nightly").stdout.strip().splitlines()[-1]
 
         # every object in the bucket
         with _quiet_boto():
             client = server.client()
-            keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                    for obj in page.get("Contents", [])]
+            keys = [
+                obj["Key"]
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for obj in page.get("Contents", [])
+            ]
             objects = {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
         leaked_objects = {key: _leaks(body) for key, body in objects.items() if _leaks(body)}
         assert leaked_objects == {}, leaked_objects

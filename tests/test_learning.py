@@ -61,8 +61,15 @@ def test_warp_head_predicts_camera_pans_beyond_the_best_input_frame(tmp_path):
     report = evaluate(run, data, "test", None, progress=False)
 
     windows = two_back = best = 0.0
-    loader = WindowLoader(PreparedDataset(data), "test", batch_size=64, context_frames=config.data.context_frames,
-                          max_tokens=config.data.max_tokens, shuffle=False, equalize=False)
+    loader = WindowLoader(
+        PreparedDataset(data),
+        "test",
+        batch_size=64,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        shuffle=False,
+        equalize=False,
+    )
     for batch in loader:
         per_input = (batch["frames"] - batch["target_frame"][:, None]).abs().mean((2, 3, 4))  # [B,K]
         two_back += per_input[:, -2].sum().item()

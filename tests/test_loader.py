@@ -44,7 +44,7 @@ def test_windows_are_consecutive_frames_of_one_story(dataset):
         frames.update({row["story_id"]: row["sentences"] for row in table})
     for story_id, inputs, target in zip(batch["story_ids"], batch["input_sentences"], batch["target_sentences"]):
         sentences = frames[story_id]
-        starts = [i for i in range(len(sentences) - 4) if sentences[i:i + 4] == inputs]
+        starts = [i for i in range(len(sentences) - 4) if sentences[i : i + 4] == inputs]
         assert any(sentences[i + 4] == target for i in starts)
     for (story_id, start), target in zip(batch["window_ids"], batch["target_sentences"]):
         assert frames[story_id][start + 4] == target
@@ -52,8 +52,10 @@ def test_windows_are_consecutive_frames_of_one_story(dataset):
 
 def _global_steps(dataset, world: int, global_batch: int, epoch: int, start_window: int = 0, **kw) -> list[list]:
     """Per global step, the window ids of all ranks' batches in rank order (rank 0's slice first)."""
-    loaders = [_loader(dataset, rank=r, world_size=world, batch_size=global_batch // world, with_ids=True, **kw)
-               for r in range(world)]
+    loaders = [
+        _loader(dataset, rank=r, world_size=world, batch_size=global_batch // world, with_ids=True, **kw)
+        for r in range(world)
+    ]
     for loader in loaders:
         loader.set_epoch(epoch, start_window=start_window)
     per_rank = [[batch["window_ids"] for batch in loader] for loader in loaders]
@@ -100,8 +102,7 @@ def test_epochs_reshuffle_and_first_mode(dataset):
     assert first == [sid for batch in loader for sid in batch["story_ids"]]
     firsts = _loader(dataset, windows="first", equalize=False, with_text=True)
     ids = [sid for batch in firsts for sid in batch["story_ids"]]
-    assert len(ids) == len(set(ids)) == sum(
-        1 for s in dataset.shards("train") for n in s["frame_counts"] if n >= 5)
+    assert len(ids) == len(set(ids)) == sum(1 for s in dataset.shards("train") for n in s["frame_counts"] if n >= 5)
 
 
 def test_resume_mid_epoch_gives_the_same_batches(dataset):

@@ -141,8 +141,13 @@ def test_sequence_loss_terms_and_total():
     assert set(terms) == {"l1", "mse", "gradient", "context", "text", "text_accuracy", "alignment", "infonce", "total"}
     assert all(isinstance(v, float) for v in terms.values())
     recomputed = (
-        w.l1 * terms["l1"] + w.mse * terms["mse"] + w.gradient * terms["gradient"] + w.context * terms["context"]
-        + w.text * terms["text"] + w.alignment * terms["alignment"] + w.infonce * terms["infonce"]
+        w.l1 * terms["l1"]
+        + w.mse * terms["mse"]
+        + w.gradient * terms["gradient"]
+        + w.context * terms["context"]
+        + w.text * terms["text"]
+        + w.alignment * terms["alignment"]
+        + w.infonce * terms["infonce"]
     )
     assert total.item() == pytest.approx(recomputed, rel=1e-5)
     assert terms["total"] == pytest.approx(total.item(), rel=1e-6)

@@ -102,9 +102,7 @@ def test_ssim_matches_skimage_and_small_window():
     acc.update(**b)
     p = b["pred_image"].permute(0, 2, 3, 1).double().numpy()
     t = b["target_image"].permute(0, 2, 3, 1).double().numpy()
-    want = np.mean(
-        [structural_similarity(p[i], t[i], data_range=1.0, channel_axis=-1, win_size=7) for i in range(2)]
-    )
+    want = np.mean([structural_similarity(p[i], t[i], data_range=1.0, channel_axis=-1, win_size=7) for i in range(2)])
     assert acc.compute()["metrics"]["ssim"] == pytest.approx(want, rel=1e-12)
 
 
@@ -307,8 +305,9 @@ def test_input_floors_exact():
     from skimage.metrics import structural_similarity
 
     def ssim(a, t):
-        return structural_similarity(np.full((H, W, 3), a), np.full((H, W, 3), t), data_range=1.0,
-                                     channel_axis=-1, win_size=7)
+        return structural_similarity(
+            np.full((H, W, 3), a), np.full((H, W, 3), t), data_range=1.0, channel_axis=-1, win_size=7
+        )
 
     assert f["best_input_oracle_ssim"] == pytest.approx((ssim(0.5, 0.45) + ssim(0.6, 0.95)) / 2, rel=1e-9)
     assert f["copy_two_back_ssim"] == pytest.approx((ssim(0.5, 0.45) + ssim(0.5, 0.95)) / 2, rel=1e-9)
@@ -344,16 +343,32 @@ def test_oracle_ties_pick_the_latest_input_and_one_input_has_no_two_back():
 
 
 def test_text_floors_and_retrieval_chance():
-    refs = ["the red square moves left", "a blue circle rises slowly", "the green star spins in place",
-            "an orange box falls down"]
+    refs = [
+        "the red square moves left",
+        "a blue circle rises slowly",
+        "the green star spins in place",
+        "an orange box falls down",
+    ]
     acc = EvalAccumulator()
     b = _batch(4, sentences=(list(refs), list(refs)))
-    b.update(text_ce_sum_true=6.0, text_ce_sum_copy_last=12.0, text_ce_sum_copy_two_back=9.0, text_tokens=3,
-             copy_two_back_sentences=list(refs), copy_last_sentences=["stock prices fell on monday"] * 4)
+    b.update(
+        text_ce_sum_true=6.0,
+        text_ce_sum_copy_last=12.0,
+        text_ce_sum_copy_two_back=9.0,
+        text_tokens=3,
+        copy_two_back_sentences=list(refs),
+        copy_last_sentences=["stock prices fell on monday"] * 4,
+    )
     acc.update(**b)
     b = _batch(2, sentences=(refs[:2], refs[:2]))
-    b.update(text_ce_sum_true=4.0, text_ce_sum_copy_last=3.0, text_ce_sum_copy_two_back=1.0, text_tokens=2,
-             copy_two_back_sentences=refs[:2], copy_last_sentences=["stock prices fell on monday"] * 2)
+    b.update(
+        text_ce_sum_true=4.0,
+        text_ce_sum_copy_last=3.0,
+        text_ce_sum_copy_two_back=1.0,
+        text_tokens=2,
+        copy_two_back_sentences=refs[:2],
+        copy_last_sentences=["stock prices fell on monday"] * 2,
+    )
     acc.update(**b)
     f = acc.compute()["floors"]
     assert f["text_ce_copy_last"] == pytest.approx(15.0 / 5)  # pooled over tokens

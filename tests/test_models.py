@@ -347,8 +347,12 @@ def test_sequence_shapes(copy_path):
     }
     if copy_path:
         expected.update(
-            copy_gate=(b, 1, 17, 27), copy_weights=(b, k), generated_image=(b, 3, 17, 27), copied_image=(b, 3, 17, 27),
-            text_copy_weights=(b, k), text_copy_gate=(b,),
+            copy_gate=(b, 1, 17, 27),
+            copy_weights=(b, k),
+            generated_image=(b, 3, 17, 27),
+            copied_image=(b, 3, 17, 27),
+            text_copy_weights=(b, k),
+            text_copy_gate=(b,),
         )
     assert {key: tuple(v.shape) for key, v in out.items()} == expected
     assert torch.allclose(out["attention"].sum(-1), torch.ones(b))
@@ -428,7 +432,9 @@ def test_sequence_model_learns(fusion):
     perm = torch.roll(torch.arange(labels.shape[0]), 1)
     with torch.no_grad():
         ce_true = text_cross_entropy(out["text_logits"], labels, PAD).item()
-        ce_shuffled = text_cross_entropy(m.text_logits(out["text_latent"][perm], batch["target_tokens"]), labels, PAD).item()
+        ce_shuffled = text_cross_entropy(
+            m.text_logits(out["text_latent"][perm], batch["target_tokens"]), labels, PAD
+        ).item()
     assert ce_true < 0.5 * ce_shuffled, (ce_true, ce_shuffled)
 
 
@@ -450,17 +456,24 @@ def pan_windows(b: int = 16, k: int = 4, h: int = 24, w: int = 48, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     frames, targets, velocities = [], [], []
     for _ in range(b):
-        world = torch.nn.functional.interpolate(torch.rand(1, 3, h // 3 + 4, w // 3 + 12, generator=g),
-                                                size=(h + 12, w + 36), mode="bicubic", align_corners=False)[0]
+        world = torch.nn.functional.interpolate(
+            torch.rand(1, 3, h // 3 + 4, w // 3 + 12, generator=g),
+            size=(h + 12, w + 36),
+            mode="bicubic",
+            align_corners=False,
+        )[0]
         vx, vy = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(-1, 2, (1,), generator=g))
         vx = vx if torch.rand(1, generator=g) < 0.5 else -vx
         x0, y0 = 18 - 2 * vx, 6 - 2 * vy
-        views = [world[:, y0 + t * vy: y0 + t * vy + h, x0 + t * vx: x0 + t * vx + w] for t in range(k + 1)]
+        views = [world[:, y0 + t * vy : y0 + t * vy + h, x0 + t * vx : x0 + t * vx + w] for t in range(k + 1)]
         frames.append(torch.stack(views[:k]))
         targets.append(views[k])
         velocities.append((vx, vy))
-    return {"frames": torch.stack(frames).clamp(0, 1), "target_frame": torch.stack(targets).clamp(0, 1),
-            "velocity": torch.tensor(velocities, dtype=torch.float32)}
+    return {
+        "frames": torch.stack(frames).clamp(0, 1),
+        "target_frame": torch.stack(targets).clamp(0, 1),
+        "velocity": torch.tensor(velocities, dtype=torch.float32),
+    }
 
 
 def warp_story_model(size=(24, 48)) -> StoryContinuationModel:
@@ -529,18 +542,20 @@ def test_checkpoints_from_before_the_shared_frame_attention_still_load(image_hea
 
     torch.manual_seed(0)
     batch = story_batch(b=3, h=24, w=48)
-    model = StoryContinuationModel(small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True,
-                                   image_head=image_head).eval()
+    model = StoryContinuationModel(
+        small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True, image_head=image_head
+    ).eval()
     new_to_old = {new: old for old, new in _OLD_ATTENTION_KEYS.items()}
 
     def old_name(key: str) -> str:
-        return next((new_to_old[p] + key[len(p):] for p in new_to_old if key.startswith(p)), key)
+        return next((new_to_old[p] + key[len(p) :] for p in new_to_old if key.startswith(p)), key)
 
     old_state = {old_name(k): v for k, v in model.state_dict().items()}
     assert "copy_query.weight" in old_state and "text_copy_pos.weight" in old_state
     torch.manual_seed(1)
-    fresh = StoryContinuationModel(small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True,
-                                   image_head=image_head).eval()
+    fresh = StoryContinuationModel(
+        small_visual((24, 48)), small_text(), hidden_dim=64, copy_path=True, image_head=image_head
+    ).eval()
     fresh.load_state_dict(old_state)  # strict: every old key found its new place
     with torch.no_grad():
         a = model(batch["frames"], batch["tokens"], batch["target_tokens"])

@@ -65,8 +65,13 @@ def world(s3_server, tmp_path_factory):
     try:
         run, reports = (storage.join(bucket, n) for n in ("runs/seq", "reports"))
         data = small_dataset(bucket, 40, seed=3, frames=(6, 10), config=small_config())
-        train(small_config("train.sequence.steps=6", "train.sequence.checkpoint_every=3",
-                           "train.sequence.log_every=1"), "sequence", data, run, progress=False)
+        train(
+            small_config("train.sequence.steps=6", "train.sequence.checkpoint_every=3", "train.sequence.log_every=1"),
+            "sequence",
+            data,
+            run,
+            progress=False,
+        )
         nightly_uri = storage.join(reports, "nightly")
         w = {"bucket": bucket, "data": data, "run": run, "reports": reports, "nightly": nightly_uri}
         common = ["--data", data, "--reports", reports]
@@ -101,7 +106,12 @@ def world(s3_server, tmp_path_factory):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         w["rerun"] = subprocess.run(
             [sys.executable, "jobs/nightly_eval.py", "--runs", run, *common, "--date", "2026-01-02"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         w["index_after_rerun"] = read_json(storage.join(nightly_uri, "index.json"))
         w["files_after_rerun"] = storage.list_files(storage.join(nightly_uri, "2026-01-02"), recursive=True)
         w["stale_left"] = storage.exists(stale)
@@ -199,8 +209,9 @@ def test_run_without_checkpoint_is_recorded_as_failed(world, s3_server):
     assert entries["fresh"]["status"] == "failed" and "has no checkpoint" in entries["fresh"]["error"]
     assert entries["fresh"]["report"] is None and entries["seq"]["status"] == "ok"
     assert [n["date"] for n in world["index"]["nights"]] == ["2026-01-03", "2026-01-02", "2026-01-01"]
-    everything = "".join(storage.read_text(u) for u in storage.list_files(world["nightly"], suffix=".json",
-                                                                          recursive=True))
+    everything = "".join(
+        storage.read_text(u) for u in storage.list_files(world["nightly"], suffix=".json", recursive=True)
+    )
     assert s3_server.secret_key not in everything and s3_server.access_key not in everything
 
 
@@ -263,7 +274,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def screenshot(page: Path, png: Path, height: int) -> "np.ndarray":  # noqa: F821
+def screenshot(page: Path, png: Path, height: int) -> np.ndarray:  # noqa: F821
     import numpy as np
     from PIL import Image
 
@@ -272,9 +283,22 @@ def screenshot(page: Path, png: Path, height: int) -> "np.ndarray":  # noqa: F82
         pytest.skip("Debian's chromium is not installed (apt-get install -y --no-install-recommends chromium)")
     profile = png.parent / f"{png.stem}-profile"
     done = subprocess.run(
-        [binary, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
-         f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size=1200,{height}", page.as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            binary,
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--hide-scrollbars",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size=1200,{height}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert png.exists(), f"chromium wrote no screenshot (rc {done.returncode}):\n{done.stderr[-3000:]}"
     return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
 
@@ -322,26 +346,54 @@ def test_chromium_renders_report_and_index(world, tmp_path):
 
 
 def _fake_report(l1: float, bleu: float, run: str) -> dict:
-    return {"run": run, "split": "test", "step": 3, "windows": 12,
-            "metrics": {"image_l1": l1, "image_mse": l1 * l1, "bleu": bleu, "text_ce_shuffled": 3.0},
-            "floors": {"median_image_l1": 0.3, "copy_last_l1": 0.25}}
+    return {
+        "run": run,
+        "split": "test",
+        "step": 3,
+        "windows": 12,
+        "metrics": {"image_l1": l1, "image_mse": l1 * l1, "bleu": bleu, "text_ce_shuffled": 3.0},
+        "floors": {"median_image_l1": 0.3, "copy_last_l1": 0.25},
+    }
 
 
 def test_data_text_is_escaped_everywhere(tmp_path):
     # a report with a sentence from the data that is markup
-    samples = [{"inputs": torch.rand(4, 3, 8, 16), "target": torch.rand(3, 8, 16), "prediction": torch.rand(3, 8, 16),
-                "input_sentences": ["a", "b", "c", EVIL], "target_sentence": EVIL, "generated_sentence": EVIL}]
+    samples = [
+        {
+            "inputs": torch.rand(4, 3, 8, 16),
+            "target": torch.rand(3, 8, 16),
+            "prediction": torch.rand(3, 8, 16),
+            "input_sentences": ["a", "b", "c", EVIL],
+            "target_sentence": EVIL,
+            "generated_sentence": EVIL,
+        }
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     write_report(_fake_report(0.1, 0.4, EVIL), str(a), samples=samples, title=EVIL)
     write_report(_fake_report(0.2, 0.3, "b"), str(b))
     # a comparison whose column names are markup
     assert cli("compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--names", f"{EVIL},b")[0] == 0
     # a night whose run URI is markup (it fails: no dataset) -> its name and error reach the index
-    code, out = cli("nightly", "--runs", str(tmp_path / "runs" / EVIL), "--data", str(tmp_path / "none"),
-                    "--reports", str(tmp_path / "rep"), "--date", "2026-02-01")
+    code, out = cli(
+        "nightly",
+        "--runs",
+        str(tmp_path / "runs" / EVIL),
+        "--data",
+        str(tmp_path / "none"),
+        "--reports",
+        str(tmp_path / "rep"),
+        "--date",
+        "2026-02-01",
+    )
     assert code == nightly.EXIT_FAILED and "FAILED: script:" in out
-    pages = [a / "report.html", a / "report.md", tmp_path / "cmp/compare.html", tmp_path / "cmp/compare.md",
-             tmp_path / "rep/nightly/index.html", tmp_path / "rep/nightly/index.md"]
+    pages = [
+        a / "report.html",
+        a / "report.md",
+        tmp_path / "cmp/compare.html",
+        tmp_path / "cmp/compare.md",
+        tmp_path / "rep/nightly/index.html",
+        tmp_path / "rep/nightly/index.md",
+    ]
     for page in pages:
         text = page.read_text()
         assert "<script" not in text, page
@@ -366,10 +418,14 @@ def test_tolerances_and_directions():
     # improvements and small changes are not regressions; a lower-is-better rise beyond tolerance is
     assert nightly.compare_metrics({"image_l1": 0.1}, {"image_l1": 0.05}, nightly.Tolerances()) == []
     assert nightly.compare_metrics({"image_l1": 0.1}, {"image_l1": 0.104}, nightly.Tolerances()) == []
-    assert [r["metric"] for r in nightly.compare_metrics({"image_l1": 0.1}, {"image_l1": 0.2}, nightly.Tolerances())] \
-        == ["image_l1"]
-    for bad, message in (({"defaults": {}}, "defaults: unknown key"), ({"default": {"relative": -1}}, "relative"),
-                         ({"metrics": {"bleu": {"abs": 1}}}, "metrics.bleu.abs: unknown key")):
+    assert [
+        r["metric"] for r in nightly.compare_metrics({"image_l1": 0.1}, {"image_l1": 0.2}, nightly.Tolerances())
+    ] == ["image_l1"]
+    for bad, message in (
+        ({"defaults": {}}, "defaults: unknown key"),
+        ({"default": {"relative": -1}}, "relative"),
+        ({"metrics": {"bleu": {"abs": 1}}}, "metrics.bleu.abs: unknown key"),
+    ):
         with pytest.raises(ValueError, match=message):
             nightly.parse_tolerances(bad)
     with pytest.raises(ValueError, match="YYYY-MM-DD"):

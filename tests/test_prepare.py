@@ -146,8 +146,10 @@ def test_manifest_checksums_and_split_are_deterministic(messy_dataset, tmp_path)
 
         assert hashlib.sha256((root / "data" / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
     again = prepare(
-        str(root / "source"), str(tmp_path / "again"),
-        load_config(CONFIG, ["data.rows_per_shard=7", "data.val_fraction=0.2"]), progress=False,
+        str(root / "source"),
+        str(tmp_path / "again"),
+        load_config(CONFIG, ["data.rows_per_shard=7", "data.val_fraction=0.2"]),
+        progress=False,
     )
     assert again["shards"] == manifest["shards"]
     ids = [f"s{i}" for i in range(2000)]
@@ -170,8 +172,10 @@ def test_readers_refuse_a_dataset_without_manifest(messy_dataset, tmp_path):
     root, _, _ = messy_dataset
     with pytest.raises(DatasetError, match="manifest.json"):
         PreparedDataset(str(tmp_path))
-    assert PreparedDataset(str(root / "data")).manifest[
-        "schema_version"] == json.loads((root / "data" / MANIFEST_FILE).read_text())["schema_version"]
+    assert (
+        PreparedDataset(str(root / "data")).manifest["schema_version"]
+        == json.loads((root / "data" / MANIFEST_FILE).read_text())["schema_version"]
+    )
 
 
 def test_gdi_parsing_edge_cases():

@@ -14,10 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_prepare import _bad_rows, _good
 
 from storymm.data import synth
-
-from test_prepare import _bad_rows, _good
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,17 +37,34 @@ def _source(root: Path) -> None:
 def _prepare(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    command = [sys.executable, "-m", "storymm.cli", "prepare", "--source", str(source), "--out", str(out),
-               "--config", str(ROOT / "configs/tiny.yaml"), "--set", "data.rows_per_shard=7",
-               "--set", "data.val_fraction=0.2", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "storymm.cli",
+        "prepare",
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--set",
+        "data.rows_per_shard=7",
+        "--set",
+        "data.val_fraction=0.2",
+        *extra,
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow

@@ -81,8 +81,17 @@ class RayHead:
     def __init__(self) -> None:
         # Unix socket paths under the temp dir must stay short: not pytest's long tmp paths.
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-        names = ["gcs", "dashboard", "client", "node_manager", "object_manager", "agent_http", "agent_grpc",
-                 "runtime_env", "metrics"]
+        names = [
+            "gcs",
+            "dashboard",
+            "client",
+            "node_manager",
+            "object_manager",
+            "agent_http",
+            "agent_grpc",
+            "runtime_env",
+            "metrics",
+        ]
         self.ports = dict(zip(names, free_ports(len(names))))
         self.worker_ports = _free_port_block(100, avoid=set(self.ports.values()))
         self.log_path = Path(self.temp_dir) / "ray-start.log"
@@ -104,21 +113,36 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard']}"
 
-    def start(self, timeout: float = 90.0) -> "RayHead":
+    def start(self, timeout: float = 90.0) -> RayHead:
         p = self.ports
         cmd = [
-            RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
-            "--num-cpus=4", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={p['dashboard']}",
-            f"--ray-client-server-port={p['client']}", f"--node-manager-port={p['node_manager']}",
-            f"--object-manager-port={p['object_manager']}", f"--dashboard-agent-listen-port={p['agent_http']}",
-            f"--dashboard-agent-grpc-port={p['agent_grpc']}", f"--runtime-env-agent-port={p['runtime_env']}",
-            f"--metrics-export-port={p['metrics']}", f"--min-worker-port={self.worker_ports[0]}",
-            f"--max-worker-port={self.worker_ports[1]}", f"--temp-dir={self.temp_dir}",
-            "--object-store-memory=200000000", "--disable-usage-stats",
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={p['gcs']}",
+            "--num-cpus=4",
+            "--num-gpus=0",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={p['dashboard']}",
+            f"--ray-client-server-port={p['client']}",
+            f"--node-manager-port={p['node_manager']}",
+            f"--object-manager-port={p['object_manager']}",
+            f"--dashboard-agent-listen-port={p['agent_http']}",
+            f"--dashboard-agent-grpc-port={p['agent_grpc']}",
+            f"--runtime-env-agent-port={p['runtime_env']}",
+            f"--metrics-export-port={p['metrics']}",
+            f"--min-worker-port={self.worker_ports[0]}",
+            f"--max-worker-port={self.worker_ports[1]}",
+            f"--temp-dir={self.temp_dir}",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
         ]
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.temp_dir)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -161,15 +185,32 @@ class RayHead:
     def cli_env(self) -> dict:
         return dict(self.env)
 
-    def submit(self, entrypoint: list[str], env_vars: dict, *, wait: bool, timeout: float = 180,
-               excludes: list[str] | None = None) -> subprocess.CompletedProcess:
+    def submit(
+        self,
+        entrypoint: list[str],
+        env_vars: dict,
+        *,
+        wait: bool,
+        timeout: float = 180,
+        excludes: list[str] | None = None,
+    ) -> subprocess.CompletedProcess:
         runtime_env = {"env_vars": env_vars, **({"excludes": excludes} if excludes else {})}
-        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
-               "--runtime-env-json", json.dumps(runtime_env)]
+        cmd = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+        ]
         if not wait:
             cmd.append("--no-wait")
-        return subprocess.run([*cmd, "--", *entrypoint], env=self.cli_env(), cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [*cmd, "--", *entrypoint], env=self.cli_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
 
     def job_status(self, job_id: str) -> str:
         """The job's status from the job server's REST API (what `ray job status` prints)."""
@@ -177,8 +218,13 @@ class RayHead:
             return json.loads(response.read())["status"]
 
     def job_logs(self, job_id: str) -> str:
-        return subprocess.run([RAY, "job", "logs", "--address", self.dashboard_url, job_id], env=self.cli_env(),
-                              capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run(
+            [RAY, "job", "logs", "--address", self.dashboard_url, job_id],
+            env=self.cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -212,15 +258,37 @@ def _job_env(s3_env_vars: dict, **extra) -> dict:
 
 
 def _aws_env() -> dict:
-    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-            if k in os.environ}
+    return {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+        if k in os.environ
+    }
 
 
 def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int) -> list[str]:
-    return ["python", "jobs/train.py", "--backend", "ray", "--workers", "2", "--stage", stage, "--data", data,
-            "--run", run, *TINY, "--set", f"train.{stage}.steps={steps}",
-            "--set", f"train.{stage}.checkpoint_every={checkpoint_every}",
-            "--set", f"train.{stage}.log_every={log_every}", "--set", f"train.{stage}.warmup_steps=2"]
+    return [
+        "python",
+        "jobs/train.py",
+        "--backend",
+        "ray",
+        "--workers",
+        "2",
+        "--stage",
+        stage,
+        "--data",
+        data,
+        "--run",
+        run,
+        *TINY,
+        "--set",
+        f"train.{stage}.steps={steps}",
+        "--set",
+        f"train.{stage}.checkpoint_every={checkpoint_every}",
+        "--set",
+        f"train.{stage}.log_every={log_every}",
+        "--set",
+        f"train.{stage}.warmup_steps=2",
+    ]
 
 
 def _job_id(output: str) -> str:
@@ -234,8 +302,11 @@ def _train_worker_pids(head: RayHead) -> list[int]:
     """PIDs of the job's live Ray Train workers (from Ray's state API: no hook in storymm)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=head.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"),
-                                                             ("state", "=", "ALIVE")], detail=True)
+    actors = list_actors(
+        address=head.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+    )
     return sorted(int(a.pid) for a in actors)
 
 
@@ -253,8 +324,12 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     # the job runs with the runtime env the cluster manifests use, plus this S3 server's variables
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env()), "STORYMM_TORCH_THREADS": "1"}
-    out = ray_head.submit(_train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
-                          env_vars, wait=True, excludes=runtime_env["excludes"])
+    out = ray_head.submit(
+        _train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
+        env_vars,
+        wait=True,
+        excludes=runtime_env["excludes"],
+    )
     took = time.monotonic() - started
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     job_id = _job_id(out.stdout + out.stderr)
@@ -288,8 +363,12 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
     bucket, data = s3_data
     run = f"{bucket}/runs/ft"
     steps, every = 40, 10
-    out = ray_head.submit(_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
-                          _job_env(_aws_env()), wait=False, timeout=60)
+    out = ray_head.submit(
+        _train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
+        _job_env(_aws_env()),
+        wait=False,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = _job_id(out.stdout + out.stderr)
 
@@ -334,8 +413,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
     assert f"completed at step {steps}" in logs
     # the same job uninterrupted logs exactly the same curve: the restart lost nothing and redid nothing
     reference = f"{bucket}/runs/reference"
-    out = ray_head.submit(_train_entry("visual_ae", data, reference, steps=steps, checkpoint_every=every, log_every=5),
-                          _job_env(_aws_env()), wait=True)
+    out = ray_head.submit(
+        _train_entry("visual_ae", data, reference, steps=steps, checkpoint_every=every, log_every=5),
+        _job_env(_aws_env()),
+        wait=True,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     curve = [{k: v for k, v in m.items() if k != "samples_per_s"} for m in metrics]
     assert curve == [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(reference)]
@@ -348,9 +430,27 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
     runs, out = str(tmp_path / "runs"), str(tmp_path / "reports")
     env = ray_head.cli_env()
     env["RAY_ADDRESS"] = ray_head.gcs_address
-    cmd = [str(BIN / "storymm"), "tune", "--stage", "visual_ae", "--data", data, "--runs", runs, "--out", out,
-           *TINY, "--set", "train.visual_ae.steps=20", "--set", "train.visual_ae.log_every=5",
-           "--set", "train.visual_ae.warmup_steps=2", "--grid", "model.visual_latent=16,64"]
+    cmd = [
+        str(BIN / "storymm"),
+        "tune",
+        "--stage",
+        "visual_ae",
+        "--data",
+        data,
+        "--runs",
+        runs,
+        "--out",
+        out,
+        *TINY,
+        "--set",
+        "train.visual_ae.steps=20",
+        "--set",
+        "train.visual_ae.log_every=5",
+        "--set",
+        "train.visual_ae.warmup_steps=2",
+        "--grid",
+        "model.visual_latent=16,64",
+    ]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((Path(out) / "tune.json").read_text())
@@ -360,8 +460,10 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
     for trial in summary["trials"]:
         # every trial is a real run of the shared loop: its own run.json, metrics, checkpoint
         run_dir = Path(trial["run"])
-        assert json.loads((run_dir / "run.json").read_text())["config"]["model"]["visual_latent"] == \
-            trial["params"]["model.visual_latent"]
+        assert (
+            json.loads((run_dir / "run.json").read_text())["config"]["model"]["visual_latent"]
+            == trial["params"]["model.visual_latent"]
+        )
         logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert logged[-1] == trial["step"]
         assert trial["stopped_early"] == (trial["step"] < 20)

@@ -53,8 +53,7 @@ def _history():
     return {
         "visual_ae": [{"step": s, "loss": 1.0 / (s + 1), "l1": 0.5 / (s + 1), "lr": 1e-3} for s in range(20)],
         "sequence": [
-            {"step": s, "loss": 4.0 - 0.1 * s, "text_ce": 3.0 - 0.05 * s, "l1": 0.3 - 0.005 * s}
-            for s in range(15)
+            {"step": s, "loss": 4.0 - 0.1 * s, "text_ce": 3.0 - 0.05 * s, "l1": 0.3 - 0.005 * s} for s in range(15)
         ],
     }
 
@@ -87,9 +86,7 @@ def _decode(png: bytes) -> np.ndarray:
 
 def test_write_report_all_files(tmp_path):
     out = str(tmp_path / "report")
-    uris = write_report(
-        _report(), out, metrics_history=_history(), samples=_samples(), title="night <1>"
-    )
+    uris = write_report(_report(), out, metrics_history=_history(), samples=_samples(), title="night <1>")
     for name in ("report.json", "report.html", "report.md", "loss_curves.png", "samples.png"):
         assert os.path.isfile(os.path.join(out, name)), name
         assert uris[name] == storage.join(out, name)
@@ -193,9 +190,16 @@ def test_image_layouts(shape):
 def _with_floors(l1: float) -> dict:
     report = _report()
     report["metrics"]["image_l1"] = l1
-    report["floors"].update(copy_two_back_l1=0.110, mean_of_inputs_l1=0.160, best_input_oracle_l1=0.012,
-                            copy_two_back_mse=0.03, best_input_oracle_mse=0.002, bleu_copy_two_back=0.2,
-                            retrieval_r1_chance=0.025, retrieval_r10_chance=0.25)
+    report["floors"].update(
+        copy_two_back_l1=0.110,
+        mean_of_inputs_l1=0.160,
+        best_input_oracle_l1=0.012,
+        copy_two_back_mse=0.03,
+        best_input_oracle_mse=0.002,
+        bleu_copy_two_back=0.2,
+        retrieval_r1_chance=0.025,
+        retrieval_r10_chance=0.25,
+    )
     return report
 
 
@@ -209,8 +213,10 @@ def test_verdict_names_the_strongest_floor_not_beaten():
     assert "beats copy_last, mean_of_inputs" in line
     # beats all but the oracle: says how far from it
     line = verdict_line(_with_floors(0.074))
-    assert line == ("verdict: image L1 0.0740 beats every floor but best_input_oracle (0.0120): "
-                    "0.0620 above it (6.17x the oracle's error)")
+    assert line == (
+        "verdict: image L1 0.0740 beats every floor but best_input_oracle (0.0120): "
+        "0.0620 above it (6.17x the oracle's error)"
+    )
     line = verdict_line(_with_floors(0.009))
     assert "beats every floor, best_input_oracle (0.0120) included, by 25.0%" in line
     line = verdict_line(_with_floors(0.5))

@@ -9,12 +9,12 @@ import subprocess
 from collections import Counter
 
 import pytest
+from test_accelerate import ACCELERATE, _env, _free_port
 
 from storymm.training.loop import read_metrics, read_run, read_windows, train
 from storymm.training.runtime import Runtime
 
 from small import ROOT, SMALL, small_config, small_dataset
-from test_accelerate import ACCELERATE, _env, _free_port
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,34 @@ def data_uri(tmp_path_factory):
 
 def _launch(data_uri: str, run: str, sets: list[str], ranks: int = 2) -> None:
     """``jobs/train.py --backend accelerate`` on ``ranks`` CPU processes (``accelerate launch``, gloo)."""
-    args = ["jobs/train.py", "--config", "configs/tiny.yaml", "--backend", "accelerate", "--stage", "text_ae",
-            "--data", data_uri, "--run", run, *sum((["--set", s] for s in SMALL + sets), [])]
-    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(ranks), "--main_process_port",
-               str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    args = [
+        "jobs/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--backend",
+        "accelerate",
+        "--stage",
+        "text_ae",
+        "--data",
+        data_uri,
+        "--run",
+        run,
+        *sum((["--set", s] for s in SMALL + sets), []),
+    ]
+    command = [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(ranks),
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *args,
+    ]
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
@@ -73,8 +97,14 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused
     from storymm.training.loop import TrainingError
 
     with pytest.raises(TrainingError, match="global batch is 9 windows per step, which 2 workers"):
-        train(small_config("data.batch_size=9", "train.text_ae.steps=2"), "text_ae", data_uri, run,
-              Runtime(rank=0, world_size=2), progress=False)
+        train(
+            small_config("data.batch_size=9", "train.text_ae.steps=2"),
+            "text_ae",
+            data_uri,
+            run,
+            Runtime(rank=0, world_size=2),
+            progress=False,
+        )
 
 
 class _StopsAfter(Runtime):
@@ -99,10 +129,15 @@ def test_sequence_stage_with_dropout_stopped_twice_gives_the_uninterrupted_curve
     """Past warm-up, with per-sample skip dropout drawing from the RNG every step: stopped at step 5
     (between checkpoints) and again at 11, each time resumed by the same call, the run logs exactly
     the uninterrupted curve, every term at every step."""
-    config = small_config("data.batch_size=16", "model.decoder_skips=true", "model.skip_dropout=0.5",
-                          "train.sequence.steps=14",
-                          "train.sequence.warmup_steps=2", "train.sequence.log_every=1",
-                          "train.sequence.checkpoint_every=4")
+    config = small_config(
+        "data.batch_size=16",
+        "model.decoder_skips=true",
+        "model.skip_dropout=0.5",
+        "train.sequence.steps=14",
+        "train.sequence.warmup_steps=2",
+        "train.sequence.log_every=1",
+        "train.sequence.checkpoint_every=4",
+    )
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     train(config, "sequence", data_uri, reference, progress=False)
     assert train(config, "sequence", data_uri, interrupted, _StopsAfter(5), progress=False)["status"] == "stopped"
@@ -131,4 +166,8 @@ def test_checkpoint_from_before_the_global_order_resumes_at_the_next_epoch(data_
     train(small_config(*sets, "train.text_ae.steps=3"), "text_ae", data_uri, run, progress=False)
     assert [(w["step"], w["epoch"]) for w in read_windows(run)] == [(1, 0), (2, 0), (3, 1)]
     assert checkpoint.load(checkpoint.latest_uri(run))["data_position"] == {
-        "epoch": 1, "windows": 8, "global_batch": 8, "world_size": 1}
+        "epoch": 1,
+        "windows": 8,
+        "global_batch": 8,
+        "world_size": 1,
+    }

@@ -18,13 +18,19 @@ from storymm.data.loader import PreparedDataset, WindowLoader
 from small import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = SMALL + ["train.visual_ae.steps=3", "train.text_ae.steps=3", "train.sequence.steps=4",
-                 "train.sequence.checkpoint_every=2", "eval.median_windows=50"]
+SHORT = SMALL + [
+    "train.visual_ae.steps=3",
+    "train.text_ae.steps=3",
+    "train.sequence.steps=4",
+    "train.sequence.checkpoint_every=2",
+    "eval.median_windows=50",
+]
 
 
 def storymm(*args: str, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "storymm.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "storymm.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, f"storymm {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -38,8 +44,19 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     source, data, runs = (storage.join(s3_env, name) for name in ("source", "data", "runs"))
     outputs = [storymm("synth", "--out", source, "--stories", "30", "--seed", "2", "--frames", "6-9", env=env)]
-    outputs.append(storymm("prepare", "--source", source, "--out", data, "--config", "configs/tiny.yaml",
-                           *sets("data.rows_per_shard=8"), env=env))
+    outputs.append(
+        storymm(
+            "prepare",
+            "--source",
+            source,
+            "--out",
+            data,
+            "--config",
+            "configs/tiny.yaml",
+            *sets("data.rows_per_shard=8"),
+            env=env,
+        )
+    )
     assert "prepared 30 source stories" in outputs[-1].stdout
 
     manifest = json.loads(storage.read_text(storage.join(data, "manifest.json")))
@@ -51,8 +68,17 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     dataset = PreparedDataset(data)
     seen = []
     for rank in range(2):
-        loader = WindowLoader(dataset, "train", batch_size=4, context_frames=4, max_tokens=20, rank=rank,
-                              world_size=2, with_ids=True, equalize=False)
+        loader = WindowLoader(
+            dataset,
+            "train",
+            batch_size=4,
+            context_frames=4,
+            max_tokens=20,
+            rank=rank,
+            world_size=2,
+            with_ids=True,
+            equalize=False,
+        )
         batches = list(loader)
         assert batches and batches[0]["frames"].shape[1:] == (4, 3, 32, 64)
         seen.append({window for batch in batches for window in batch["window_ids"]})
@@ -61,15 +87,28 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     common = ["--config", "configs/tiny.yaml", "--data", data, *sets(*SHORT)]
     for stage in ("visual_ae", "text_ae"):
         outputs.append(storymm("train", "--stage", stage, "--run", storage.join(runs, stage), *common, env=env))
-    outputs.append(storymm("train", "--stage", "sequence", "--run", storage.join(runs, "seq"), "--init-from",
-                           storage.join(runs, "visual_ae"), storage.join(runs, "text_ae"), *common, env=env))
+    outputs.append(
+        storymm(
+            "train",
+            "--stage",
+            "sequence",
+            "--run",
+            storage.join(runs, "seq"),
+            "--init-from",
+            storage.join(runs, "visual_ae"),
+            storage.join(runs, "text_ae"),
+            *common,
+            env=env,
+        )
+    )
     checkpoints = [storage.basename(u) for u in storage.list_files(storage.join(runs, "seq", "checkpoints"))]
     assert checkpoints == ["best", "latest", "step-00000002.pt", "step-00000004.pt"]  # best: by val loss
     assert storage.exists(storage.join(runs, "seq", "metrics.jsonl"))
 
     report_uri = storage.join(s3_env, "reports", "seq")
-    outputs.append(storymm("evaluate", "--run", storage.join(runs, "seq"), "--data", data, "--out", report_uri,
-                           env=env))
+    outputs.append(
+        storymm("evaluate", "--run", storage.join(runs, "seq"), "--data", data, "--out", report_uri, env=env)
+    )
     report = json.loads(storage.read_text(storage.join(report_uri, "report.json")))
     # every test window was scored (windows: all, K=4), not one batch
     assert report["windows"] == manifest["kept_frames"]["test"] - 4 * manifest["kept_stories"]["test"]

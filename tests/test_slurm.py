@@ -3,7 +3,8 @@ two Accelerate processes (gloo, DDP), checkpoints and metrics; the warning signa
 checkpoints, requeues and resumes to the end; and the same run under a plain `accelerate launch`
 gives the same loss curve.
 
-Needs Debian's slurm-wlm (`make test` installs it as root: scripts/system-packages.sh) and root (the local daemons run as root).
+Needs Debian's slurm-wlm (`make test` installs it as root: scripts/system-packages.sh) and root
+(the local daemons run as root).
 """
 
 from __future__ import annotations
@@ -48,14 +49,18 @@ def slurm(tmp_path_factory):
     """A single-node cluster from slurm/local/up.sh in a temp dir; environment dict for its clients."""
     missing = [b for b in SLURM_BINARIES if _which(b) is None]
     if missing:
-        pytest.skip(f"SLURM binaries missing ({', '.join(missing)}): apt-get install slurm-wlm (make test does as root)")
+        pytest.skip(
+            f"SLURM binaries missing ({', '.join(missing)}): apt-get install slurm-wlm (make test does as root)"
+        )
     if os.geteuid() != 0:
         pytest.skip("the local SLURM daemons (slurm/local/up.sh) run as root; this test runs as a non-root user")
     state = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ)
     env.update(
-        STORYMM_SLURM_DIR=str(state), STORYMM_SLURMCTLD_PORT=str(_free_port()),
-        STORYMM_SLURMD_PORT=str(_free_port()), PATH=env.get("PATH", "") + ":/usr/sbin:/sbin",
+        STORYMM_SLURM_DIR=str(state),
+        STORYMM_SLURMCTLD_PORT=str(_free_port()),
+        STORYMM_SLURMD_PORT=str(_free_port()),
+        PATH=env.get("PATH", "") + ":/usr/sbin:/sbin",
     )
     started = time.monotonic()
     up = subprocess.run(["bash", str(REPO / "slurm/local/up.sh")], env=env, capture_output=True, text=True, timeout=120)
@@ -111,15 +116,30 @@ def _submit(env: dict, tmp: Path, data: str, run: str, steps: int) -> tuple[str,
     log = tmp / "job-%j.out"
     job_env = dict(env)
     job_env.update(
-        CONFIG="configs/tiny.yaml", STORYMM_PROCS_PER_NODE="2", OMP_NUM_THREADS="1",
+        CONFIG="configs/tiny.yaml",
+        STORYMM_PROCS_PER_NODE="2",
+        OMP_NUM_THREADS="1",
         MAIN_PORT=str(_free_port()),
         STORYMM_TRAIN_ARGS=" ".join(f"--set {s}" for s in [*TRAIN_SETS, f"train.sequence.steps={steps}"]),
     )
     # The script's defaults ask for GPUs and 32 CPUs; this machine has neither.
     out = subprocess.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=10", f"--output={log}",
-         "slurm/train_gate.sh", data, run],
-        cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60,
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            "--time=10",
+            f"--output={log}",
+            "slurm/train_gate.sh",
+            data,
+            run,
+        ],
+        cwd=REPO,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
@@ -171,10 +191,29 @@ def test_same_loss_curve_under_plain_accelerate_launch(completed_job, dataset, t
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env.pop("SLURM_CONF", None)
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-        "jobs/train.py", "--config", "configs/tiny.yaml", "--backend", "accelerate", "--stage", "sequence",
-        "--data", dataset, "--run", run, *[a for s in [*TRAIN_SETS, "train.sequence.steps=40"] for a in ("--set", s)],
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "jobs/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--backend",
+        "accelerate",
+        "--stage",
+        "sequence",
+        "--data",
+        dataset,
+        "--run",
+        run,
+        *[a for s in [*TRAIN_SETS, "train.sequence.steps=40"] for a in ("--set", s)],
     ]
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -216,6 +255,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm, dataset, tmp_pat
     assert "requeueing job" in text
     # SLURM holds a requeued job back (~2 min BeginTime); let it start now instead of waiting
     assert info["Reason"] in ("BeginTime", "None", "Priority", "Resources"), info["Reason"]
+
     # ...but not before the first run's allocation is released: slurmd refuses to launch a job whose
     # credential it revoked within the same second ("Job credential revoked"), which is why SLURM
     # holds requeued jobs back in the first place

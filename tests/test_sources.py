@@ -38,7 +38,7 @@ def _hub_layout(folders_source: str, out: str, prefix: str = "data") -> None:
         cut = [round(i * len(rows) / parts) for i in range(parts + 1)]
         for part in range(parts):
             name = f"{split}-{part:05d}-of-{parts:05d}.parquet"
-            _write(storage.join(out, *([prefix] if prefix else []), name), rows[cut[part]:cut[part + 1]])
+            _write(storage.join(out, *([prefix] if prefix else []), name), rows[cut[part] : cut[part + 1]])
 
 
 def _prepared(source: str, data: str) -> dict:
@@ -71,12 +71,15 @@ def test_hub_layouts_prepare_to_the_same_shards_locally(folders_source, folders_
     source = open_source(hub)
     assert isinstance(source, ParquetSource)
     assert [storage.basename(u) for u in source.files["train"]] == [
-        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
     assert source.rows == ParquetSource(folders_source).rows
     data = str(tmp_path / "data")  # through the command users run
     overrides = [arg for override in SMALL for arg in ("--set", override)]
-    assert cli_main(["prepare", "--source", hub, "--out", data, "--config", str(ROOT / "configs/tiny.yaml"),
-                     *overrides]) in (0, None)
+    assert cli_main(
+        ["prepare", "--source", hub, "--out", data, "--config", str(ROOT / "configs/tiny.yaml"), *overrides]
+    ) in (0, None)
     manifest = json.loads(storage.read_text(storage.join(data, MANIFEST_FILE)))
     manifest.pop("source")
     assert _shard_hashes(manifest) == _shard_hashes(folders_manifest)

@@ -40,8 +40,9 @@ def test_a_nonfinite_loss_stops_training_at_the_next_check_naming_the_step(data_
 
     monkeypatch.setattr(loop, "batch_loss_fn", poisoned)
     run = str(tmp_path / "vis")
-    config = small_config("train.visual_ae.steps=20", "train.visual_ae.log_every=8",
-                          "train.visual_ae.checkpoint_every=4")
+    config = small_config(
+        "train.visual_ae.steps=20", "train.visual_ae.log_every=8", "train.visual_ae.checkpoint_every=4"
+    )
     with pytest.raises(TrainingError, match=r"non-finite at step 5 \(checked steps 4\.\.7\)"):
         train(config, "visual_ae", data_uri, run, progress=False)
     # caught before the checkpoint of step 8: the newest checkpoint predates the bad step
@@ -55,8 +56,12 @@ def test_bf16_autocast_on_cpu_only_when_asked(data_uri, tmp_path):
     with runtime.autocast():
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
     # visual_ae: on this CPU (no native bf16) oneDNN has no bf16 LSTM, so the text stages cannot autocast here
-    config = small_config("train.mixed_precision=bf16", "train.autocast_on_cpu=true", "train.visual_ae.steps=3",
-                          "train.visual_ae.log_every=3")
+    config = small_config(
+        "train.mixed_precision=bf16",
+        "train.autocast_on_cpu=true",
+        "train.visual_ae.steps=3",
+        "train.visual_ae.log_every=3",
+    )
     train(config, "visual_ae", data_uri, str(tmp_path / "vis"), progress=False)
     assert torch.isfinite(torch.tensor(read_metrics(str(tmp_path / "vis"))[-1]["total"]))
 
@@ -92,15 +97,31 @@ def test_ddp_two_ranks_gloo_with_an_unused_branch_and_compile(data_uri, tmp_path
     step); with train.compile the compiled DDP module trains. (DDP without find_unused_parameters,
     the default, runs in the Accelerate and Ray 2-rank tests.)"""
     run = str(tmp_path / "vis")
-    sets = SMALL + ["loss.context=0", "train.visual_ae.steps=4", "train.visual_ae.log_every=2",
-                    "train.compile=true", "train.compile_backend=eager"]
-    args = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--stage", "visual_ae", "--data", data_uri,
-            "--run", run, *sum((["--set", s] for s in sets), [])]
+    sets = SMALL + [
+        "loss.context=0",
+        "train.visual_ae.steps=4",
+        "train.visual_ae.log_every=2",
+        "train.compile=true",
+        "train.compile_backend=eager",
+    ]
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--stage",
+        "visual_ae",
+        "--data",
+        data_uri,
+        "--run",
+        run,
+        *sum((["--set", s] for s in sets), []),
+    ]
     script = tmp_path / "train_rank.py"  # arguments inside the script: torchrun's parser rejects "--run"
     script.write_text(f"import sys\nfrom storymm.cli import main\nsys.exit(main({args!r}))\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_run(run)["world_size"] == 2
     assert [m["step"] for m in read_metrics(run)] == [2, 4]

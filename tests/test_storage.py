@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from tenacity import stop_after_attempt
 
-from s3server import SeaweedS3Server, free_ports
 from storymm import storage
+
+from s3server import SeaweedS3Server, free_ports
 
 # ------------------------------------------------------------------------------ URIs, pure
 
@@ -149,9 +150,7 @@ def test_local_list_files_and_dirs(tmp_path):
     base = str(tmp_path)
     _populate(base)
     os.makedirs(tmp_path / "empty")
-    assert storage.list_files(base) == [
-        os.path.join(base, n) for n in ("a.parquet", "b.parquet", "c.json")
-    ]
+    assert storage.list_files(base) == [os.path.join(base, n) for n in ("a.parquet", "b.parquet", "c.json")]
     assert storage.list_files(base, suffix=".parquet") == [
         os.path.join(base, "a.parquet"),
         os.path.join(base, "b.parquet"),
@@ -224,16 +223,12 @@ def test_s3_round_trip(s3_env):
     assert storage.exists(base) and not storage.is_file(base)
 
     _populate(base)
-    assert storage.list_files(base) == [
-        storage.join(base, n) for n in ("a.parquet", "a.txt", "b.parquet", "c.json")
-    ]
+    assert storage.list_files(base) == [storage.join(base, n) for n in ("a.parquet", "a.txt", "b.parquet", "c.json")]
     assert storage.list_files(base, suffix=".parquet") == [
         storage.join(base, "a.parquet"),
         storage.join(base, "b.parquet"),
     ]
-    assert storage.list_files(base, suffix=".parquet", recursive=True)[-1] == storage.join(
-        base, "sub/d.parquet"
-    )
+    assert storage.list_files(base, suffix=".parquet", recursive=True)[-1] == storage.join(base, "sub/d.parquet")
     assert storage.list_files(storage.join(s3_env, "nope")) == []
     assert storage.list_dirs(base) == ["sub"]
     assert storage.list_dirs(s3_env) == ["run"]
@@ -255,7 +250,7 @@ def test_s3_large_file_multipart(s3_env, s3_server, tmp_path):
     uri = storage.join(s3_env, "big", "blob.bin")
     storage.write_bytes(uri, data)
     assert storage.read_bytes(uri) == data
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     head = s3_server.client().head_object(Bucket=bucket, Key=key)
     assert head["ContentLength"] == len(data)
     assert head["ETag"].strip('"').endswith("-3")  # completed as a 3-part multipart upload
@@ -297,9 +292,7 @@ def test_s3_parquet_through_open_input_file(s3_env):
 
 
 def _retry_records(caplog) -> list[logging.LogRecord]:
-    return [
-        r for r in caplog.records if r.name == storage.__name__ and "Retrying" in r.getMessage()
-    ]
+    return [r for r in caplog.records if r.name == storage.__name__ and "Retrying" in r.getMessage()]
 
 
 def _assert_no_credentials(texts, *secrets_):
@@ -407,9 +400,11 @@ def test_credentials_never_in_logs_or_errors(s3_server, s3_env, monkeypatch, cap
     assert storage.read_text(uri) == "x"
     storage.list_files(storage.join(s3_env, "c"))
     # failing ones
-    for bad in (lambda: storage.read_bytes(storage.join(s3_env, "c", "missing")),
-                lambda: storage.locate(f"s3://{key_id}:{secret}@bucket/x"),
-                lambda: storage.read_text(f"s3://{key_id}:{secret}@bucket/x")):
+    for bad in (
+        lambda: storage.read_bytes(storage.join(s3_env, "c", "missing")),
+        lambda: storage.locate(f"s3://{key_id}:{secret}@bucket/x"),
+        lambda: storage.read_text(f"s3://{key_id}:{secret}@bucket/x"),
+    ):
         with pytest.raises((OSError, ValueError)) as info:
             bad()
         record(info.value)
@@ -465,8 +460,13 @@ def test_local_files_are_published_with_the_usual_mode(tmp_path):
 
 @pytest.mark.parametrize(
     "text, keep, expected",
-    [("gate retrained/v2", "._-", "gate_retrained_v2"), (".hidden", "._-", "hidden"), ("///", "._-", "run"),
-     ("visual_latent=16", "._=-", "visual_latent=16"), ("visual_latent=16", "._-", "visual_latent_16")],
+    [
+        ("gate retrained/v2", "._-", "gate_retrained_v2"),
+        (".hidden", "._-", "hidden"),
+        ("///", "._-", "run"),
+        ("visual_latent=16", "._=-", "visual_latent=16"),
+        ("visual_latent=16", "._-", "visual_latent_16"),
+    ],
 )
 def test_safe_name_is_one_visible_path_component(text, keep, expected):
     assert storage.safe_name(text, keep=keep) == expected

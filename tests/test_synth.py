@@ -28,8 +28,9 @@ def _rows(root) -> dict[str, list[dict]]:
     out = {}
     for split in ("train", "test"):
         folder = os.path.join(root, split)
-        out[split] = [row for name in sorted(os.listdir(folder))
-                      for row in pq.read_table(os.path.join(folder, name)).to_pylist()]
+        out[split] = [
+            row for name in sorted(os.listdir(folder)) for row in pq.read_table(os.path.join(folder, name)).to_pylist()
+        ]
     return out
 
 
@@ -68,7 +69,11 @@ def test_layout_schema_and_summary(written):
     assert summary["out"] == root
     assert summary["train"] == len(rows["train"]) and summary["test"] == len(rows["test"])
     assert summary["train"] + summary["test"] == 14 and summary["test"] >= 1 and summary["train"] >= 1
-    assert sorted(os.listdir(os.path.join(root, "train"))) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(os.listdir(os.path.join(root, "train"))) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     assert all(os.path.isfile(uri) for uri in summary["files"])
     for uri in summary["files"]:
         assert pq.read_schema(uri).equals(synth.SOURCE_SCHEMA, check_metadata=False)
@@ -138,7 +143,7 @@ def test_images_decode_with_varied_sizes():
     for row in _sample_rows(20):
         story_sizes = {Image.open(io.BytesIO(image["bytes"])).size for image in row["images"]}
         assert len(story_sizes) == 1  # one camera per story
-        (width, height), = story_sizes
+        ((width, height),) = story_sizes
         assert 160 <= width <= 256 and 80 <= height <= 128
         sizes.add((width, height))
     assert len(sizes) >= 10
@@ -148,8 +153,13 @@ def test_cut_structure_makes_two_back_the_closest_input():
     """After resizing to the model's 125x60, frame t is much closer to t-2 than to t-1."""
     last, two_back = [], []
     for row in _sample_rows(40, seed=1):
-        frames = [np.asarray(Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR),
-                             dtype=np.float32) / 255 for im in row["images"]]
+        frames = [
+            np.asarray(
+                Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR), dtype=np.float32
+            )
+            / 255
+            for im in row["images"]
+        ]
         for t in range(2, len(frames)):
             last.append(np.abs(frames[t] - frames[t - 1]).mean())
             two_back.append(np.abs(frames[t] - frames[t - 2]).mean())
@@ -247,8 +257,13 @@ def test_pan_scene_moves_within_a_shot_so_no_input_frame_is_a_copy():
     shifted it), and the last frame (the other shot) is much further."""
     last, two_back, best = [], [], []
     for row in _pan_rows(20, seed=1):
-        frames = [np.asarray(Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR),
-                             dtype=np.float32) / 255 for im in row["images"]]
+        frames = [
+            np.asarray(
+                Image.open(io.BytesIO(im["bytes"])).convert("RGB").resize((125, 60), Image.BILINEAR), dtype=np.float32
+            )
+            / 255
+            for im in row["images"]
+        ]
         for t in range(4, len(frames)):
             dist = [np.abs(frames[t] - frames[t - back]).mean() for back in (1, 2, 3, 4)]
             last.append(dist[0])

@@ -29,8 +29,9 @@ def data_uri(tmp_path_factory):
 
 def test_train_writes_metrics_checkpoints_and_resumes(data_uri, tmp_path):
     run = str(tmp_path / "vis")
-    config = small_config("train.visual_ae.steps=6", "train.visual_ae.log_every=2",
-                          "train.visual_ae.checkpoint_every=4")
+    config = small_config(
+        "train.visual_ae.steps=6", "train.visual_ae.log_every=2", "train.visual_ae.checkpoint_every=4"
+    )
     summary = train(config, "visual_ae", data_uri, run, progress=False)
     assert summary["status"] == "completed" and summary["step"] == 6
     metrics = read_metrics(run)
@@ -44,14 +45,17 @@ def test_train_writes_metrics_checkpoints_and_resumes(data_uri, tmp_path):
     assert read_run(run)["stage"] == "visual_ae"
 
     # Same command with more steps continues the count instead of starting over.
-    longer = small_config("train.visual_ae.steps=10", "train.visual_ae.log_every=2",
-                          "train.visual_ae.checkpoint_every=4")
+    longer = small_config(
+        "train.visual_ae.steps=10", "train.visual_ae.log_every=2", "train.visual_ae.checkpoint_every=4"
+    )
     summary = train(longer, "visual_ae", data_uri, run, progress=False)
     assert summary["step"] == 10
     assert [m["step"] for m in read_metrics(run)] == [2, 4, 6, 8, 10]
     # Only the newest KEEP checkpoints stay.
     assert sorted(p.name for p in (tmp_path / "vis/checkpoints").glob("*.pt")) == [
-        "step-00000008.pt", "step-00000010.pt"]
+        "step-00000008.pt",
+        "step-00000010.pt",
+    ]
 
 
 def test_training_is_deterministic_and_resume_matches_uninterrupted(data_uri, tmp_path):
@@ -72,8 +76,9 @@ def test_training_is_deterministic_and_resume_matches_uninterrupted(data_uri, tm
 
 def test_sequence_stage_starts_from_autoencoder_runs(data_uri, tmp_path):
     vis, txt, seq = (str(tmp_path / n) for n in ("vis", "txt", "seq"))
-    config = small_config("train.visual_ae.steps=2", "train.text_ae.steps=2", "train.sequence.steps=3",
-                          "train.sequence.log_every=1")
+    config = small_config(
+        "train.visual_ae.steps=2", "train.text_ae.steps=2", "train.sequence.steps=3", "train.sequence.log_every=1"
+    )
     train(config, "visual_ae", data_uri, vis, progress=False)
     train(config, "text_ae", data_uri, txt, progress=False)
     train(config, "sequence", data_uri, seq, init_from=[vis, txt], progress=False)
@@ -109,9 +114,22 @@ def test_tampered_checkpoint_is_refused(data_uri, tmp_path, capsys):
 
     with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
         checkpoint.load_latest(run)
-    code = cli_main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--stage", "visual_ae",
-                     "--data", data_uri, "--run", run, *sum((["--set", s] for s in SMALL), []),
-                     "--set", "train.visual_ae.steps=4"])
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--stage",
+            "visual_ae",
+            "--data",
+            data_uri,
+            "--run",
+            run,
+            *sum((["--set", s] for s in SMALL), []),
+            "--set",
+            "train.visual_ae.steps=4",
+        ]
+    )
     assert code == 2
     assert "refusing to load" in capsys.readouterr().err
     assert not Path("/tmp/storymm-pwned").exists()
@@ -126,11 +144,29 @@ def test_bad_stage_and_missing_run_have_clear_errors(data_uri, tmp_path, capsys)
 
 def _train_command(data_uri: str, run: str, steps: int) -> list[str]:
     # the sequence stage with per-sample skip dropout (RNG every step), past a 2-step warm-up
-    sets = SMALL + [f"train.sequence.steps={steps}", "train.sequence.checkpoint_every=5",
-                    "train.sequence.log_every=1", "train.sequence.warmup_steps=2", "model.decoder_skips=true",
-                    "model.skip_dropout=0.5"]
-    return [sys.executable, "-m", "storymm.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
-            "--stage", "sequence", "--data", data_uri, "--run", run, *sum((["--set", s] for s in sets), [])]
+    sets = SMALL + [
+        f"train.sequence.steps={steps}",
+        "train.sequence.checkpoint_every=5",
+        "train.sequence.log_every=1",
+        "train.sequence.warmup_steps=2",
+        "model.decoder_skips=true",
+        "model.skip_dropout=0.5",
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "storymm.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--stage",
+        "sequence",
+        "--data",
+        data_uri,
+        "--run",
+        run,
+        *sum((["--set", s] for s in sets), []),
+    ]
 
 
 def _curve(run: str) -> list[dict]:
@@ -144,8 +180,9 @@ def test_sigkilled_run_resumes_with_the_uninterrupted_curve(data_uri, tmp_path):
     curve equals an uninterrupted run's: every term at every step."""
     steps, env = 30, {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, run = str(tmp_path / "reference"), str(tmp_path / "seq")
-    done = subprocess.run(_train_command(data_uri, reference, steps), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        _train_command(data_uri, reference, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     marker = tmp_path / "seq/checkpoints/latest"
 
@@ -154,8 +191,14 @@ def test_sigkilled_run_resumes_with_the_uninterrupted_curve(data_uri, tmp_path):
 
     killed, stale, resumed_output = [], [], ""
     for least in (10, 20):
-        proc = subprocess.Popen(_train_command(data_uri, run, steps), cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _train_command(data_uri, run, steps),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 120
         while not (checkpointed() >= least and read_metrics(run)[-1]["step"] > checkpointed()):
             assert proc.poll() is None, "training ended before it could be killed"
@@ -169,8 +212,9 @@ def test_sigkilled_run_resumes_with_the_uninterrupted_curve(data_uri, tmp_path):
     assert f"step-{killed[0]:08d}.pt" in resumed_output  # the second attempt resumed from the first kill's checkpoint
     assert any(stale), "no metrics were logged past a checkpoint before the kill"
 
-    done = subprocess.run(_train_command(data_uri, run, steps), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        _train_command(data_uri, run, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stderr and f"step-{killed[1]:08d}.pt" in done.stderr
     assert f"sequence: completed at step {steps}" in done.stdout

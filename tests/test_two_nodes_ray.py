@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from simnodes import LOCAL, PYTHON, REPO, SimNodes, skip_unless_possible, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,8 +31,9 @@ def cluster():
     try:
         nodes.up()
         started = time.monotonic()
-        out = subprocess.run([str(LOCAL / "ray-up.sh")], env=nodes.env, cwd=REPO, capture_output=True, text=True,
-                             timeout=180)
+        out = subprocess.run(
+            [str(LOCAL / "ray-up.sh")], env=nodes.env, cwd=REPO, capture_output=True, text=True, timeout=180
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         nodes.env["RAY_DASHBOARD"] = f"http://{nodes.ip('node1')}:8265"
         print(f"Ray head on node1 + node2 joined in {time.monotonic() - started:.1f}s")
@@ -51,18 +51,59 @@ def s3_data(cluster, tiny_data_uri) -> str:
 
 def _submit(cluster: SimNodes, run: str, data: str, workers: str, steps: int, wait: bool, **env) -> str:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    env_vars = {**runtime_env["env_vars"], "STORYMM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
-                **{k: cluster.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                               "AWS_REGION")}, **env}
-    entry = ["python", "jobs/train.py", "--backend", "ray", "--workers", workers, "--stage", "visual_ae",
-             "--data", data, "--run", run, "--config", "configs/tiny.yaml", "--set", "data.batch_size=8",
-             *[a for s in (f"train.visual_ae.steps={steps}", "train.visual_ae.checkpoint_every=10",
-                           "train.visual_ae.log_every=5", "train.visual_ae.warmup_steps=2") for a in ("--set", s)]]
-    out = cluster.on("node1", RAY, "job", "submit", "--address", cluster.env["RAY_DASHBOARD"], "--working-dir",
-                     str(REPO), "--runtime-env-json", json.dumps({"env_vars": env_vars,
-                                                                  "excludes": runtime_env["excludes"]}),
-                     *([] if wait else ["--no-wait"]), "--", *entry, timeout=400, check=False,
-                     env={"RAY_AUTH_MODE": "disabled"})
+    env_vars = {
+        **runtime_env["env_vars"],
+        "STORYMM_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        **{k: cluster.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")},
+        **env,
+    }
+    entry = [
+        "python",
+        "jobs/train.py",
+        "--backend",
+        "ray",
+        "--workers",
+        workers,
+        "--stage",
+        "visual_ae",
+        "--data",
+        data,
+        "--run",
+        run,
+        "--config",
+        "configs/tiny.yaml",
+        "--set",
+        "data.batch_size=8",
+        *[
+            a
+            for s in (
+                f"train.visual_ae.steps={steps}",
+                "train.visual_ae.checkpoint_every=10",
+                "train.visual_ae.log_every=5",
+                "train.visual_ae.warmup_steps=2",
+            )
+            for a in ("--set", s)
+        ],
+    ]
+    out = cluster.on(
+        "node1",
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.env["RAY_DASHBOARD"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars, "excludes": runtime_env["excludes"]}),
+        *([] if wait else ["--no-wait"]),
+        "--",
+        *entry,
+        timeout=400,
+        check=False,
+        env={"RAY_AUTH_MODE": "disabled"},
+    )
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
 
@@ -72,15 +113,27 @@ def _job_id(output: str) -> str:
 
 
 def _job_status(cluster: SimNodes, job: str) -> str:
-    return cluster.python("node1", f"""
+    return cluster.python(
+        "node1",
+        f"""
         import json, urllib.request
-        with urllib.request.urlopen("{cluster.env['RAY_DASHBOARD']}/api/jobs/{job}", timeout=10) as r:
-            print(json.dumps(json.loads(r.read())["status"]))""")
+        with urllib.request.urlopen("{cluster.env["RAY_DASHBOARD"]}/api/jobs/{job}", timeout=10) as r:
+            print(json.dumps(json.loads(r.read())["status"]))""",
+    )
 
 
 def _job_logs(cluster: SimNodes, job: str) -> str:
-    return cluster.on("node1", RAY, "job", "logs", "--address", cluster.env["RAY_DASHBOARD"], job, check=False,
-                      env={"RAY_AUTH_MODE": "disabled"}).stdout
+    return cluster.on(
+        "node1",
+        RAY,
+        "job",
+        "logs",
+        "--address",
+        cluster.env["RAY_DASHBOARD"],
+        job,
+        check=False,
+        env={"RAY_AUTH_MODE": "disabled"},
+    ).stdout
 
 
 def _attempts(cluster: SimNodes, run: str) -> list[dict]:
@@ -112,8 +165,18 @@ def test_elastic_run_survives_losing_node2_and_grows_back(cluster, s3_data):
     # The controller notices the lost worker (0.25 s poll) before the GCS declares node2 dead (~5 s),
     # so its first restart still plans 2 workers and waits for the worker group start timeout (60 s
     # by default) before retrying with 1: 20 s here.
-    job = _job_id(_submit(cluster, run, s3_data, "1-2", steps=steps, wait=False,
-                          STORYMM_RAY_RESIZE_INTERVAL_S="5", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20"))
+    job = _job_id(
+        _submit(
+            cluster,
+            run,
+            s3_data,
+            "1-2",
+            steps=steps,
+            wait=False,
+            STORYMM_RAY_RESIZE_INTERVAL_S="5",
+            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+        )
+    )
 
     def past_a_checkpoint():
         status = _job_status(cluster, job)
@@ -127,24 +190,42 @@ def test_elastic_run_survives_losing_node2_and_grows_back(cluster, s3_data):
     cluster.node("kill", "node2")  # power cut: node2's raylet and training worker die with it
     cut = time.monotonic()
 
-    shrunk = wait_for(lambda: (lambda a: a if len(a) >= 2 else None)(_attempts(cluster, run)), 180,
-                      "the group to restart without node2")
-    print(f"restarted on {shrunk[1]['world_size']} worker(s) {time.monotonic() - cut:.1f}s after the power cut, "
-          f"from step {shrunk[1]['start_step']}")
+    shrunk = wait_for(
+        lambda: (lambda a: a if len(a) >= 2 else None)(_attempts(cluster, run)),
+        180,
+        "the group to restart without node2",
+    )
+    print(
+        f"restarted on {shrunk[1]['world_size']} worker(s) {time.monotonic() - cut:.1f}s after the power cut, "
+        f"from step {shrunk[1]['start_step']}"
+    )
     assert shrunk[1]["world_size"] == 1 and [h for h, _ in shrunk[1]["hosts"]] == ["node1"]
     assert shrunk[1]["start_step"] >= 10  # resumed from a checkpoint, not from zero
 
     cluster.node("start", "node2")  # power back: node2 boots and rejoins Ray
-    subprocess.run([str(LOCAL / "ray-up.sh"), "--join", "node2"], env=cluster.env, cwd=REPO, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [str(LOCAL / "ray-up.sh"), "--join", "node2"],
+        env=cluster.env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     back = time.monotonic()
-    grown = wait_for(lambda: (lambda a: a if len(a) >= 3 or _job_status(cluster, job) != "RUNNING" else None)(
-        _attempts(cluster, run)), 240, "the group to grow back or the job to end")
+    grown = wait_for(
+        lambda: (lambda a: a if len(a) >= 3 or _job_status(cluster, job) != "RUNNING" else None)(
+            _attempts(cluster, run)
+        ),
+        240,
+        "the group to grow back or the job to end",
+    )
     wait_for(lambda: _job_status(cluster, job) not in ("PENDING", "RUNNING"), 300, "the job to finish")
     status = _job_status(cluster, job)
     assert status == "SUCCEEDED", f"{status}:\n{_job_logs(cluster, job)[-6000:]}"
-    print(f"elastic run: {time.monotonic() - started:.1f}s; attempts (world size, start step): "
-          f"{[(a['world_size'], a['start_step']) for a in grown]}")
+    print(
+        f"elastic run: {time.monotonic() - started:.1f}s; attempts (world size, start step): "
+        f"{[(a['world_size'], a['start_step']) for a in grown]}"
+    )
     assert len(grown) >= 3, "node2 returned but the group did not grow back before the run ended"
     assert grown[2]["world_size"] == 2 and sorted(h for h, _ in grown[2]["hosts"]) == ["node1", "node2"]
     assert grown[2]["start_step"] >= shrunk[1]["start_step"]

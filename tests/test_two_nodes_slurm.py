@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from simnodes import PYTHON, SimNodes, skip_unless_possible, wait_for
 
 pytestmark = pytest.mark.slow
@@ -47,18 +46,34 @@ def _job(cluster: SimNodes, job: str) -> dict:
 def _submit(cluster: SimNodes, tmp, data: str, run: str, steps: int, *sbatch: str):
     log = tmp / "job-%j.out"
     env = {
-        "CONFIG": "configs/tiny.yaml", "STORYMM_PROCS_PER_NODE": "1",
+        "CONFIG": "configs/tiny.yaml",
+        "STORYMM_PROCS_PER_NODE": "1",
         "STORYMM_TRAIN_ARGS": " ".join(f"--set {s}" for s in [*TRAIN_SETS, f"train.sequence.steps={steps}"]),
     }
-    out = cluster.on("node1", "sbatch", "--parsable", *sbatch, "--gpus-per-node=0", "--cpus-per-task=1",
-                     "--time=10", f"--output={log}", "slurm/train_gate.sh", data, run, env=env)
+    out = cluster.on(
+        "node1",
+        "sbatch",
+        "--parsable",
+        *sbatch,
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={log}",
+        "slurm/train_gate.sh",
+        data,
+        run,
+        env=env,
+    )
     job = out.stdout.strip().split(";")[0]
     return job, tmp / f"job-{job}.out"
 
 
 def _wait_job(cluster: SimNodes, job: str, timeout: float = 240) -> dict:
-    return wait_for(lambda: (lambda i: i if i["JobState"] in TERMINAL else None)(_job(cluster, job)),
-                    timeout, f"job {job} to finish")
+    return wait_for(
+        lambda: (lambda i: i if i["JobState"] in TERMINAL else None)(_job(cluster, job)),
+        timeout,
+        f"job {job} to finish",
+    )
 
 
 def _curve(state: dict) -> list[tuple[int, float]]:
@@ -81,12 +96,34 @@ def test_two_nodes_one_rank_each_same_curve_as_one_node(cluster, s3_data, tmp_pa
 
     # the reference: 2 processes on node1 alone, same data, seed and arguments
     started = time.monotonic()
-    cluster.on("node1", str(Path(PYTHON).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "29555", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "jobs/train.py", "--config", "configs/tiny.yaml", "--backend", "accelerate", "--stage", "sequence",
-               "--data", s3_data, "--run", reference,
-               *[a for s in [*TRAIN_SETS, "train.sequence.steps=20"] for a in ("--set", s)],
-               env={"ACCELERATE_USE_CPU": "true"}, timeout=300)
+    cluster.on(
+        "node1",
+        str(Path(PYTHON).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29555",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "jobs/train.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--backend",
+        "accelerate",
+        "--stage",
+        "sequence",
+        "--data",
+        s3_data,
+        "--run",
+        reference,
+        *[a for s in [*TRAIN_SETS, "train.sequence.steps=20"] for a in ("--set", s)],
+        env={"ACCELERATE_USE_CPU": "true"},
+        timeout=300,
+    )
     print(f"single-node reference: {time.monotonic() - started:.1f}s")
     one = cluster.run_state(reference)
     assert one["run"]["hosts"] == ["node1", "node1"]
@@ -118,13 +155,19 @@ def test_node_power_cut_requeues_and_finishes_on_the_node_left(cluster, s3_data,
     cluster.node("kill", "node2")  # power cut: the kernel kills everything on node2
     cut = time.monotonic()
 
-    info = wait_for(lambda: (lambda i: i if i["Restarts"] == "1" else None)(_job(cluster, job)), 120,
-                    "the requeue after the power cut")
+    info = wait_for(
+        lambda: (lambda i: i if i["Restarts"] == "1" else None)(_job(cluster, job)),
+        120,
+        "the requeue after the power cut",
+    )
     print(f"requeued {time.monotonic() - cut:.1f}s after the power cut: {info['JobState']} ({info['Reason']})")
     assert "down" in cluster.on("node1", "sinfo", "-h", "-n", "node2", "-o", "%T").stdout
     assert info["JobState"] == "PENDING"
-    wait_for(lambda: cluster.on("node1", "sinfo", "-h", "-n", "node1", "-o", "%T").stdout.strip() == "idle", 60,
-             "node1 released by the first run")
+    wait_for(
+        lambda: cluster.on("node1", "sinfo", "-h", "-n", "node1", "-o", "%T").stdout.strip() == "idle",
+        60,
+        "node1 released by the first run",
+    )
     time.sleep(2)  # see test_slurm: slurmd refuses a credential it revoked within the same second
     # NumNodes=1 alone sets the minimum only; the CPU count stays at the old allocation's
     cluster.on("node1", "scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1")

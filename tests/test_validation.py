@@ -7,12 +7,13 @@ import json
 import logging
 
 import pytest
-from small import small_config, small_dataset
 
 from storymm import storage
 from storymm.evaluation.evaluate import evaluate
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, train
+
+from small import small_config, small_dataset
 
 EVAL = ["eval.median_windows=50", "eval.samples=2", "eval.batch_size=32"]
 
@@ -23,8 +24,14 @@ def data_uri(tmp_path_factory):
 
 
 def _sequence(*extra: str):
-    return small_config("train.sequence.steps=6", "train.sequence.checkpoint_every=3", "train.sequence.log_every=1",
-                        "train.sequence.warmup_steps=2", *EVAL, *extra)
+    return small_config(
+        "train.sequence.steps=6",
+        "train.sequence.checkpoint_every=3",
+        "train.sequence.log_every=1",
+        "train.sequence.warmup_steps=2",
+        *EVAL,
+        *extra,
+    )
 
 
 def test_val_is_scored_recorded_and_the_best_checkpoint_kept(data_uri, tmp_path):
@@ -39,8 +46,12 @@ def test_val_is_scored_recorded_and_the_best_checkpoint_kept(data_uri, tmp_path)
         assert record["total"] != record["val_total"]
     best = checkpoint.read_best(run)
     want = min(scored, key=lambda m: m["val_total"])
-    assert best == {"checkpoint": f"step-{want['step']:08d}.pt", "step": want["step"], "metric": "val_total",
-                    "value": want["val_total"]}
+    assert best == {
+        "checkpoint": f"step-{want['step']:08d}.pt",
+        "step": want["step"],
+        "metric": "val_total",
+        "value": want["val_total"],
+    }
     assert storage.exists(storage.join(run, "checkpoints", best["checkpoint"]))
 
     # evaluation can take the best checkpoint instead of the latest
@@ -58,9 +69,13 @@ def test_val_is_scored_recorded_and_the_best_checkpoint_kept(data_uri, tmp_path)
 
 def test_best_checkpoint_survives_pruning(data_uri, tmp_path):
     run = str(tmp_path / "vis")
-    config = small_config("train.visual_ae.steps=4", "train.visual_ae.checkpoint_every=1",
-                          "train.visual_ae.eval_every=1", "train.visual_ae.log_every=1",
-                          "train.visual_ae.val_batches=1")
+    config = small_config(
+        "train.visual_ae.steps=4",
+        "train.visual_ae.checkpoint_every=1",
+        "train.visual_ae.eval_every=1",
+        "train.visual_ae.log_every=1",
+        "train.visual_ae.val_batches=1",
+    )
     train(config, "visual_ae", data_uri, run, progress=False)
     best = checkpoint.read_best(run)
     scored = [m for m in read_metrics(run) if "val_total" in m]
@@ -78,8 +93,13 @@ def test_empty_val_split_is_skipped_with_a_log_line(tmp_path, caplog):
     data = small_dataset(str(tmp_path), 12, seed=5, frames=(6, 8), config=config)
     run = str(tmp_path / "seq")
     with caplog.at_level(logging.INFO, logger="storymm.training.validation"):
-        train(small_config("data.val_fraction=0.0", "train.sequence.steps=2", "train.sequence.checkpoint_every=1"),
-              "sequence", data, run, progress=False)
+        train(
+            small_config("data.val_fraction=0.0", "train.sequence.steps=2", "train.sequence.checkpoint_every=1"),
+            "sequence",
+            data,
+            run,
+            progress=False,
+        )
     assert "no validation" in caplog.text
     assert checkpoint.read_best(run) is None
     assert not any("val_total" in m for m in read_metrics(run))
@@ -88,8 +108,14 @@ def test_empty_val_split_is_skipped_with_a_log_line(tmp_path, caplog):
 @pytest.mark.parametrize("fusion, space", [("gate", "fusion"), ("concat", None)])
 def test_unequal_latent_sizes_train_and_evaluate(data_uri, tmp_path, fusion, space):
     run = str(tmp_path / fusion)
-    config = small_config("model.visual_latent=32", "model.text_latent=64", f"model.fusion={fusion}",
-                          "train.sequence.steps=2", "train.sequence.eval_every=0", *EVAL)
+    config = small_config(
+        "model.visual_latent=32",
+        "model.text_latent=64",
+        f"model.fusion={fusion}",
+        "train.sequence.steps=2",
+        "train.sequence.eval_every=0",
+        *EVAL,
+    )
     train(config, "sequence", data_uri, run, progress=False)
     out = str(tmp_path / f"report-{fusion}")
     report = evaluate(run, data_uri, "test", out, progress=False)

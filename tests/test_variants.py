@@ -24,8 +24,14 @@ from small import SMALL, small_dataset
 from small import small_config as shared_small_config
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["train.visual_ae.warmup_steps=2", "train.text_ae.warmup_steps=2", "train.sequence.warmup_steps=2",
-        "train.visual_ae.log_every=1", "train.text_ae.log_every=1", "train.sequence.log_every=1"]
+FAST = [
+    "train.visual_ae.warmup_steps=2",
+    "train.text_ae.warmup_steps=2",
+    "train.sequence.warmup_steps=2",
+    "train.visual_ae.log_every=1",
+    "train.text_ae.log_every=1",
+    "train.sequence.log_every=1",
+]
 
 
 def small_config(*extra: str, base: str = "tiny"):
@@ -40,8 +46,13 @@ def data_uri(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_data_uri(tmp_path_factory):
     """Shards tokenized with bert-base-uncased (MiniLM reads those ids directly)."""
-    return small_dataset(str(tmp_path_factory.mktemp("variants-bert")), 16, seed=6, frames=(6, 8),
-                         config=small_config("data.tokenizer=bert-base-uncased"))
+    return small_dataset(
+        str(tmp_path_factory.mktemp("variants-bert")),
+        16,
+        seed=6,
+        frames=(6, 8),
+        config=small_config("data.tokenizer=bert-base-uncased"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,11 @@ def vgg_weights(tmp_path_factory):
     from torchvision.models import vgg16
 
     torch.manual_seed(0)
-    state = {k: v for k, v in vgg16(weights=None).state_dict().items()
-             if k.startswith("features.") and int(k.split(".")[1]) < 16}
+    state = {
+        k: v
+        for k, v in vgg16(weights=None).state_dict().items()
+        if k.startswith("features.") and int(k.split(".")[1]) < 16
+    }
     path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
     torch.save(state, path)
     return str(path)
@@ -131,7 +145,9 @@ def test_resnet18_backbone_reads_local_weights(tmp_path):
     torch.manual_seed(1)
     state = resnet18(weights=None).state_dict()
     torch.save(state, tmp_path / "r18.pth")
-    model = VisualAutoencoder(16, (32, 64), (8, 16, 16), backbone="resnet18", backbone_weights=str(tmp_path / "r18.pth"))
+    model = VisualAutoencoder(
+        16, (32, 64), (8, 16, 16), backbone="resnet18", backbone_weights=str(tmp_path / "r18.pth")
+    )
     assert torch.equal(model.backbone.net[0].weight, state["conv1.weight"])
 
 
@@ -146,9 +162,16 @@ def test_hash_tags_are_stable_and_bounded():
 
 
 def test_resnet18_visual_ae_with_perceptual_and_gradient_losses(data_uri, vgg_weights, tmp_path):
-    config = small_config("model.visual_backbone=resnet18", "model.decoder_extra_layers=2",
-                          "loss.perceptual=0.1", f"loss.perceptual_weights={vgg_weights}", "loss.gradient=0.1",
-                          "train.visual_ae.steps=8", "train.visual_ae.lr=0.003", "data.batch_size=3")
+    config = small_config(
+        "model.visual_backbone=resnet18",
+        "model.decoder_extra_layers=2",
+        "loss.perceptual=0.1",
+        f"loss.perceptual_weights={vgg_weights}",
+        "loss.gradient=0.1",
+        "train.visual_ae.steps=8",
+        "train.visual_ae.lr=0.003",
+        "data.batch_size=3",
+    )
     run = str(tmp_path / "vis")
     train(config, "visual_ae", data_uri, run, progress=False)
     last = assert_loss_falls(run)
@@ -157,9 +180,15 @@ def test_resnet18_visual_ae_with_perceptual_and_gradient_losses(data_uri, vgg_we
 
 
 def test_skip_decoder_visual_ae_and_sequence(data_uri, vgg_weights, tmp_path):
-    config = small_config("model.decoder_skips=true", "model.decoder_extra_layers=1", "train.visual_ae.steps=8",
-                          "train.sequence.steps=10", "loss.perceptual=0.05", f"loss.perceptual_weights={vgg_weights}",
-                          "data.batch_size=4")
+    config = small_config(
+        "model.decoder_skips=true",
+        "model.decoder_extra_layers=1",
+        "train.visual_ae.steps=8",
+        "train.sequence.steps=10",
+        "loss.perceptual=0.05",
+        f"loss.perceptual_weights={vgg_weights}",
+        "data.batch_size=4",
+    )
     vis, seq = str(tmp_path / "vis"), str(tmp_path / "seq")
     train(config, "visual_ae", data_uri, vis, progress=False)
     assert_loss_falls(vis)
@@ -195,8 +224,9 @@ def test_tag_features_loader_and_sequence(data_uri, tmp_path):
     plain = next(iter(WindowLoader(dataset, "train", batch_size=4, context_frames=4, max_tokens=20)))
     assert "tags" not in plain and torch.equal(plain["frames"], batch["frames"])  # additive: same windows
 
-    config = small_config("model.tag_features=true", "model.tag_vocab=256", "model.max_tags=6",
-                          "train.sequence.steps=12")
+    config = small_config(
+        "model.tag_features=true", "model.tag_vocab=256", "model.max_tags=6", "train.sequence.steps=12"
+    )
     run = str(tmp_path / "seq")
     train(config, "sequence", data_uri, run, progress=False)
     assert_loss_falls(run)
@@ -208,8 +238,9 @@ def test_tag_features_loader_and_sequence(data_uri, tmp_path):
 
 
 def test_minilm_text_encoder(bert_data_uri, data_uri, tmp_path):
-    config = small_config("model.text_encoder=minilm", "train.text_ae.steps=10", "train.sequence.steps=8",
-                          "train.text_ae.lr=0.005")
+    config = small_config(
+        "model.text_encoder=minilm", "train.text_ae.steps=10", "train.sequence.steps=8", "train.text_ae.lr=0.005"
+    )
     txt, seq = str(tmp_path / "txt"), str(tmp_path / "seq")
     train(config, "text_ae", bert_data_uri, txt, progress=False)
     assert_loss_falls(txt)
@@ -236,11 +267,21 @@ def test_experiment_refuses_mismatched_data_before_training(data_uri, tmp_path):
 @pytest.mark.slow
 def test_experiment_three_seed_configs_end_to_end(data_uri, vgg_weights, tmp_path, capsys):
     work = tmp_path / "work"
-    sets = SMALL + FAST + [
-        "data.image_height=32", "data.image_width=64", "data.max_tokens=20",
-        "train.visual_ae.steps=3", "train.text_ae.steps=3", "train.sequence.steps=3",
-        f"loss.perceptual_weights={vgg_weights}", "eval.median_windows=64", "eval.samples=2",
-    ]
+    sets = (
+        SMALL
+        + FAST
+        + [
+            "data.image_height=32",
+            "data.image_width=64",
+            "data.max_tokens=20",
+            "train.visual_ae.steps=3",
+            "train.text_ae.steps=3",
+            "train.sequence.steps=3",
+            f"loss.perceptual_weights={vgg_weights}",
+            "eval.median_windows=64",
+            "eval.samples=2",
+        ]
+    )
     args = ["experiment", "--data", data_uri, "--work", str(work), "--configs", "baseline,gate,gate_retrained"]
     assert cli_main(args + sum((["--set", s] for s in sets), [])) == 0
     table = (work / "reports" / "comparison.md").read_text()

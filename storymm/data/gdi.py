@@ -70,7 +70,7 @@ def parse_story(story: str | None) -> dict[int, FrameText]:
         next_open = _GDI_OPEN.search(story, opening.end())
         if closing is None or (next_open is not None and next_open.start() < closing.start()):
             raise StoryParseError("unclosed_gdi_tag", f"image{opening.group(1)}")
-        bodies.setdefault(int(opening.group(1)), []).append(story[opening.end():closing.start()])
+        bodies.setdefault(int(opening.group(1)), []).append(story[opening.end() : closing.start()])
         position = closing.end()
     return {number: _frame_text(" ".join(parts)) for number, parts in bodies.items()}
 
@@ -80,7 +80,5 @@ def frame_texts(story: str | None, n_frames: int) -> list[FrameText]:
     parsed = parse_story(story)
     missing = [n for n in range(1, n_frames + 1) if n not in parsed or not parsed[n].sentence]
     if missing:
-        raise StoryParseError(
-            "fewer_sentences_than_frames", f"{n_frames} frames, no text for image(s) {missing[:5]}"
-        )
+        raise StoryParseError("fewer_sentences_than_frames", f"{n_frames} frames, no text for image(s) {missing[:5]}")
     return [parsed[n] for n in range(1, n_frames + 1)]

@@ -38,8 +38,9 @@ import json
 import logging
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -135,8 +136,11 @@ def _check_manifest(manifest, uri: str) -> None:
             f"dataset schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}: re-run prepare"
         )
     missing = [key for key, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
-    missing += [f"tokenizer.{key}" for key in _TOKENIZER_KEYS
-                if isinstance(manifest.get("tokenizer"), dict) and not isinstance(manifest["tokenizer"].get(key), int)]
+    missing += [
+        f"tokenizer.{key}"
+        for key in _TOKENIZER_KEYS
+        if isinstance(manifest.get("tokenizer"), dict) and not isinstance(manifest["tokenizer"].get(key), int)
+    ]
     for split, shards in (manifest.get("shards") or {}).items() if isinstance(manifest.get("shards"), dict) else ():
         if not isinstance(shards, list):
             missing.append(f"shards.{split}")
@@ -196,7 +200,7 @@ def _frames_array(column, height: int, width: int) -> np.ndarray:
     size = height * width * 3
     buffer = flat.buffers()[1]
     data = np.frombuffer(buffer, dtype=np.uint8, count=(flat.offset + len(flat)) * size)
-    return data[flat.offset * size:].reshape(len(flat), height, width, 3)
+    return data[flat.offset * size :].reshape(len(flat), height, width, 3)
 
 
 class ChunkPlan(NamedTuple):
@@ -456,8 +460,9 @@ class WindowLoader:
         ``storymm.data.prefetch``) and cut into batches of ``batch_size``."""
         plans = self.plan()
         self.prefetch_stats = PrefetchStats()
-        loaded = prefetch_map(self.load_chunk, plans, self.prefetch_chunks, describe=self._describe_chunk,
-                              stats=self.prefetch_stats)
+        loaded = prefetch_map(
+            self.load_chunk, plans, self.prefetch_chunks, describe=self._describe_chunk, stats=self.prefetch_stats
+        )
         yield from self._batches(loaded)
         log.info("%s rank %d epoch %d read: %s", self.split, self.rank, self.epoch, self.prefetch_stats.summary())
 
@@ -489,7 +494,6 @@ class WindowLoader:
                 carried += len(rows) - start
         if carried:  # only without equalize: the rank's share of the last, partial global batch
             yield _concat_batches(carry)
-
 
 
 def _concat_batches(parts: list[dict]) -> dict:

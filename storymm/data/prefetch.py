@@ -22,9 +22,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -48,8 +49,10 @@ class PrefetchStats:
     _held_bytes: int = 0
 
     def summary(self) -> str:
-        return (f"{self.items} chunks, consumer waited {self.wait_s:.2f} s, at most {self.peak_items} loaded "
-                f"chunks ({self.peak_bytes / 2**20:.1f} MiB) held")
+        return (
+            f"{self.items} chunks, consumer waited {self.wait_s:.2f} s, at most {self.peak_items} loaded "
+            f"chunks ({self.peak_bytes / 2**20:.1f} MiB) held"
+        )
 
 
 def nbytes(value) -> int:
@@ -99,6 +102,7 @@ def prefetch_map(
     pending: deque[tuple[T, Future]] = deque()
     pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX)
     try:
+
         def submit_next() -> None:
             for item in source:
                 pending.append((item, pool.submit(tracked, item)))

@@ -129,7 +129,7 @@ def assign_split(story_id: str, source_split: str, seed: int, val_fraction: floa
     """Deterministic train/val split by story id; the source's test split stays test."""
     if source_split == "test":
         return "test"
-    digest = hashlib.sha256(f"{seed}:{story_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{story_id}".encode()).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     return "val" if position < val_fraction else "train"
 
@@ -198,8 +198,14 @@ def _checked_locally(source, check, threads: int):
                 yield source_split, list(pool.map(check, batch))
 
 
-def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = True, backend: str = "local",
-            workers: int | None = None) -> dict:
+def prepare(
+    source_spec: str,
+    data_uri: str,
+    config: Config,
+    progress: bool = True,
+    backend: str = "local",
+    workers: int | None = None,
+) -> dict:
     """Read ``source_spec``, write shards and ``manifest.json`` under ``data_uri``; return the manifest.
 
     ``backend="ray"`` decodes, resizes and tokenizes on a Ray cluster (``workers`` tasks at a time,
@@ -259,8 +265,9 @@ def prepare(source_spec: str, data_uri: str, config: Config, progress: bool = Tr
                     "frame_index": outcome.frame_index,
                     "frames": outcome.frames,
                     "sentences": [t.sentence for t in outcome.texts],
-                    "token_ids": (outcome.token_ids if outcome.token_ids is not None
-                                  else [next(token_ids) for _ in outcome.texts]),
+                    "token_ids": (
+                        outcome.token_ids if outcome.token_ids is not None else [next(token_ids) for _ in outcome.texts]
+                    ),
                     "objects": [t.objects for t in outcome.texts],
                     "actions": [t.actions for t in outcome.texts],
                     "locations": [t.locations for t in outcome.texts],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
@@ -46,8 +46,10 @@ def slices(source) -> list[tuple[str, str, int, int, int]]:
             metadata = pq.ParquetFile(storage.open_input_file(uri)).metadata
             for group in range(metadata.num_row_groups):
                 rows = metadata.row_group(group).num_rows
-                out += [(split, uri, group, start, min(start + ROWS_PER_TASK, rows))
-                        for start in range(0, rows, ROWS_PER_TASK)]
+                out += [
+                    (split, uri, group, start, min(start + ROWS_PER_TASK, rows))
+                    for start in range(0, rows, ROWS_PER_TASK)
+                ]
     return out
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
@@ -117,7 +117,7 @@ class HubSource(Source):
 def open_source(spec: str) -> Source:
     """``hf:NAME`` or a bare hub id → the hub; a local folder, ``file://`` or ``s3://`` → parquet."""
     if spec.startswith(HF_PREFIX):
-        return HubSource(spec[len(HF_PREFIX):])
+        return HubSource(spec[len(HF_PREFIX) :])
     if "://" in spec or os.path.exists(spec):
         return ParquetSource(spec)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):

@@ -93,9 +93,15 @@ HOLD_PROBABILITY = 0.2
 
 # 3x3 grid of the shape's centre: (row, column) -> phrase.
 LOCATIONS = {
-    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-    (1, 0): "left side", (1, 1): "middle", (1, 2): "right side",
-    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left side",
+    (1, 1): "middle",
+    (1, 2): "right side",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
 }
 
 # The one tan(22.5 deg) that splits the compass into 8 sectors.
@@ -184,12 +190,14 @@ def _cut_sequence(rng: np.random.Generator, n_frames: int) -> list[int]:
 def _make_shot(rng: np.random.Generator, number: int, width: int, height: int, taken: dict) -> dict:
     """One shot's background and moving shape, chosen so it differs from the shot already made."""
     bg_names = [
-        name for name, rgb in BACKGROUND_COLOURS.items()
+        name
+        for name, rgb in BACKGROUND_COLOURS.items()
         if all(_distance(rgb, BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP for other in taken.get("bg", []))
     ]
     bg_colour = bg_names[int(rng.integers(len(bg_names)))]
     shape_names = [
-        name for name, rgb in SHAPE_COLOURS.items()
+        name
+        for name, rgb in SHAPE_COLOURS.items()
         if name not in taken.get("colour", []) and _distance(rgb, BACKGROUND_COLOURS[bg_colour]) >= MIN_CONTRAST
     ]
     colour = shape_names[int(rng.integers(len(shape_names)))]
@@ -287,8 +295,11 @@ def render_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
             [id_column, "Name", "Description", "Bounding Box"],
             [[ent, name, f"{_a(name)} about {shot['size']} pixels wide that {action}", ",".join(map(str, box))]],
         )
-        look = f"plain {shot['bg_name']}" if shot["texture"] == "plain" else (
-            f"{shot['bg_name']} with a {shot['texture']} texture")
+        look = (
+            f"plain {shot['bg_name']}"
+            if shot["texture"] == "plain"
+            else (f"{shot['bg_name']} with a {shot['texture']} texture")
+        )
         setting = "### Setting\n" + _table(["Setting ID", "Name", "Description"], [[bg, shot["bg_name"], _a(look)]])
         sections.append(f"## Image {t + 1}\n\n{entity_table}\n\n{setting}")
 
@@ -308,8 +319,13 @@ def render_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
 # closest input (usually two frames back) is shifted by two steps of the pan, which a model can only
 # undo by predicting the motion.
 PATTERNS = ("vertical stripes", "horizontal stripes", "diagonal stripes", "checks", "no pattern")
-PATTERN_WORDS = {"vertical stripes": "striped", "horizontal stripes": "banded", "diagonal stripes": "hatched",
-                 "checks": "checked", "no pattern": "mottled"}
+PATTERN_WORDS = {
+    "vertical stripes": "striped",
+    "horizontal stripes": "banded",
+    "diagonal stripes": "hatched",
+    "checks": "checked",
+    "no pattern": "mottled",
+}
 OBJECT_KINDS = ("box", "disc")
 NOISE_OCTAVES = ((40.0, 1.0), (20.0, 0.6), (10.0, 0.4), (5.0, 0.25))  # (cell size in px, amplitude)
 PAN_SPEED = (0.02, 0.04)  # view widths per step
@@ -360,11 +376,13 @@ def _pattern(rng: np.random.Generator, kind: str, height: int, width: int) -> np
     return np.where((phase // (period / 2)) % 2 == 0, 1.0, -1.0).astype(np.float32)
 
 
-def _make_pan_shot(rng: np.random.Generator, number: int, width: int, height: int, n_frames: int,
-                   taken: dict, next_object: list[int]) -> dict:
+def _make_pan_shot(
+    rng: np.random.Generator, number: int, width: int, height: int, n_frames: int, taken: dict, next_object: list[int]
+) -> dict:
     """One shot: its textured world (big enough for the whole trajectory), camera path and objects."""
     bg_names = [
-        name for name, rgb in BACKGROUND_COLOURS.items()
+        name
+        for name, rgb in BACKGROUND_COLOURS.items()
         if all(_distance(rgb, BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP for other in taken.get("bg", []))
     ]
     bg_colour = bg_names[int(rng.integers(len(bg_names)))]
@@ -408,10 +426,19 @@ def _make_pan_shot(rng: np.random.Generator, number: int, width: int, height: in
         next_object[0] += 1
         objects.append({"id": f"obj{next_object[0]}", "name": f"{colour} {kind}", "box": box})
     return {
-        "number": number, "entity": f"char{number}", "setting": f"bg{number}",
-        "bg_name": f"{PATTERN_WORDS[pattern]} {bg_colour} {place}", "pattern": pattern,
-        "world": np.asarray(world, dtype=np.float32), "objects": objects,
-        "cx0": cx0, "cy0": cy0, "vx": vx, "vy": vy, "scale0": scale0, "zoom": zoom,
+        "number": number,
+        "entity": f"char{number}",
+        "setting": f"bg{number}",
+        "bg_name": f"{PATTERN_WORDS[pattern]} {bg_colour} {place}",
+        "pattern": pattern,
+        "world": np.asarray(world, dtype=np.float32),
+        "objects": objects,
+        "cx0": cx0,
+        "cy0": cy0,
+        "vx": vx,
+        "vy": vy,
+        "scale0": scale0,
+        "zoom": zoom,
         "verb": ("pans", "moves", "drifts", "glides")[int(rng.integers(4))],
     }
 
@@ -471,8 +498,10 @@ def render_pan_story(rng: np.random.Generator, index: int, n_frames: int) -> dic
 
         ent, bg, action = shot["entity"], shot["setting"], _camera_action(shot)
         visible = _visible_objects(shot, cx, cy, scale, width, height)
-        sentence = (f"<gdi image{t + 1}> The <gdo {ent}>camera</gdo> <gda {ent}>{action}</gda> "
-                    f"over the <gdl {bg}>{shot['bg_name']}</gdl>")
+        sentence = (
+            f"<gdi image{t + 1}> The <gdo {ent}>camera</gdo> <gda {ent}>{action}</gda> "
+            f"over the <gdl {bg}>{shot['bg_name']}</gdl>"
+        )
         if visible:
             obj = visible[0]
             x1, y1, x2, y2 = obj["view_box"]
@@ -487,13 +516,22 @@ def render_pan_story(rng: np.random.Generator, index: int, n_frames: int) -> dic
         )
         parts = [camera]
         if visible:
-            parts.append("### Objects\n" + _table(
-                ["Object ID", "Name", "Description", "Bounding Box"],
-                [[o["id"], o["name"], f"{_a(o['name'])} standing still", ",".join(map(str, o["view_box"]))]
-                 for o in visible],
-            ))
-        parts.append("### Setting\n" + _table(["Setting ID", "Name", "Description"],
-                                              [[bg, shot["bg_name"], _a(shot["bg_name"]) + " seen from above"]]))
+            parts.append(
+                "### Objects\n"
+                + _table(
+                    ["Object ID", "Name", "Description", "Bounding Box"],
+                    [
+                        [o["id"], o["name"], f"{_a(o['name'])} standing still", ",".join(map(str, o["view_box"]))]
+                        for o in visible
+                    ],
+                )
+            )
+        parts.append(
+            "### Setting\n"
+            + _table(
+                ["Setting ID", "Name", "Description"], [[bg, shot["bg_name"], _a(shot["bg_name"]) + " seen from above"]]
+            )
+        )
         sections.append(f"## Image {t + 1}\n\n" + "\n\n".join(parts))
 
     return {

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
@@ -147,7 +147,7 @@ class SentenceTokenizer:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     @classmethod
-    def load(cls, data_uri: str) -> "SentenceTokenizer":
+    def load(cls, data_uri: str) -> SentenceTokenizer:
         uri = storage.join(data_uri, TOKENIZER_FILE)
         try:
             return cls(Tokenizer.from_str(storage.read_text(uri)))

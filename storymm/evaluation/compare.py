@@ -55,8 +55,15 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = None,
-                 data_uri: str | None = None, split: str = "test", evaluate_fn=None) -> list[tuple[str, str, dict]]:
+def load_sources(
+    sources: list[str],
+    out_uri: str,
+    *,
+    names: list[str] | None = None,
+    data_uri: str | None = None,
+    split: str = "test",
+    evaluate_fn=None,
+) -> list[tuple[str, str, dict]]:
     """``[(name, source, report)]``: reports read, runs evaluated (with ``data_uri``)."""
     if not sources:
         raise CompareError("compare needs at least one report or run URI")
@@ -81,8 +88,9 @@ def load_sources(sources: list[str], out_uri: str, *, names: list[str] | None = 
                 )
             if evaluate_fn is None:
                 from storymm.evaluation.evaluate import evaluate as evaluate_fn
-            report = evaluate_fn(uri, data_uri, split, storage.join(out_uri, "reports", storage.safe_name(name)),
-                                 progress=False)
+            report = evaluate_fn(
+                uri, data_uri, split, storage.join(out_uri, "reports", storage.safe_name(name)), progress=False
+            )
         out.append((name, storage.redact(uri), report))
     return out
 
@@ -99,10 +107,11 @@ def _best(values: list[Any], higher: bool | None) -> set[int]:
 
 def comparison_rows(reports: list[dict]) -> list[dict]:
     """Rows ``{label, kind, higher_is_better, values, best}``: metrics, then floors, then metadata."""
+
     def union(key: str) -> list[str]:
         seen: list[str] = []
         for report in reports:
-            for name in (report.get(key) or {}):
+            for name in report.get(key) or {}:
                 if name not in seen:
                     seen.append(name)
         return seen
@@ -114,19 +123,39 @@ def comparison_rows(reports: list[dict]) -> list[dict]:
         values = [(r.get("metrics") or {}).get(name) for r in reports]
         higher = HIGHER_IS_BETTER.get(name)
         best = [] if name in CONTROL_METRICS else sorted(_best(values, higher))
-        rows.append({"label": name, "kind": "metric", "higher_is_better": higher, "values": values,
-                     "best": best})
+        rows.append({"label": name, "kind": "metric", "higher_is_better": higher, "values": values, "best": best})
     for name in union("floors"):
-        rows.append({"label": f"floor: {name}", "kind": "floor", "higher_is_better": None,
-                     "values": [(r.get("floors") or {}).get(name) for r in reports], "best": []})
+        rows.append(
+            {
+                "label": f"floor: {name}",
+                "kind": "floor",
+                "higher_is_better": None,
+                "values": [(r.get("floors") or {}).get(name) for r in reports],
+                "best": [],
+            }
+        )
     for key in INFO_KEYS:
         if any(key in r for r in reports):
-            rows.append({"label": key, "kind": "info", "higher_is_better": None,
-                         "values": [r.get(key) for r in reports], "best": []})
+            rows.append(
+                {
+                    "label": key,
+                    "kind": "info",
+                    "higher_is_better": None,
+                    "values": [r.get(key) for r in reports],
+                    "best": [],
+                }
+            )
     for key in MODEL_KEYS:
         if any(key in (r.get("model") or {}) for r in reports):
-            rows.append({"label": f"model.{key}", "kind": "info", "higher_is_better": None,
-                         "values": [(r.get("model") or {}).get(key) for r in reports], "best": []})
+            rows.append(
+                {
+                    "label": f"model.{key}",
+                    "kind": "info",
+                    "higher_is_better": None,
+                    "values": [(r.get("model") or {}).get(key) for r in reports],
+                    "best": [],
+                }
+            )
     return rows
 
 
@@ -136,11 +165,17 @@ def _arrow(higher: bool | None) -> str:
 
 def render(names: list[str], rows: list[dict], sources: list[str]) -> tuple[str, str]:
     """``(markdown, html)`` of the comparison table; the best value per metric row in bold with ★."""
-    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     note = "↑ higher is better, ↓ lower is better; ★ marks the best value of each metric row."
     header = ["metric", *names]
-    md = ["# storymm comparison", "", f"Generated {generated}. {note}", "",
-          "| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    md = [
+        "# storymm comparison",
+        "",
+        f"Generated {generated}. {note}",
+        "",
+        "| " + " | ".join(md_cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for row in rows:
         cells = [md_cell(row["label"]) + _arrow(row["higher_is_better"])]
         for i, value in enumerate(row["values"]):
@@ -158,28 +193,53 @@ def render(names: list[str], rows: list[dict], sources: list[str]) -> tuple[str,
             cells.append(f'<td class="best"><strong>{text}</strong> ★</td>' if i in row["best"] else f"<td>{text}</td>")
         body.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     css = CSS + "td.best { background: #e3f4e5; } tr.floor th, tr.floor td { color: #555; font-style: italic; }"
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>storymm comparison</title>",
-        f"<style>{css}</style></head><body>", "<h1>storymm comparison</h1>",
-        f"<p>Generated {html.escape(generated)}. {html.escape(note)}</p>",
-        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>", *body, "</tbody>\n</table>",
-        "<h2>Sources</h2>", "<ul>",
-        *[f"<li>{html.escape(n)}: <code>{html.escape(s)}</code></li>" for n, s in zip(names, sources)],
-        "</ul>", "</body></html>",
-    ]) + "\n"
+    page = (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="en"><head><meta charset="utf-8">',
+                "<title>storymm comparison</title>",
+                f"<style>{css}</style></head><body>",
+                "<h1>storymm comparison</h1>",
+                f"<p>Generated {html.escape(generated)}. {html.escape(note)}</p>",
+                f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>",
+                *body,
+                "</tbody>\n</table>",
+                "<h2>Sources</h2>",
+                "<ul>",
+                *[f"<li>{html.escape(n)}: <code>{html.escape(s)}</code></li>" for n, s in zip(names, sources)],
+                "</ul>",
+                "</body></html>",
+            ]
+        )
+        + "\n"
+    )
     return "\n".join(md), page
 
 
-def compare(sources: list[str], out_uri: str, *, names: list[str] | None = None, data_uri: str | None = None,
-            split: str = "test", evaluate_fn=None) -> dict:
+def compare(
+    sources: list[str],
+    out_uri: str,
+    *,
+    names: list[str] | None = None,
+    data_uri: str | None = None,
+    split: str = "test",
+    evaluate_fn=None,
+) -> dict:
     """Write ``compare.md``, ``compare.html`` and ``compare.json`` under ``out_uri``; returns the json dict."""
     loaded = load_sources(sources, out_uri, names=names, data_uri=data_uri, split=split, evaluate_fn=evaluate_fn)
     column_names = [name for name, _, _ in loaded]
     shown = [source for _, source, _ in loaded]
     rows = comparison_rows([report for _, _, report in loaded])
     md, page = render(column_names, rows, shown)
-    result = to_jsonable({"names": column_names, "sources": shown, "rows": rows,
-                        "files": {k: storage.join(storage.redact(out_uri), f"compare.{k}") for k in ("md", "html", "json")}})
+    result = to_jsonable(
+        {
+            "names": column_names,
+            "sources": shown,
+            "rows": rows,
+            "files": {k: storage.join(storage.redact(out_uri), f"compare.{k}") for k in ("md", "html", "json")},
+        }
+    )
     storage.write_text(storage.join(out_uri, "compare.md"), md)
     storage.write_text(storage.join(out_uri, "compare.html"), page)
     storage.write_text(storage.join(out_uri, "compare.json"), json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -53,8 +53,14 @@ def load_sequence_model(run_uri: str, tokens: TokenizerInfo, which: str = "lates
 
 def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> torch.Tensor:
     loader = WindowLoader(
-        dataset, "train", batch_size=256, context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens, windows=config.data.windows, shuffle=True, seed=config.seed,
+        dataset,
+        "train",
+        batch_size=256,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        windows=config.data.windows,
+        shuffle=True,
+        seed=config.seed,
         equalize=False,
     )
 
@@ -106,8 +112,9 @@ def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dic
         if back > k:
             continue
         sentence = batch["tokens"][:, -back]
-        ce, _ = text_cross_entropy_sum(model.text_logits(model.text.encode(sentence), batch["target_tokens"]),
-                                       labels, pad_id)
+        ce, _ = text_cross_entropy_sum(
+            model.text_logits(model.text.encode(sentence), batch["target_tokens"]), labels, pad_id
+        )
         out[f"text_ce_sum_{name}"] = float(ce)
         out[f"{name}_sentences"] = [tokenizer.decode(row.tolist()) for row in sentence.cpu()]
     return out
@@ -141,9 +148,18 @@ def evaluate(
     floor_image = _median_of_train_targets(dataset, config, config.eval.median_windows)
     accumulator = EvalAccumulator(floor_image)
     loader = WindowLoader(
-        dataset, split, batch_size=config.eval.batch_size, context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
-        world_size=runtime.world_size, shuffle=False, equalize=False, with_text=True, **loader_options(config),
+        dataset,
+        split,
+        batch_size=config.eval.batch_size,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        windows=config.data.windows,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        shuffle=False,
+        equalize=False,
+        with_text=True,
+        **loader_options(config),
     )
     samples: list[dict] = []
     bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
@@ -165,12 +181,18 @@ def evaluate(
         prediction = out["image"].clamp(0, 1)
         visual_latent, text_latent = _shared_latents(model, space, out)
         accumulator.update(
-            pred_image=prediction.cpu(), target_image=batch["target_frame"].cpu(),
-            last_input=batch["frames"][:, -1].cpu(), inputs=batch["frames"].cpu(), text_ce_sum_true=float(ce_true),
-            text_ce_sum_shuffled=float(ce_shuffled), text_tokens=int(count),
+            pred_image=prediction.cpu(),
+            target_image=batch["target_frame"].cpu(),
+            last_input=batch["frames"][:, -1].cpu(),
+            inputs=batch["frames"].cpu(),
+            text_ce_sum_true=float(ce_true),
+            text_ce_sum_shuffled=float(ce_shuffled),
+            text_tokens=int(count),
             visual_latent=None if visual_latent is None else visual_latent.cpu(),
             text_latent=None if text_latent is None else text_latent.cpu(),
-            hypotheses=hypotheses, references=references, **copy_floors,
+            hypotheses=hypotheses,
+            references=references,
+            **copy_floors,
         )
         for i in range(min(len(hypotheses), config.eval.samples - len(samples))):
             samples.append(
@@ -196,9 +218,14 @@ def evaluate(
         "data": storage.redact(data_uri),
         "split": split,
         "step": step,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"fusion": config.model.fusion, "copy_path": config.model.copy_path, "image_head": config.model.image_head,
-                  "visual_latent": config.model.visual_latent, "text_latent": config.model.text_latent},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": {
+            "fusion": config.model.fusion,
+            "copy_path": config.model.copy_path,
+            "image_head": config.model.image_head,
+            "visual_latent": config.model.visual_latent,
+            "text_latent": config.model.text_latent,
+        },
         "generation": {"temperature": temperature, "top_p": top_p},
         "checkpoint": checkpoint_name,
         **result,
@@ -212,8 +239,13 @@ def evaluate(
                 history[RunFolder(parent).stage] = RunFolder(parent).read_metrics()
             except Exception as err:  # a moved parent run only costs its curve
                 log.warning("no loss curve for %s: %s", storage.redact(parent), err)
-        write_report(report, out_uri, metrics_history=history, samples=samples,
-                     title=f"storymm evaluation: {config.model.fusion} on {split}")
+        write_report(
+            report,
+            out_uri,
+            metrics_history=history,
+            samples=samples,
+            title=f"storymm evaluation: {config.model.fusion} on {split}",
+        )
     return report
 
 

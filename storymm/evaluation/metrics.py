@@ -378,9 +378,7 @@ class EvalAccumulator:
             "bleu_lowercase": self.bleu_lowercase,
             "scalars": {k: np.asarray(v, dtype=np.float64) for k, v in self.scalars.items()},
             "batch_sums": {k: np.asarray(v, dtype=np.float64) for k, v in self.batch_sums.items()},
-            "pixel_sums": None
-            if self.pixel_sums is None
-            else {k: v.copy() for k, v in self.pixel_sums.items()},
+            "pixel_sums": None if self.pixel_sums is None else {k: v.copy() for k, v in self.pixel_sums.items()},
             "hypotheses": list(self.hypotheses),
             "references": list(self.references),
             "copy_sentences": {k: list(v) for k, v in self.copy_sentences.items()},
@@ -388,12 +386,10 @@ class EvalAccumulator:
             "visual_latent": np.concatenate(self.visual_latents)
             if self.visual_latents
             else np.zeros((0, dim), np.float32),
-            "text_latent": np.concatenate(self.text_latents)
-            if self.text_latents
-            else np.zeros((0, dim), np.float32),
+            "text_latent": np.concatenate(self.text_latents) if self.text_latents else np.zeros((0, dim), np.float32),
         }
 
-    def merge(self, other: "dict | EvalAccumulator") -> None:
+    def merge(self, other: dict | EvalAccumulator) -> None:
         """Add another worker's :meth:`state` (its sums and its per-window lists) into this one.
 
         A bare :meth:`sums` dict is refused: BLEU, retrieval and spread need the lists and pixel
@@ -440,7 +436,7 @@ class EvalAccumulator:
             self.text_latents.append(np.asarray(st["text_latent"], dtype=np.float32))
 
     @classmethod
-    def from_states(cls, states: list[dict]) -> "EvalAccumulator":
+    def from_states(cls, states: list[dict]) -> EvalAccumulator:
         """Combine workers' states (in rank order) into one accumulator."""
         lowercase = bool(states[0].get("bleu_lowercase", True)) if states else True
         acc = cls(bleu_lowercase=lowercase)
@@ -529,7 +525,8 @@ class EvalAccumulator:
             "text_ce_copy_two_back": ce_floor("ce_copy_two_back"),
             "bleu_copy_last": corpus_bleu(self.copy_sentences["copy_last"], self.copy_references["copy_last"]),
             "bleu_copy_two_back": corpus_bleu(
-                self.copy_sentences["copy_two_back"], self.copy_references["copy_two_back"]),
+                self.copy_sentences["copy_two_back"], self.copy_references["copy_two_back"]
+            ),
             "retrieval_r1_chance": r1_chance,
             "retrieval_r10_chance": r10_chance,
         }
@@ -584,9 +581,7 @@ def retrieval_recall(
     return tuple(hits[k] / (2 * n) for k in ks)
 
 
-def median_image(
-    targets_iterable: Iterable, max_samples: int = 2048, seed: int = 0
-) -> torch.Tensor:
+def median_image(targets_iterable: Iterable, max_samples: int = 2048, seed: int = 0) -> torch.Tensor:
     """Per-pixel median ``[3,H,W]`` (float32) of up to ``max_samples`` training targets.
 
     ``targets_iterable`` yields target images ``[3,H,W]`` or batches ``[B,3,H,W]`` (tensors or

@@ -177,8 +177,13 @@ def compare_metrics(previous: dict, current: dict, tolerances: Tolerances) -> li
             continue  # direction unknown: never an alarm
         after = current.get(name)
         tol = tolerances.for_metric(name)
-        entry = {"metric": name, "previous": before, "current": after, "higher_is_better": higher,
-                 "allowed": tol.allowed(before)}
+        entry = {
+            "metric": name,
+            "previous": before,
+            "current": after,
+            "higher_is_better": higher,
+            "allowed": tol.allowed(before),
+        }
         if not is_finite_number(after):
             if name in current:  # became NaN/inf (stored as null): a regression
                 regressions.append({**entry, "change": None, "relative_change": None})
@@ -206,7 +211,7 @@ def regression_line(name: str, regressions: list[dict]) -> str:
 
 
 def today_utc() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    return _dt.datetime.now(_dt.UTC).date().isoformat()
 
 
 def check_date(text: str) -> str:
@@ -301,14 +306,26 @@ def run_nightly(
     entries = []
     for run_uri, name in zip(run_uris, run_names(run_uris)):
         shown = storage.redact(run_uri)
-        entry: dict[str, Any] = {"name": name, "run": shown, "status": "ok", "error": None, "step": None,
-                                 "report": f"{name}/report.html", "previous": None, "regressions": []}
+        entry: dict[str, Any] = {
+            "name": name,
+            "run": shown,
+            "status": "ok",
+            "error": None,
+            "step": None,
+            "report": f"{name}/report.html",
+            "previous": None,
+            "regressions": [],
+        }
         log.info("nightly %s: evaluating %s", date, shown)
         try:
             report = evaluate_fn(run_uri, data_uri, split, storage.join(night_uri, name), progress=False)
-            entry.update(step=report.get("step"), windows=report.get("windows"),
-                         metrics=report.get("metrics") or {}, floors=report.get("floors") or {},
-                         verdict=report.get("verdict"))
+            entry.update(
+                step=report.get("step"),
+                windows=report.get("windows"),
+                metrics=report.get("metrics") or {},
+                floors=report.get("floors") or {},
+                verdict=report.get("verdict"),
+            )
         except Exception as err:  # recorded, never skipped
             log.error("nightly %s: evaluating %s failed: %s", date, shown, _safe_error(err))
             entry.update(status="failed", error=_safe_error(err), report=None)
@@ -332,7 +349,7 @@ def run_nightly(
     lines += [f"FAILED: {e['name']}: {e['error']}" for e in failed]
     night = {
         "date": date,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "data": storage.redact(data_uri),
         "split": split,
         "status": "failed" if failed else "regression" if regressed else "ok",
@@ -434,8 +451,10 @@ def _latest_html(nights: list[dict]) -> list[str]:
     }
     status = str(night.get("status"))
     summary = ", ".join(f'<span class="{k}">{v} {k}</span>' for k, v in counts.items())
-    return [f'<p><strong>Latest night {html.escape(night["date"])}: <span class="{html.escape(status)}">'
-            f"{html.escape(status)}</span></strong> ({summary}).</p>"]
+    return [
+        f'<p><strong>Latest night {html.escape(night["date"])}: <span class="{html.escape(status)}">'
+        f"{html.escape(status)}</span></strong> ({summary}).</p>"
+    ]
 
 
 def write_index(reports_uri: str, nights: list[dict]) -> dict:
@@ -451,15 +470,29 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             storage.write_bytes(storage.join(root, TRENDS_DIR, f"{metric}.png"), png)
 
     index = {
-        "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "updated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "nights": [
             {
                 "date": n["date"],
                 "status": n.get("status"),
                 "exit_code": n.get("exit_code"),
                 "runs": [
-                    {k: e.get(k) for k in ("name", "run", "status", "error", "step", "report", "previous",
-                                           "metrics", "floors", "verdict", "regressions")}
+                    {
+                        k: e.get(k)
+                        for k in (
+                            "name",
+                            "run",
+                            "status",
+                            "error",
+                            "step",
+                            "report",
+                            "previous",
+                            "metrics",
+                            "floors",
+                            "verdict",
+                            "regressions",
+                        )
+                    }
                     for e in n.get("runs", [])
                 ],
             }
@@ -472,8 +505,16 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
     # ---- Markdown (images beside the page)
     md = ["# storymm nightly evaluation", "", f"Updated {index['updated']}. {len(nights)} night(s), newest first.", ""]
     floors = _floor_order(nights)
-    columns = ["run", "status", "step", "report / error", "regressed", *metrics, *(f"floor: {f}" for f in floors),
-               "verdict"]
+    columns = [
+        "run",
+        "status",
+        "step",
+        "report / error",
+        "regressed",
+        *metrics,
+        *(f"floor: {f}" for f in floors),
+        "verdict",
+    ]
     for night in index["nights"]:
         md += [f"## {md_cell(night['date'])}: {md_cell(night['status'])}", ""]
         md.append("| " + " | ".join(md_cell(c) for c in columns) + " |")
@@ -483,8 +524,10 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
             cells = [md_cell(e["name"]), md_cell(e["status"]), md_cell(e["step"])]
             cells.append(f"[report]({night['date']}/{e['report']})" if e.get("report") else md_cell(e.get("error")))
             cells.append(md_cell(", ".join(sorted(bad)) or None))
-            cells += [("**" + md_cell(v) + "**") if m in bad else md_cell(v)
-                      for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)]
+            cells += [
+                ("**" + md_cell(v) + "**") if m in bad else md_cell(v)
+                for m, v in ((m, (e.get("metrics") or {}).get(m)) for m in metrics)
+            ]
             cells += [md_cell((e.get("floors") or {}).get(f)) for f in floors] + [md_cell(e.get("verdict"))]
             md.append("| " + " | ".join(cells) + " |")
         md.append("")
@@ -499,9 +542,11 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
         rows = [f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>']
         for e in night["runs"]:
             bad = _regressed_names(e)
-            cells = [f'<td title="{html.escape(str(e["run"]))}">{html.escape(str(e["name"]))}</td>',
-                     f'<td class="{html.escape(str(e["status"]))}">{html.escape(str(e["status"]))}</td>',
-                     f"<td>{escaped(e['step'])}</td>"]
+            cells = [
+                f'<td title="{html.escape(str(e["run"]))}">{html.escape(str(e["name"]))}</td>',
+                f'<td class="{html.escape(str(e["status"]))}">{html.escape(str(e["status"]))}</td>',
+                f"<td>{escaped(e['step'])}</td>",
+            ]
             if e.get("report"):
                 href = html.escape(f"{night['date']}/{e['report']}", quote=True)
                 cells.append(f'<td><a href="{href}">report</a></td>')
@@ -539,8 +584,9 @@ def write_index(reports_uri: str, nights: list[dict]) -> dict:
     parts.append("<h2>Every night</h2>")
     for night in index["nights"]:
         status = str(night["status"])
-        parts.append(f'<h3>{html.escape(night["date"])}: <span class="{html.escape(status)}">'
-                     f"{html.escape(status)}</span></h3>")
+        parts.append(
+            f'<h3>{html.escape(night["date"])}: <span class="{html.escape(status)}">{html.escape(status)}</span></h3>'
+        )
         parts += night_table(night)
     parts.append("</body></html>")
 

@@ -58,8 +58,7 @@ def render_table(rows: list[dict], columns: list[str]) -> tuple[str, str]:
         md_lines.append("| " + " | ".join(md_cell(row.get(c)) for c in columns) + " |")
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
-        for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows
     )
     table_html = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
     return "\n".join(md_lines) + "\n", table_html

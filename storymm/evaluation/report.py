@@ -18,7 +18,7 @@ import base64
 import html
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -103,20 +103,27 @@ def verdict_line(report: dict) -> str:
     if not failed:
         if ORACLE in present:
             oracle = present[ORACLE]
-            return (f"{head} beats every floor, {ORACLE} ({oracle:.4f}) included, "
-                    f"by {(oracle - value) / oracle:.1%}: it predicts beyond copying an input")
+            return (
+                f"{head} beats every floor, {ORACLE} ({oracle:.4f}) included, "
+                f"by {(oracle - value) / oracle:.1%}: it predicts beyond copying an input"
+            )
         return f"{head} beats every floor given ({', '.join(sorted(present))})"
     if [name for _, name in failed] == [ORACLE]:
         oracle = present[ORACLE]
-        return (f"{head} beats every floor but {ORACLE} ({oracle:.4f}): {value - oracle:.4f} above it "
-                f"({value / oracle:.2f}x the oracle's error)" if oracle > 0 else
-                f"{head} beats every floor but {ORACLE} (0: some input equals every target)")
+        return (
+            f"{head} beats every floor but {ORACLE} ({oracle:.4f}): {value - oracle:.4f} above it "
+            f"({value / oracle:.2f}x the oracle's error)"
+            if oracle > 0
+            else f"{head} beats every floor but {ORACLE} (0: some input equals every target)"
+        )
     strongest_value, strongest = failed[0]
     others = ", ".join(f"{name} ({v:.4f})" for v, name in failed[1:])
     beaten = sorted(name for name in present if value < present[name])
-    return (f"{head} does not beat {strongest} ({strongest_value:.4f}), the strongest floor it fails"
-            + (f"; nor {others}" if others else "")
-            + (f"; beats {', '.join(beaten)}" if beaten else "; beats no floor"))
+    return (
+        f"{head} does not beat {strongest} ({strongest_value:.4f}), the strongest floor it fails"
+        + (f"; nor {others}" if others else "")
+        + (f"; beats {', '.join(beaten)}" if beaten else "; beats no floor")
+    )
 
 
 TABLE_COLUMNS = ["metric", "value", "floor", "floor value", "better than floor"]
@@ -309,7 +316,7 @@ def write_report(
         _sample_rows(samples or []),
         ["sample", "input sentences", "target sentence", "generated sentence"],
     )
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     safe_title = html.escape(str(title))
 
     # ---- HTML (self-contained)
@@ -362,8 +369,13 @@ def write_report(
     md += ["![loss curves](loss_curves.png)", ""] if loss_png is not None else ["No training history was given.", ""]
     md += ["## Sample predictions", ""]
     if samples_png is not None:
-        md += ["Each row: the input frames, the target frame, the predicted frame.", "",
-               "![sample predictions](samples.png)", "", sample_md]
+        md += [
+            "Each row: the input frames, the target frame, the predicted frame.",
+            "",
+            "![sample predictions](samples.png)",
+            "",
+            sample_md,
+        ]
     else:
         md += ["No samples were given.", ""]
     page_md = "\n".join(md)

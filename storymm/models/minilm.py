@@ -73,8 +73,18 @@ class MiniLMTextAutoencoder(TextAutoencoder):
 
     Same constructor arguments; the LSTM encoder is not built."""
 
-    def __init__(self, vocab_size: int, latent_dim: int = 64, embed_dim: int = 64, hidden_dim: int = 128,
-                 pad_id: int = 0, bos_id: int = 101, eos_id: int = 102, num_layers: int = 1, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        latent_dim: int = 64,
+        embed_dim: int = 64,
+        hidden_dim: int = 128,
+        pad_id: int = 0,
+        bos_id: int = 101,
+        eos_id: int = 102,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+    ):
         if (vocab_size, pad_id, bos_id) != (BERT_VOCAB_SIZE, BERT_PAD, BERT_CLS):
             raise UsageError(
                 "model.text_encoder: minilm reads the dataset's token ids directly, so the data must be "

@@ -58,8 +58,10 @@ class MotionWarp(nn.Module):
         n_regions = 1 + TILES[0] * TILES[1]
         n_pairs = len(self.pairs)
         self.mlp = nn.Sequential(
-            nn.Linear(n_pairs * n_regions * 3 + ctx_dim, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(n_pairs * n_regions * 3 + ctx_dim, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, (2 * n_pairs + 1) * self.context_frames),
         )
         nn.init.zeros_(self.mlp[-1].weight)
@@ -78,8 +80,10 @@ class MotionWarp(nn.Module):
         """``grey[B,K,h,w]`` -> (shift ``[B,P,2]`` in pixels (x, y), peak ``[B,P]``) for every pair."""
         h, w = grey.shape[-2:]
         grey = grey - grey.mean((-2, -1), keepdim=True)
-        window = torch.outer(torch.hann_window(h, periodic=False, device=grey.device, dtype=grey.dtype),
-                             torch.hann_window(w, periodic=False, device=grey.device, dtype=grey.dtype))
+        window = torch.outer(
+            torch.hann_window(h, periodic=False, device=grey.device, dtype=grey.dtype),
+            torch.hann_window(w, periodic=False, device=grey.device, dtype=grey.dtype),
+        )
         spectrum = torch.fft.rfft2(grey * window)  # [B,K,h,w//2+1]
         first = torch.stack([spectrum[:, i] for i, _ in self.pairs], 1)
         second = torch.stack([spectrum[:, j] for _, j in self.pairs], 1)
@@ -129,8 +133,8 @@ class MotionWarp(nn.Module):
         ev = self.evidence(frames)
         out = self.mlp(torch.cat([ev["features"].to(ctx.dtype), ctx], -1)).float()
         n_pairs = len(self.pairs)
-        coef = out[:, :2 * k * n_pairs].view(b, 2, k, n_pairs)
-        frame_logits = out[:, 2 * k * n_pairs:]
+        coef = out[:, : 2 * k * n_pairs].view(b, 2, k, n_pairs)
+        frame_logits = out[:, 2 * k * n_pairs :]
         # Normalised coordinates span 2 per frame width: a shift of a fraction f is 2f.
         translation = 2.0 * torch.einsum("bkp,bpd->bkd", coef[:, 0], ev["translation"])  # [B,K,2]
         log_zoom = torch.einsum("bkp,bp->bk", coef[:, 1], ev["zoom"])
@@ -151,5 +155,9 @@ class MotionWarp(nn.Module):
         # stalled at no motion) and border smears, which L1 rewards by pushing shifts to their bounds.
         warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         inside = (grid.abs() <= 1).all(-1, keepdim=True).to(frames.dtype).permute(0, 3, 1, 2)
-        return {"warped": warped.view_as(frames), "inside": inside.view(b, k, 1, *frames.shape[-2:]),
-                "params": params.to(frames.dtype), "frame_logits": frame_logits.to(frames.dtype)}
+        return {
+            "warped": warped.view_as(frames),
+            "inside": inside.view(b, k, 1, *frames.shape[-2:]),
+            "params": params.to(frames.dtype),
+            "frame_logits": frame_logits.to(frames.dtype),
+        }

@@ -85,10 +85,10 @@ _OLD_ATTENTION_KEYS = {
 
 def _rename_old_attention_keys(module, state_dict, prefix, *args) -> None:
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         for old, new in _OLD_ATTENTION_KEYS.items():
             if rest.startswith(old):
-                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
                 break
 
 
@@ -181,8 +181,9 @@ class StoryContinuationModel(nn.Module):
         count = (tags != 0).sum(-1, keepdim=True).clamp(min=1).to(emb.dtype)
         return self.tag_proj(emb.sum(-2) / count)
 
-    def _context(self, frames: torch.Tensor, tokens: torch.Tensor,
-                 tags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def _context(
+        self, frames: torch.Tensor, tokens: torch.Tensor, tags: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         v, t = self.encode_frames(frames, tokens)
         fused = self.fusion(v, t)  # [B,K,Hd]
         if self.tag_vocab:
@@ -211,8 +212,9 @@ class StoryContinuationModel(nn.Module):
             "text_copy_gate": gate.squeeze(-1),
         }
 
-    def predict_latents(self, frames: torch.Tensor, tokens: torch.Tensor,
-                        tags: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def predict_latents(
+        self, frames: torch.Tensor, tokens: torch.Tensor, tags: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The predicted next-frame latents and the pooling attention (no decoding)."""
         c = self._context(frames, tokens, tags)
         return {
@@ -269,7 +271,9 @@ class StoryContinuationModel(nn.Module):
                 out["target_visual_latent"] = self.visual.encode(target_frame)
         return out
 
-    def _copy(self, frames: torch.Tensor, c: dict[str, torch.Tensor], generated: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _copy(
+        self, frames: torch.Tensor, c: dict[str, torch.Tensor], generated: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         scores = self.image_attention.scores(c["ctx"], c["gru_out"], c["frame_visual_latents"])
         extra: dict[str, torch.Tensor] = {}
         candidates = frames

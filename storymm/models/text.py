@@ -58,9 +58,7 @@ class TextAutoencoder(nn.Module):
         self.encoder = nn.LSTM(
             self.embed_dim, self.hidden_dim, num_layers=self.num_layers, batch_first=True, bidirectional=True
         )
-        self.to_latent = nn.Sequential(
-            nn.Linear(2 * self.hidden_dim, self.latent_dim), nn.LayerNorm(self.latent_dim)
-        )
+        self.to_latent = nn.Sequential(nn.Linear(2 * self.hidden_dim, self.latent_dim), nn.LayerNorm(self.latent_dim))
         # ---- decoder -------------------------------------------------------------------------
         self.init_state = nn.Linear(self.latent_dim, 2 * self.num_layers * self.hidden_dim)
         self.decoder = nn.LSTM(

@@ -110,8 +110,9 @@ def make_accelerator(config: Config):
     from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available()
-    precision = effective_precision(config.train.mixed_precision, "cuda" if cuda else "cpu",
-                                    config.train.autocast_on_cpu)
+    precision = effective_precision(
+        config.train.mixed_precision, "cuda" if cuda else "cpu", config.train.autocast_on_cpu
+    )
     handlers = [DistributedDataParallelKwargs()]  # find_unused_parameters is set per model (prepare_model)
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
@@ -136,8 +137,12 @@ def run_accelerate(
     runtime = AccelerateRuntime(accelerator)
     log.info(
         "accelerate rank %d/%d (local %d) on %s, %s, mixed precision %s",
-        runtime.rank, runtime.world_size, runtime.local_rank, runtime.device,
-        accelerator.distributed_type, runtime.mixed_precision,
+        runtime.rank,
+        runtime.world_size,
+        runtime.local_rank,
+        runtime.device,
+        accelerator.distributed_type,
+        runtime.mixed_precision,
     )
     runtime.install_signal_handlers()
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from storymm import storage
 from storymm.config import Config
@@ -34,8 +34,16 @@ def run_training(
     if backend == "ray":
         from storymm.training.ray_backend import run_ray
 
-        return run_ray(config, stage, data_uri, run_uri, workers=workers, gpus_per_worker=gpus_per_worker,
-                       init_from=init_from, progress=progress)
+        return run_ray(
+            config,
+            stage,
+            data_uri,
+            run_uri,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            init_from=init_from,
+            progress=progress,
+        )
     if backend == "accelerate":
         from storymm.training.accelerate_backend import run_accelerate
 
@@ -61,10 +69,10 @@ def train_stages(
     for stage in STAGES:
         announce(stage, runs[stage])
         init = [runs["visual_ae"], runs["text_ae"]] if stage == "sequence" else []
-        summary = run_training(config, stage, data_uri, runs[stage], backend=backend, workers=workers,
-                               init_from=init, progress=progress)
+        summary = run_training(
+            config, stage, data_uri, runs[stage], backend=backend, workers=workers, init_from=init, progress=progress
+        )
         if summary.get("status") not in ("completed", None):
             raise TrainingError(
-                f"{stage} run {storage.redact(runs[stage])} did not complete ({summary.get('status')}); "
-                "rerun to resume"
+                f"{stage} run {storage.redact(runs[stage])} did not complete ({summary.get('status')}); rerun to resume"
             )

@@ -107,8 +107,9 @@ def load_best(run_uri: str, map_location="cpu", purpose: str = "loading") -> dic
     uri = storage.join(checkpoint_dir(run_uri), best["checkpoint"])
     if not storage.exists(uri):
         raise CheckpointError(f"'best' names {best['checkpoint']}, which is missing under {storage.redact(run_uri)}")
-    log.info("%s %s (best %s %.6g at step %d)", purpose, storage.redact(uri), best["metric"], best["value"],
-             best["step"])
+    log.info(
+        "%s %s (best %s %.6g at step %d)", purpose, storage.redact(uri), best["metric"], best["value"], best["step"]
+    )
     return load(uri, map_location)
 
 
@@ -164,11 +165,20 @@ def _candidates(run_uri: str) -> list[str]:
         named = storage.read_text(marker).strip()
     except UnicodeDecodeError:
         named = ""
-    files = sorted((storage.basename(u) for u in storage.list_files(directory, suffix=".pt")
-                    if _NAME.fullmatch(storage.basename(u))), reverse=True)
+    files = sorted(
+        (
+            storage.basename(u)
+            for u in storage.list_files(directory, suffix=".pt")
+            if _NAME.fullmatch(storage.basename(u))
+        ),
+        reverse=True,
+    )
     if not _NAME.fullmatch(named):
-        log.warning("checkpoints/latest under %s names no checkpoint (%r): trying the newest files",
-                    storage.redact(run_uri), named[:40])
+        log.warning(
+            "checkpoints/latest under %s names no checkpoint (%r): trying the newest files",
+            storage.redact(run_uri),
+            named[:40],
+        )
         return [storage.join(directory, name) for name in files]
     return [storage.join(directory, name) for name in [named, *[f for f in files if f < named]]]
 

@@ -107,8 +107,12 @@ class Position:
         self.epoch, self.windows = self.epoch + 1, 0
 
     def data_position(self, world_size: int) -> dict:
-        return {"epoch": self.epoch, "windows": self.windows, "global_batch": self.global_batch,
-                "world_size": world_size}
+        return {
+            "epoch": self.epoch,
+            "windows": self.windows,
+            "global_batch": self.global_batch,
+            "world_size": world_size,
+        }
 
     def per_worker_batch(self, world_size: int) -> int:
         if self.global_batch % world_size:
@@ -119,8 +123,9 @@ class Position:
         return self.global_batch // world_size
 
 
-def _build_model(stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, run: RunFolder,
-                 init_from: list[str]) -> torch.nn.Module:
+def _build_model(
+    stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, run: RunFolder, init_from: list[str]
+) -> torch.nn.Module:
     """The stage's model with identical initial weights on every rank, then the checkpoint's weights
     (a resume) or the pretrained autoencoders (a fresh sequence run)."""
     torch.manual_seed(config.seed)
@@ -162,17 +167,31 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
     return position
 
 
-def _train_loader(dataset: PreparedDataset, config: Config, stage: str, runtime: Runtime,
-                  position: Position) -> WindowLoader:
+def _train_loader(
+    dataset: PreparedDataset, config: Config, stage: str, runtime: Runtime, position: Position
+) -> WindowLoader:
     batch_size = position.per_worker_batch(runtime.world_size)
     if batch_size != config.data.batch_size:
-        log.info("resuming on %d workers: %d windows per worker per step (global batch %d, as when the run "
-                 "started)", runtime.world_size, batch_size, position.global_batch)
+        log.info(
+            "resuming on %d workers: %d windows per worker per step (global batch %d, as when the run started)",
+            runtime.world_size,
+            batch_size,
+            position.global_batch,
+        )
     loader = WindowLoader(
-        dataset, "train", batch_size=batch_size, context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
-        world_size=runtime.world_size, shuffle=True, seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer, equalize=True, with_ids=config.train.record_windows,
+        dataset,
+        "train",
+        batch_size=batch_size,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        windows=config.data.windows,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        shuffle=True,
+        seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+        equalize=True,
+        with_ids=config.train.record_windows,
         prefetch_chunks=config.data.prefetch_chunks,
         **(loader_options(config) if stage == "sequence" else {}),
     )
@@ -229,8 +248,18 @@ class NonFiniteGuard:
         self.checked_from = step
 
 
-def train_step(model, batch: dict, loss_fn, optimizer, scheduler, runtime: Runtime, params, grad_clip: float,
-               guard: NonFiniteGuard, step: int) -> dict:
+def train_step(
+    model,
+    batch: dict,
+    loss_fn,
+    optimizer,
+    scheduler,
+    runtime: Runtime,
+    params,
+    grad_clip: float,
+    guard: NonFiniteGuard,
+    step: int,
+) -> dict:
     """One optimiser step on one batch; returns this rank's loss terms as 0-d device tensors (read
     only at logging steps: a step never waits for the device)."""
     batch = runtime.to_device(batch)
@@ -250,8 +279,17 @@ class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
     previous log, one line in ``metrics.jsonl`` (rank 0), the progress bar, the backend's report."""
 
-    def __init__(self, run: RunFolder, runtime: Runtime, stage: str, every: int, total: int, samples_per_step: int,
-                 start: int, progress: bool):
+    def __init__(
+        self,
+        run: RunFolder,
+        runtime: Runtime,
+        stage: str,
+        every: int,
+        total: int,
+        samples_per_step: int,
+        start: int,
+        progress: bool,
+    ):
         """``samples_per_step``: over all workers."""
         self.run, self.runtime, self.every, self.total = run, runtime, every, total
         self.samples_per_step = samples_per_step
@@ -274,8 +312,12 @@ class MetricsLog:
         sums = self.runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
         elapsed = time.perf_counter() - self._since
         self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
-        self.last.update(step=position.step, epoch=position.epoch, lr=lr,
-                         samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9))
+        self.last.update(
+            step=position.step,
+            epoch=position.epoch,
+            lr=lr,
+            samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9),
+        )
         self._since, self._steps = time.perf_counter(), 0
         if self.runtime.is_main:
             self.history.append(self.last)
@@ -318,8 +360,9 @@ class CheckpointPolicy:
         self.saved_at = step
 
 
-def _save(run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position,
-          status: str) -> str | None:
+def _save(
+    run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
+) -> str | None:
     """Every rank hands in its RNG state; rank 0 writes the checkpoint; all wait for it."""
     states = runtime.all_gather_object(checkpoint.rng_state())
     uri = None
@@ -373,21 +416,27 @@ def train(
     if runtime.is_main:
         log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
     if runtime.is_main and resumed is None:
-        run.write_record({
-            "stage": stage,
-            "config": config.to_dict(),
-            "data": storage.redact(data_uri),
-            "init_from": [storage.redact(u) for u in init_from],
-            "backend": runtime.name,
-            "world_size": runtime.world_size,
-            "global_batch": position.global_batch,
-            "hosts": hosts,
-        })
+        run.write_record(
+            {
+                "stage": stage,
+                "config": config.to_dict(),
+                "data": storage.redact(data_uri),
+                "init_from": [storage.redact(u) for u in init_from],
+                "backend": runtime.name,
+                "world_size": runtime.world_size,
+                "global_batch": position.global_batch,
+                "hosts": hosts,
+            }
+        )
 
     unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []
     if unused:
-        log.info("%s: %d trainable parameters get no gradient with this config (%s, ...): DDP finds them each step",
-                 stage, len(unused), unused[0])
+        log.info(
+            "%s: %d trainable parameters get no gradient with this config (%s, ...): DDP finds them each step",
+            stage,
+            len(unused),
+            unused[0],
+        )
     model = runtime.prepare_model(model, find_unused=bool(unused))
     model.train()
     # compiled for the steps only: checkpoints keep the plain module's state_dict keys
@@ -413,8 +462,18 @@ def train(
         loader.set_epoch(position.epoch, start_window=position.windows)
         for batch in loader:
             windows.take(batch, position)
-            terms = train_step(step_model, batch, loss_fn, optimizer, scheduler, runtime, params, stage_cfg.grad_clip,
-                               guard, position.step)
+            terms = train_step(
+                step_model,
+                batch,
+                loss_fn,
+                optimizer,
+                scheduler,
+                runtime,
+                params,
+                stage_cfg.grad_clip,
+                guard,
+                position.step,
+            )
             position.advance()
             if metrics.due(position.step):
                 guard.check(position.step)

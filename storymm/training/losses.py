@@ -69,7 +69,9 @@ def context_loss(context_pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.l1_loss(context_pred, downsample_to(target, context_pred.shape[-2:]))
 
 
-def text_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def text_cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of token cross-entropies, number of non-pad labels)`` for honest aggregation across
     batches and workers (perplexity = exp(total sum / total count))."""
     ce = F.cross_entropy(
@@ -132,7 +134,7 @@ class VGGPerceptual(nn.Module):
 
         features = make_layers(cfgs["D"], batch_norm=False)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        wanted = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        wanted = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         feats = features[:16]  # up to relu3_3: the only layers used
         missing = [k for k in feats.state_dict() if k not in wanted]
         if missing:

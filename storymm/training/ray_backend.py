@@ -69,9 +69,7 @@ def _import_ray():
         import ray.train  # noqa: F401
         import ray.train.torch  # noqa: F401
     except ImportError as err:
-        raise RayBackendError(
-            f"--backend ray needs Ray Train: pip install 'ray[default,train,tune]' ({err})"
-        ) from None
+        raise RayBackendError(f"--backend ray needs Ray Train: pip install 'ray[default,train,tune]' ({err})") from None
     return ray
 
 
@@ -143,7 +141,7 @@ class RayRuntime(Runtime):
     collectives over the process group Ray created, progress reported to Ray Train."""
 
     @classmethod
-    def from_ray_context(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> "RayRuntime":
+    def from_ray_context(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> RayRuntime:
         import ray.train
         import ray.train.torch
 
@@ -214,8 +212,13 @@ def _train_worker(loop_config: dict) -> None:
         _record_attempt(loop_config["run_uri"], runtime, hosts)
     runtime.barrier()
     summary = train(
-        config, loop_config["stage"], loop_config["data_uri"], loop_config["run_uri"], runtime,
-        loop_config["init_from"], loop_config["progress"],
+        config,
+        loop_config["stage"],
+        loop_config["data_uri"],
+        loop_config["run_uri"],
+        runtime,
+        loop_config["init_from"],
+        loop_config["progress"],
     )
     if runtime.is_main:
         log.info("ray worker 0 finished: %s", summary)
@@ -265,10 +268,15 @@ def run_ray(
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
             # v2: how often a healthy elastic group checks whether more workers would fit now
-            **({"elastic_resize_monitor_interval_s": float(os.environ.get(RESIZE_INTERVAL_ENV, "60"))}
-               if isinstance(workers, tuple) else {}),
+            **(
+                {"elastic_resize_monitor_interval_s": float(os.environ.get(RESIZE_INTERVAL_ENV, "60"))}
+                if isinstance(workers, tuple)
+                else {}
+            ),
             # v1's trainer actor only coordinates; without this it holds a CPU of its own and
             # 2 workers never start on a 2-CPU machine
             **({} if v2 else {"trainer_resources": {"CPU": 0}}),
@@ -283,9 +291,14 @@ def run_ray(
             **({} if v2 else {"verbose": 0}),
         ),
     )
-    log.info("Ray Train %s: %s on %s worker(s)%s, run %s", "v2" if v2 else "v1", stage,
-             "-".join(map(str, workers)) if isinstance(workers, tuple) else workers,
-             f", {gpus_per_worker} GPU each" if use_gpu else " (CPU, gloo)", storage.redact(run_uri))
+    log.info(
+        "Ray Train %s: %s on %s worker(s)%s, run %s",
+        "v2" if v2 else "v1",
+        stage,
+        "-".join(map(str, workers)) if isinstance(workers, tuple) else workers,
+        f", {gpus_per_worker} GPU each" if use_gpu else " (CPU, gloo)",
+        storage.redact(run_uri),
+    )
     try:
         trainer.fit()
     except Exception as err:  # TrainingFailedError and friends: keep the message, drop Ray's wrapping

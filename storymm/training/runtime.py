@@ -34,7 +34,7 @@ class Runtime:
     name: str = "local"
 
     @classmethod
-    def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> "Runtime":
+    def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> Runtime:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,7 +82,8 @@ class Runtime:
         pin = self.device.type == "cuda"
         return {
             key: (value.pin_memory() if pin else value).to(self.device, non_blocking=True)
-            if isinstance(value, torch.Tensor) else value
+            if isinstance(value, torch.Tensor)
+            else value
             for key, value in batch.items()
         }
 

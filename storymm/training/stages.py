@@ -13,8 +13,8 @@ the loader's ``tags``), and the loss terms ``loss.perceptual`` (VGG16 on ``loss.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -33,7 +33,7 @@ class TokenizerInfo:
     eos_id: int
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "TokenizerInfo":
+    def from_manifest(cls, manifest: dict) -> TokenizerInfo:
         info = manifest["tokenizer"]
         return cls(info["vocab_size"], info["pad_id"], info["bos_id"], info["eos_id"])
 
@@ -134,8 +134,14 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
         return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
-        return losses.sequence_loss(forward_sequence(model, batch), batch, weights, tokens.pad_id,
-                                    _perceptual_on(batch["target_frame"].device), floats=False)
+        return losses.sequence_loss(
+            forward_sequence(model, batch),
+            batch,
+            weights,
+            tokens.pad_id,
+            _perceptual_on(batch["target_frame"].device),
+            floats=False,
+        )
 
     return {"visual_ae": visual, "text_ae": text, "sequence": sequence}[stage]
 

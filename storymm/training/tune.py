@@ -118,8 +118,12 @@ def results_markdown(summary: dict) -> str:
     ]
     for trial in summary["trials"]:
         cells = [_format_value(trial["params"][k]) for k in keys]
-        cells += [_format_value(trial["loss"]), str(trial["step"]), "yes" if trial["stopped_early"] else "no",
-                  f"`{trial['run']}`"]
+        cells += [
+            _format_value(trial["loss"]),
+            str(trial["step"]),
+            "yes" if trial["stopped_early"] else "no",
+            f"`{trial['run']}`",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if summary.get("best"):
         best = summary["best"]
@@ -161,8 +165,9 @@ def run_tune(
 
     ensure_ray(ray)
     storage_path, filesystem = ray_storage(runs_uri, "tune")
-    scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=steps,
-                              grace_period=grace, reduction_factor=reduction_factor)
+    scheduler = ASHAScheduler(
+        time_attr="step", metric="loss", mode="min", max_t=steps, grace_period=grace, reduction_factor=reduction_factor
+    )
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri),
         {"cpu": 1},
@@ -170,10 +175,15 @@ def run_tune(
     tuner = tune.Tuner(
         trainable,
         param_space={key: tune.grid_search(values) for key, values in grid.items()},
-        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, max_concurrent_trials=max_concurrent,
-                                    trial_dirname_creator=lambda trial: trial_name(trial.config)),
-        run_config=tune.RunConfig(name=f"tune-{stage}", storage_path=storage_path, storage_filesystem=filesystem,
-                                  verbose=1),
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler,
+            num_samples=1,
+            max_concurrent_trials=max_concurrent,
+            trial_dirname_creator=lambda trial: trial_name(trial.config),
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{stage}", storage_path=storage_path, storage_filesystem=filesystem, verbose=1
+        ),
     )
     started = time.perf_counter()
     results = tuner.fit()
@@ -182,14 +192,16 @@ def run_tune(
         params = {key: result.config[key] for key in grid}
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0))
-        trials.append({
-            "params": params,
-            "loss": float(metrics.get("loss", float("nan"))),
-            "step": step,
-            "stopped_early": result.error is None and step < steps,
-            "error": str(result.error).splitlines()[0] if result.error else None,
-            "run": storage.redact(storage.join(runs_uri, trial_name(params))),
-        })
+        trials.append(
+            {
+                "params": params,
+                "loss": float(metrics.get("loss", float("nan"))),
+                "step": step,
+                "stopped_early": result.error is None and step < steps,
+                "error": str(result.error).splitlines()[0] if result.error else None,
+                "run": storage.redact(storage.join(runs_uri, trial_name(params))),
+            }
+        )
     trials.sort(key=lambda t: (t["error"] is not None, t["step"] < steps, t["loss"]))
     finished = [t for t in trials if t["error"] is None and t["step"] == steps]
     summary = {
@@ -213,8 +225,9 @@ def run_tune(
     return summary
 
 
-def compare_trials(summary: dict, runs_uri: str, data_uri: str, out_uri: str, *, split: str = "test",
-                   evaluate_fn=None) -> dict:
+def compare_trials(
+    summary: dict, runs_uri: str, data_uri: str, out_uri: str, *, split: str = "test", evaluate_fn=None
+) -> dict:
     """Evaluate every trial run that has a checkpoint (sequence sweeps) and write one comparison
     (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric and floor."""
     from storymm.evaluation.compare import compare

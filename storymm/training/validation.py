@@ -33,8 +33,7 @@ SPLIT = "val"
 
 
 class Validator:
-    def __init__(self, config: Config, stage: str, dataset: PreparedDataset, runtime: Runtime, run_uri: str,
-                 loss_fn):
+    def __init__(self, config: Config, stage: str, dataset: PreparedDataset, runtime: Runtime, run_uri: str, loss_fn):
         stage_cfg = getattr(config.train, stage)
         self.every = stage_cfg.eval_every
         if self.every is None:  # the sequence model's best checkpoint is what evaluation wants
@@ -46,9 +45,16 @@ class Validator:
             return
         try:
             loader = WindowLoader(
-                dataset, SPLIT, batch_size=config.data.batch_size, context_frames=config.data.context_frames,
-                max_tokens=config.data.max_tokens, windows=config.data.windows, rank=runtime.rank,
-                world_size=runtime.world_size, shuffle=False, equalize=False,
+                dataset,
+                SPLIT,
+                batch_size=config.data.batch_size,
+                context_frames=config.data.context_frames,
+                max_tokens=config.data.max_tokens,
+                windows=config.data.windows,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                shuffle=False,
+                equalize=False,
                 **(loader_options(config) if stage == "sequence" else {}),
             )
         except DatasetError as err:
