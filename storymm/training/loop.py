@@ -131,9 +131,6 @@ def _build_model(
     torch.manual_seed(config.seed)
     model = build_model(stage, config, tokens)
     if resumed is not None:
-        previous = run.read_record()["stage"]
-        if previous != stage:
-            raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
         model.load_state_dict(resumed["model"])
     elif stage == "sequence":
         missing = {"visual_ae", "text_ae"} - set(load_autoencoders(model, init_from))
@@ -406,6 +403,8 @@ def train(
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
+    if run.exists() and run.stage != stage:  # before anything is loaded or logged
+        raise TrainingError(f"{run.shown} holds a {run.stage} run, not {stage}")
     resumed = run.load_latest()
     model = _build_model(stage, config, tokens, resumed, run, list(init_from))
     params = [p for p in model.parameters() if p.requires_grad]
