@@ -188,11 +188,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_cross_modal(self) -> Config:
-        if self.loss.cross_modal_infonce and self.model.visual_latent != self.model.text_latent:
+        from storymm.models.fusion import FUSIONS
+
+        fusion = FUSIONS.get(self.model.fusion)
+        shares_space = getattr(fusion, "shares_space", False)
+        if self.loss.cross_modal_infonce and self.model.visual_latent != self.model.text_latent and not shares_space:
             raise ValueError(
-                "loss.cross_modal_infonce > 0 compares the visual and text latents directly: "
-                f"model.visual_latent ({self.model.visual_latent}) must equal model.text_latent "
-                f"({self.model.text_latent})"
+                f"loss.cross_modal_infonce > 0 with fusion {self.model.fusion!r} compares the visual and text "
+                f"latents directly: model.visual_latent ({self.model.visual_latent}) must equal model.text_latent "
+                f"({self.model.text_latent}), or use fusion gate (its shared space)"
             )
         return self
 

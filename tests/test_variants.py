@@ -109,8 +109,13 @@ def test_variant_keys_validate_with_clear_errors():
         load_config(None, ["model.text_encoder=bert"])
     with pytest.raises(ConfigError, match=r"model\.decoder_extra_layers"):
         load_config(None, ["model.decoder_extra_layers=-1"])
-    with pytest.raises(ConfigError, match="visual_latent .* must equal model.text_latent"):
-        load_config(None, ["loss.cross_modal_infonce=0.5", "model.visual_latent=32", "model.text_latent=64"])
+    with pytest.raises(ConfigError, match="visual_latent .* must equal model.text_latent.*or use fusion gate"):
+        load_config(
+            None,
+            ["loss.cross_modal_infonce=0.5", "model.visual_latent=32", "model.text_latent=64", "model.fusion=concat"],
+        )
+    # the gate fusion's shared space takes latents of different sizes
+    load_config(None, ["loss.cross_modal_infonce=0.5", "model.visual_latent=32", "model.text_latent=64"])
 
 
 def test_perceptual_without_weights_file_is_a_clear_error(tmp_path):
@@ -198,8 +203,9 @@ def test_skip_decoder_visual_ae_and_sequence(data_uri, vgg_weights, tmp_path):
     assert report["metrics"]["image_l1"] is not None
 
 
-def test_cross_modal_infonce(data_uri, tmp_path):
-    config = small_config("loss.cross_modal_infonce=1.0", "train.sequence.steps=12")
+@pytest.mark.parametrize("text_latent", [16, 24])  # equal sizes: the latents; unequal: gate's shared space
+def test_cross_modal_infonce(data_uri, tmp_path, text_latent):
+    config = small_config("loss.cross_modal_infonce=1.0", "train.sequence.steps=12", f"model.text_latent={text_latent}")
     run = str(tmp_path / "seq")
     train(config, "sequence", data_uri, run, progress=False)
     assert_loss_falls(run)

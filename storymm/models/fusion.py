@@ -60,6 +60,10 @@ class GateFusion(nn.Module):
     ~1/sqrt(dim) and the following layers start in a badly scaled regime).
     """
 
+    #: projects both latents into one space (``proj_v``/``proj_t``): latents of different sizes can
+    #: still be compared there (cross-modal InfoNCE, similarity, retrieval)
+    shares_space = True
+
     def __init__(self, visual_dim: int, text_dim: int, out_dim: int):
         super().__init__()
         self.dim = out_dim

@@ -257,6 +257,7 @@ class StoryContinuationModel(nn.Module):
             "context": dec["context"],
             "visual_latent": zv,
             "text_latent": zt,
+            **self.shared_latents(zv, zt),
             "attention": c["attention"],
         }
         if self.copy_path:
@@ -270,6 +271,17 @@ class StoryContinuationModel(nn.Module):
             with torch.no_grad():
                 out["target_visual_latent"] = self.visual.encode(target_frame)
         return out
+
+    def shared_latents(self, visual_latent: torch.Tensor, text_latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With latents of different sizes and a fusion that projects both into one space (``gate``):
+        ``shared_visual_latent``/``shared_text_latent`` there, where cross-modal InfoNCE trains them
+        and evaluation compares them. Empty when the sizes agree (the latents are compared as they are)."""
+        if visual_latent.shape[-1] == text_latent.shape[-1] or not getattr(self.fusion, "shares_space", False):
+            return {}
+        return {
+            "shared_visual_latent": self.fusion.proj_v(visual_latent),
+            "shared_text_latent": self.fusion.proj_t(text_latent),
+        }
 
     def _copy(
         self, frames: torch.Tensor, c: dict[str, torch.Tensor], generated: torch.Tensor

@@ -13,7 +13,8 @@ without gradient): ``alignment`` = 1 - cosine, ``infonce`` = symmetric contrasti
 ``cross_modal_infonce`` (beyond the seeds) is InfoNCE between the *predicted* visual latent and the
 *predicted* text latent of the same window: window i's image latent should be closer to its own text
 latent than to any other window's in the batch (and back).  It trains exactly what the evaluation's
-``cross_modal_similarity`` and ``retrieval_r1/r10`` measure; both latents need the same dimension.
+``cross_modal_similarity`` and ``retrieval_r1/r10`` measure: on the latents themselves when they have
+one size, else in the gate fusion's shared space (``shared_visual_latent``/``shared_text_latent``).
 """
 
 from __future__ import annotations
@@ -294,7 +295,9 @@ def sequence_loss(
             total = total + weights.infonce * t
             terms["infonce"] = t.detach()
     if weights.cross_modal_infonce:
-        v, u = outputs["visual_latent"], outputs["text_latent"]
+        # latents of different sizes meet in the fusion's shared space (the model provides it)
+        v = outputs.get("shared_visual_latent", outputs["visual_latent"])
+        u = outputs.get("shared_text_latent", outputs["text_latent"])
         if v.shape[-1] != u.shape[-1]:
             raise ValueError(
                 f"cross_modal_infonce needs visual and text latents of one size, got {v.shape[-1]} and {u.shape[-1]}"
