@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import traceback
 
@@ -21,44 +22,25 @@ def _frames_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def _number(kind, accept, expected: str):
+    """An argparse type: ``kind(text)`` that ``accept`` takes, else one line saying what is expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), not {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability mass in (0, 1], not {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = no nucleus cut), got {text}")
-    return value
-
-
-def _expires(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
-    if not 1 <= value <= 7 * 24 * 3600:
-        raise argparse.ArgumentTypeError(f"must be between 1 s and 7 days (604800 s), got {value}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_temperature = _number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)")
+_top_p = _number(float, lambda v: 0 < v <= 1, "a probability mass in (0, 1] (1 = no nucleus cut)")
+_expires = _number(int, lambda v: 1 <= v <= 7 * 24 * 3600, "seconds between 1 and 604800 (7 days)")
 
 
 class _Parser(argparse.ArgumentParser):

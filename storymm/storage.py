@@ -423,6 +423,18 @@ def safe_name(text: str, keep: str = "._-") -> str:
     return re.sub(rf"[^A-Za-z0-9{allowed}]+", "_", str(text)).strip("._") or "run"
 
 
+def unique_names(names: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+    """``names`` with repeats (and ``reserved`` names) made unique by ``-2``, ``-3``, … suffixes."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out or candidate in reserved:
+            n += 1
+            candidate = f"{name}-{n}"
+        out.append(candidate)
+    return out
+
+
 def presigned_url(uri: str, expires: int = 3600, content_type: str | None = None) -> str:
     """A presigned ``GET`` URL for an ``s3://`` object, valid ``expires`` seconds: the same endpoint
     and region as every other S3 access here; credentials from the AWS SDK's chain (nothing stored)."""

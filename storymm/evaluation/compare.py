@@ -44,17 +44,6 @@ def _default_name(uri: str, report: dict | None) -> str:
     return base or "report"
 
 
-def _unique(names: list[str]) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        candidate, n = name, 1
-        while candidate in out:
-            n += 1
-            candidate = f"{name}-{n}"
-        out.append(candidate)
-    return out
-
-
 def load_sources(
     sources: list[str],
     out_uri: str,
@@ -75,7 +64,7 @@ def load_sources(
         report_uri = _report_json_uri(uri)
         report = json.loads(storage.read_text(report_uri)) if report_uri else None
         loaded.append([uri, name, report])
-    final = _unique([name or _default_name(uri, report) for uri, name, report in loaded])
+    final = storage.unique_names([name or _default_name(uri, report) for uri, name, report in loaded])
     out = []
     for (uri, _, report), name in zip(loaded, final):
         if report is None:

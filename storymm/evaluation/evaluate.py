@@ -16,13 +16,13 @@ from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import config_from_dict
-from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.data.loader import PreparedDataset
 from storymm.evaluation.metrics import EvalAccumulator, median_image
 from storymm.evaluation.report import verdict_line, write_report
 from storymm.training.losses import text_cross_entropy_sum
 from storymm.training.run import RunFolder, TrainingError
 from storymm.training.runtime import Runtime
-from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, loader_options
+from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, window_loader
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,8 @@ def load_sequence_model(run_uri: str, tokens: TokenizerInfo, which: str = "lates
 
 
 def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> torch.Tensor:
-    loader = WindowLoader(
-        dataset,
-        "train",
-        batch_size=256,
-        context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens,
-        windows=config.data.windows,
-        shuffle=True,
-        seed=config.seed,
-        equalize=False,
+    loader = window_loader(
+        dataset, "train", config, batch_size=256, tags=False, shuffle=True, seed=config.seed, equalize=False
     )
 
     def targets():
@@ -147,19 +139,16 @@ def evaluate(
 
     floor_image = _median_of_train_targets(dataset, config, config.eval.median_windows)
     accumulator = EvalAccumulator(floor_image)
-    loader = WindowLoader(
+    loader = window_loader(
         dataset,
         split,
+        config,
         batch_size=config.eval.batch_size,
-        context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens,
-        windows=config.data.windows,
         rank=runtime.rank,
         world_size=runtime.world_size,
         shuffle=False,
         equalize=False,
         with_text=True,
-        **loader_options(config),
     )
     samples: list[dict] = []
     bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))

@@ -225,15 +225,8 @@ def check_date(text: str) -> str:
 
 def run_names(run_uris: list[str]) -> list[str]:
     """Folder names for the runs: last path component, made filesystem-safe and unique."""
-    names: list[str] = []
-    for uri in run_uris:
-        base = storage.safe_name(storage.basename(storage.redact(uri)))
-        name, n = base, 1
-        while name in names or name in (NIGHT_FILE, TRENDS_DIR):
-            n += 1
-            name = f"{base}-{n}"
-        names.append(name)
-    return names
+    bases = [storage.safe_name(storage.basename(storage.redact(uri))) for uri in run_uris]
+    return storage.unique_names(bases, reserved=(NIGHT_FILE, TRENDS_DIR))
 
 
 def _safe_error(err: BaseException) -> str:

@@ -37,8 +37,8 @@ from storymm.training.stages import (
     TokenizerInfo,
     batch_loss_fn,
     build_model,
-    loader_options,
     unused_parameters,
+    window_loader,
     windows_per_step,
 )
 from storymm.training.validation import Validator
@@ -175,22 +175,19 @@ def _train_loader(
             batch_size,
             position.global_batch,
         )
-    loader = WindowLoader(
+    loader = window_loader(
         dataset,
         "train",
+        config,
         batch_size=batch_size,
-        context_frames=config.data.context_frames,
-        max_tokens=config.data.max_tokens,
-        windows=config.data.windows,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        tags=stage == "sequence",
         shuffle=True,
         seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
         equalize=True,
         with_ids=config.train.record_windows,
-        prefetch_chunks=config.data.prefetch_chunks,
-        **(loader_options(config) if stage == "sequence" else {}),
     )
     if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
@@ -403,8 +400,9 @@ def train(
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
-    if run.exists() and run.stage != stage:  # before anything is loaded or logged
-        raise TrainingError(f"{run.shown} holds a {run.stage} run, not {stage}")
+    previous = run.read_record()["stage"] if run.exists() else stage
+    if previous != stage:  # before anything is loaded or logged
+        raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
     resumed = run.load_latest()
     model = _build_model(stage, config, tokens, resumed, run, list(init_from))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -447,7 +445,7 @@ def train(
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
     guard = NonFiniteGuard(runtime, stage, position.step)
-    validator = Validator(config, stage, dataset, runtime, run_uri, loss_fn)
+    validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
     def save(status: str) -> None:
         guard.check(position.step)

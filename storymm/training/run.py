@@ -100,6 +100,10 @@ class RunFolder:
         """The checkpoint with the best validation score (``train.<stage>.eval_every``), if any."""
         return checkpoint.load_best(self.uri, purpose=purpose)
 
+    def read_best(self) -> dict | None:
+        """The ``best`` marker (checkpoint, step, metric, value), or None before validation improved."""
+        return checkpoint.read_best(self.uri)
+
     def mark_best(self, step: int, metric: str, value: float) -> None:
         checkpoint.mark_best(self.uri, step, metric, value)
 

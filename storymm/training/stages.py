@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from storymm.config import Config
+from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
 from storymm.training import losses
 
@@ -95,6 +96,35 @@ def loader_options(config: Config) -> dict:
     if config.model.tag_features:
         return {"tag_vocab": config.model.tag_vocab, "max_tags": config.model.max_tags}
     return {}
+
+
+def window_loader(
+    dataset: PreparedDataset,
+    split: str,
+    config: Config,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    tags: bool = True,
+    **options,
+) -> WindowLoader:
+    """A loader with the config's data settings (K, tokens per sentence, windows, prefetch) and, with
+    ``tags``, the sequence model's tag features; ``options`` say how this use walks the split
+    (shuffle, equalize, text, window ids)."""
+    return WindowLoader(
+        dataset,
+        split,
+        batch_size=batch_size,
+        context_frames=config.data.context_frames,
+        max_tokens=config.data.max_tokens,
+        windows=config.data.windows,
+        rank=rank,
+        world_size=world_size,
+        prefetch_chunks=config.data.prefetch_chunks,
+        **(loader_options(config) if tags else {}),
+        **options,
+    )
 
 
 def build_perceptual(config: Config) -> torch.nn.Module | None:

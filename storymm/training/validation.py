@@ -22,10 +22,10 @@ import math
 import torch
 
 from storymm.config import Config
-from storymm.data.loader import DatasetError, PreparedDataset, WindowLoader
-from storymm.training import checkpoint
+from storymm.data.loader import DatasetError, PreparedDataset
+from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
-from storymm.training.stages import loader_options
+from storymm.training.stages import window_loader
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SPLIT = "val"
 
 
 class Validator:
-    def __init__(self, config: Config, stage: str, dataset: PreparedDataset, runtime: Runtime, run_uri: str, loss_fn):
+    def __init__(self, config: Config, stage: str, dataset: PreparedDataset, runtime: Runtime, run: RunFolder, loss_fn):
         stage_cfg = getattr(config.train, stage)
         self.every = stage_cfg.eval_every
         if self.every is None:  # the sequence model's best checkpoint is what evaluation wants
@@ -44,18 +44,16 @@ class Validator:
         if self.every == 0:
             return
         try:
-            loader = WindowLoader(
+            loader = window_loader(
                 dataset,
                 SPLIT,
+                config,
                 batch_size=config.data.batch_size,
-                context_frames=config.data.context_frames,
-                max_tokens=config.data.max_tokens,
-                windows=config.data.windows,
                 rank=runtime.rank,
                 world_size=runtime.world_size,
+                tags=stage == "sequence",
                 shuffle=False,
                 equalize=False,
-                **(loader_options(config) if stage == "sequence" else {}),
             )
         except DatasetError as err:
             log.info("no validation: %s", err)
@@ -66,7 +64,7 @@ class Validator:
         self.loader = loader
         per_rank = math.ceil(stage_cfg.val_batches / runtime.world_size) if stage_cfg.val_batches else None
         self.max_batches = per_rank
-        best = checkpoint.read_best(run_uri)
+        best = run.read_best()
         self.best = best["value"] if best and best.get("metric") == self.key else math.inf
 
     def due(self, step: int, finished: bool) -> bool:
