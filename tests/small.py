@@ -1,8 +1,10 @@
-"""Model sizes small enough that a training step takes milliseconds, and small prepared datasets,
-shared by the tests that train."""
+"""Model sizes small enough that a training step takes milliseconds, small prepared datasets, and
+the `accelerate launch` command line, shared by the tests that train."""
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 from storymm import storage
@@ -38,3 +40,33 @@ def small_dataset(
     synth.synthesize(src, stories, seed=seed, frames=frames, progress=False, scene=scene)
     prepare(src, data, config or small_config(), progress=False)
     return data
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_args(data: str, run: str, sets: list[str], stage: str = "sequence") -> list[str]:
+    """``jobs/train.py --backend accelerate`` on configs/tiny.yaml with ``--set`` for each of ``sets``."""
+    args = ["jobs/train.py", "--config", "configs/tiny.yaml", "--backend", "accelerate", "--stage", stage]
+    return [*args, "--data", data, "--run", run, *[a for s in sets for a in ("--set", s)]]
+
+
+def accelerate_launch(processes: int = 2, port: int | None = None, python: str = sys.executable) -> list[str]:
+    """``accelerate launch`` for ``processes`` CPU ranks. Run it with ``ACCELERATE_USE_CPU=true``:
+    ``--cpu`` instead would silently start ONE process; ``--multi_gpu`` with that variable starts them all."""
+    return [
+        str(Path(python).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(port or free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]

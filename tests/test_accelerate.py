@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,15 +19,11 @@ from storymm.cli import EXIT_STOPPED
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, read_run
 
+from small import accelerate_launch, train_args
+
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 SETS = ["data.batch_size=8", "train.sequence.checkpoint_every=10", "train.sequence.log_every=5"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -39,40 +34,11 @@ def _env(**extra) -> dict:
 
 
 def _train_args(data: str, run: str, steps: int) -> list[str]:
-    args = [
-        "jobs/train.py",
-        "--config",
-        "configs/tiny.yaml",
-        "--backend",
-        "accelerate",
-        "--stage",
-        "sequence",
-        "--data",
-        data,
-        "--run",
-        run,
-    ]
-    for assignment in [*SETS, f"train.sequence.steps={steps}"]:
-        args += ["--set", assignment]
-    return args
+    return train_args(data, run, [*SETS, f"train.sequence.steps={steps}"])
 
 
 def _launch(data: str, run: str, steps: int) -> list[str]:
-    # `--cpu` would silently start ONE process: ACCELERATE_USE_CPU=true with --multi_gpu starts two
-    return [
-        ACCELERATE,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        *_train_args(data, run, steps),
-    ]
+    return [*accelerate_launch(), *_train_args(data, run, steps)]
 
 
 def _wait_logged(proc: subprocess.Popen, run: str, lines: int, timeout: float = 180) -> None:

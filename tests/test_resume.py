@@ -9,12 +9,12 @@ import subprocess
 from collections import Counter
 
 import pytest
-from test_accelerate import ACCELERATE, _env, _free_port
+from test_accelerate import _env
 
 from storymm.training.loop import read_metrics, read_run, read_windows, train
 from storymm.training.runtime import Runtime
 
-from small import ROOT, SMALL, small_config, small_dataset
+from small import ROOT, SMALL, accelerate_launch, small_config, small_dataset, train_args
 
 
 @pytest.fixture(scope="module")
@@ -24,34 +24,7 @@ def data_uri(tmp_path_factory):
 
 def _launch(data_uri: str, run: str, sets: list[str], ranks: int = 2) -> None:
     """``jobs/train.py --backend accelerate`` on ``ranks`` CPU processes (``accelerate launch``, gloo)."""
-    args = [
-        "jobs/train.py",
-        "--config",
-        "configs/tiny.yaml",
-        "--backend",
-        "accelerate",
-        "--stage",
-        "text_ae",
-        "--data",
-        data_uri,
-        "--run",
-        run,
-        *sum((["--set", s] for s in SMALL + sets), []),
-    ]
-    command = [
-        ACCELERATE,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(ranks),
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        *args,
-    ]
+    command = [*accelerate_launch(ranks), *train_args(data_uri, run, SMALL + sets, stage="text_ae")]
     done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 

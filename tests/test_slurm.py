@@ -13,9 +13,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import pytest
 
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, read_run
+
+from small import accelerate_launch, free_port, train_args
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "srun", "sinfo")
@@ -36,12 +36,6 @@ TRAIN_SETS = ["data.batch_size=8", "train.sequence.checkpoint_every=10", "train.
 
 def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +52,8 @@ def slurm(tmp_path_factory):
     env = dict(os.environ)
     env.update(
         STORYMM_SLURM_DIR=str(state),
-        STORYMM_SLURMCTLD_PORT=str(_free_port()),
-        STORYMM_SLURMD_PORT=str(_free_port()),
+        STORYMM_SLURMCTLD_PORT=str(free_port()),
+        STORYMM_SLURMD_PORT=str(free_port()),
         PATH=env.get("PATH", "") + ":/usr/sbin:/sbin",
     )
     started = time.monotonic()
@@ -119,7 +113,7 @@ def _submit(env: dict, tmp: Path, data: str, run: str, steps: int) -> tuple[str,
         CONFIG="configs/tiny.yaml",
         STORYMM_PROCS_PER_NODE="2",
         OMP_NUM_THREADS="1",
-        MAIN_PORT=str(_free_port()),
+        MAIN_PORT=str(free_port()),
         STORYMM_TRAIN_ARGS=" ".join(f"--set {s}" for s in [*TRAIN_SETS, f"train.sequence.steps={steps}"]),
     )
     # The script's defaults ask for GPUs and 32 CPUs; this machine has neither.
@@ -190,31 +184,7 @@ def test_same_loss_curve_under_plain_accelerate_launch(completed_job, dataset, t
     run = str(tmp_path / "run")
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env.pop("SLURM_CONF", None)
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "jobs/train.py",
-        "--config",
-        "configs/tiny.yaml",
-        "--backend",
-        "accelerate",
-        "--stage",
-        "sequence",
-        "--data",
-        dataset,
-        "--run",
-        run,
-        *[a for s in [*TRAIN_SETS, "train.sequence.steps=40"] for a in ("--set", s)],
-    ]
+    cmd = [*accelerate_launch(), *train_args(dataset, run, [*TRAIN_SETS, "train.sequence.steps=40"])]
     started = time.monotonic()
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     print(f"accelerate launch: {time.monotonic() - started:.1f}s")

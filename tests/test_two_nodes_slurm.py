@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 from simnodes import PYTHON, SimNodes, skip_unless_possible, wait_for
+
+from small import accelerate_launch, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -98,29 +99,8 @@ def test_two_nodes_one_rank_each_same_curve_as_one_node(cluster, s3_data, tmp_pa
     started = time.monotonic()
     cluster.on(
         "node1",
-        str(Path(PYTHON).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29555",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "jobs/train.py",
-        "--config",
-        "configs/tiny.yaml",
-        "--backend",
-        "accelerate",
-        "--stage",
-        "sequence",
-        "--data",
-        s3_data,
-        "--run",
-        reference,
-        *[a for s in [*TRAIN_SETS, "train.sequence.steps=20"] for a in ("--set", s)],
+        *accelerate_launch(port=29555, python=PYTHON),
+        *train_args(s3_data, reference, [*TRAIN_SETS, "train.sequence.steps=20"]),
         env={"ACCELERATE_USE_CPU": "true"},
         timeout=300,
     )
