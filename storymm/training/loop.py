@@ -124,7 +124,7 @@ class Position:
 
 
 def _build_model(
-    stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, run: RunFolder, init_from: list[str]
+    stage: str, config: Config, tokens: TokenizerInfo, resumed: dict | None, init_from: list[str]
 ) -> torch.nn.Module:
     """The stage's model with identical initial weights on every rank, then the checkpoint's weights
     (a resume) or the pretrained autoencoders (a fresh sequence run)."""
@@ -404,7 +404,7 @@ def train(
     if previous != stage:  # before anything is loaded or logged
         raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
     resumed = run.load_latest()
-    model = _build_model(stage, config, tokens, resumed, run, list(init_from))
+    model = _build_model(stage, config, tokens, resumed, list(init_from))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     scheduler = _scheduler(optimizer, stage_cfg)
