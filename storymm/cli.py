@@ -308,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(handler=cmd_experiment)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep: each trial a short training run, ASHA early stopping")
-    tune.add_argument("--stage", default="visual_ae", choices=["visual_ae", "text_ae", "sequence"])
+    tune.add_argument(
+        "--stage",
+        default="visual_ae",
+        choices=["visual_ae", "text_ae", "sequence", "all"],
+        help="the stage each trial trains; all: its own autoencoders, then the sequence model from them",
+    )
     tune.add_argument("--data", required=True, help="prepared dataset URI")
     tune.add_argument("--runs", required=True, help="URI under which each trial gets its run folder")
     tune.add_argument("--out", required=True, help="reports folder or URI for tune.md and tune.json")
@@ -324,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--evaluate",
         action="store_true",
-        help="sequence sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
+        help="sequence and all sweeps: evaluate every trial with a checkpoint and write OUT/compare.md "
         "(all metrics and floors side by side)",
     )
     tune.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for --evaluate")

@@ -158,6 +158,42 @@ def test_latent_sweep_trials_are_evaluated_into_one_table_with_floors(data_uri, 
     assert rows["model.visual_latent"] == [8, 32] and all(v > 0 for v in rows["image_l1"])
 
 
+def test_tune_stage_all_trial_trains_its_own_autoencoders_then_the_sequence_model(data_uri, tmp_path, monkeypatch):
+    """`storymm tune --stage all`: a trial (the function each Ray Tune worker runs) trains both
+    autoencoders at its latent size and starts the sequence model from them; only the sequence loss
+    reaches Tune; --evaluate scores the sequence runs."""
+    from ray import tune
+
+    from storymm.training import tune as sweep
+    from storymm.training.run import read_run
+
+    heard = []
+    monkeypatch.setattr(tune, "report", lambda metrics: heard.append(metrics["step"]))
+    base = small_config(
+        "model.text_latent=16",
+        "train.visual_ae.steps=2",
+        "train.text_ae.steps=2",
+        "train.sequence.steps=2",
+        "train.sequence.log_every=1",
+        *EVAL,
+    ).to_dict()
+    runs, trials = str(tmp_path / "runs"), []
+    for latent in (8, 24):
+        params = {"model.visual_latent": latent}
+        sweep._trial(params, base=base, stage="all", data_uri=data_uri, runs_uri=runs)
+        folders = sweep.trial_runs(runs, params, "all")
+        assert sorted(folders) == ["sequence", "text_ae", "visual_ae"]
+        assert all(f.startswith(storage.join(runs, f"visual_latent={latent}")) for f in folders.values())
+        assert read_run(folders["visual_ae"])["config"]["model"]["visual_latent"] == latent
+        sequence = read_run(folders["sequence"])
+        assert sequence["init_from"] == [folders["visual_ae"], folders["text_ae"]], sequence.get("init_from")
+        trials.append({"params": params})
+    assert heard == [1, 2, 1, 2]  # the sequence stage's steps, not the autoencoders'
+    result = sweep.compare_trials({"stage": "all", "trials": trials}, runs, data_uri, str(tmp_path / "sweep"))
+    assert result["names"] == ["visual_latent=8", "visual_latent=24"]
+    assert "| floor: best_input_oracle_l1 |" in (tmp_path / "sweep/compare.md").read_text()
+
+
 def test_tune_reports_checkpoint_steps_only_once_saved(monkeypatch):
     """ASHA may stop a trial at any report: at a step the loop checkpoints, Tune hears of it only after the
     checkpoint is written, so a trial stopped there (or finishing) keeps that checkpoint for --evaluate."""

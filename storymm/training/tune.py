@@ -7,8 +7,15 @@ step; an ASHA scheduler stops the trials that fall behind at each rung. The resu
 swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
 as ``tune.md`` and ``tune.json``.
 
-With ``--evaluate`` (sequence sweeps) every trial is then scored on the test split and the trials
-are compared side by side with all metrics and floors (:func:`compare_trials`, ``OUT/compare.md``).
+``--stage all`` makes a trial the whole pipeline: it trains its own ``visual_ae`` and ``text_ae``
+at the trial's values, then the sequence model started from them (``<runs>/<trial>/<stage>``), with
+ASHA on the sequence loss. That is the sweep the second seed ran: a latent size is a property of the
+autoencoder, so a sequence-only sweep from scratch cannot ask what a pretrained latent of that size
+is worth.
+
+With ``--evaluate`` (``sequence`` or ``all`` sweeps) every trial is then scored on the test split and
+the trials are compared side by side with all metrics and floors (:func:`compare_trials`,
+``OUT/compare.md``).
 
 The grid defaults to the visual latent sizes the second seed compared (16/32/64/128); any config
 key can be swept with ``--grid KEY=V1,V2,...`` (e.g. loss weights: ``--grid loss.gradient=0,0.1``).
@@ -33,6 +40,8 @@ from storymm.training.stages import STAGES
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID = {"model.visual_latent": [16, 32, 64, 128]}
+#: ``--stage all``: every trial trains the autoencoders it needs, then the sequence model.
+ALL_STAGES = "all"
 TABLE_MD = "tune.md"
 TABLE_JSON = "tune.json"
 
@@ -61,6 +70,20 @@ def trial_config(base: dict, params: dict) -> Config:
 def trial_name(params: dict) -> str:
     parts = [f"{key.split('.')[-1]}={value}" for key, value in sorted(params.items())]
     return storage.safe_name("-".join(parts), keep="._=-") if parts else "trial"
+
+
+def trial_runs(runs_uri: str, params: dict, stage: str) -> dict[str, str]:
+    """The run folder of each stage a trial trains: ``<runs>/<trial>``, or, for ``--stage all``,
+    ``<runs>/<trial>/<stage>`` for all three stages."""
+    folder = storage.join(runs_uri, trial_name(params))
+    if stage == ALL_STAGES:
+        return {name: storage.join(folder, name) for name in STAGES}
+    return {stage: folder}
+
+
+def scored_stage(stage: str) -> str:
+    """The stage whose loss ASHA compares (and whose run ``--evaluate`` scores)."""
+    return "sequence" if stage == ALL_STAGES else stage
 
 
 class TuneRuntime(Runtime):
@@ -94,10 +117,16 @@ def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str
 
     torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
     config = trial_config(base, params)
-    run_uri = storage.join(runs_uri, trial_name(params))
-    stage_cfg = getattr(config.train, stage)
+    runs = trial_runs(runs_uri, params, stage)
+    init_from: list[str] = []
+    if stage == ALL_STAGES:  # the trial's own autoencoders first; Tune hears of the sequence stage only
+        for autoencoder in ("visual_ae", "text_ae"):
+            train(config, autoencoder, data_uri, runs[autoencoder], Runtime(name="tune"), progress=False)
+        init_from = [runs["visual_ae"], runs["text_ae"]]
+    scored = scored_stage(stage)
+    stage_cfg = getattr(config.train, scored)
     runtime = TuneRuntime(name="tune", checkpoint_every=stage_cfg.checkpoint_every, final_step=stage_cfg.steps)
-    train(config, stage, data_uri, run_uri, runtime, progress=False)
+    train(config, scored, data_uri, runs[scored], runtime, init_from=init_from, progress=False)
 
 
 def _format_value(value) -> str:
@@ -153,13 +182,13 @@ def run_tune(
         raise UsageError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
     from storymm.training.ray_backend import ensure_ray, ray_storage
 
-    if stage not in STAGES:
-        raise UsageError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+    if stage not in (*STAGES, ALL_STAGES):
+        raise UsageError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)} or {ALL_STAGES})")
     grid = dict(grid or DEFAULT_GRID)
     base = config.to_dict()
     for params in (dict(zip(grid, combo)) for combo in itertools.product(*grid.values())):
         trial_config(base, params)  # fail now, not inside a trial
-    stage_cfg = getattr(config.train, stage)
+    stage_cfg = getattr(config.train, scored_stage(stage))
     steps = stage_cfg.steps
     grace = grace_steps or max(stage_cfg.log_every, steps // 4)
 
@@ -199,7 +228,7 @@ def run_tune(
                 "step": step,
                 "stopped_early": result.error is None and step < steps,
                 "error": str(result.error).splitlines()[0] if result.error else None,
-                "run": storage.redact(storage.join(runs_uri, trial_name(params))),
+                "run": storage.redact(trial_runs(runs_uri, params, stage)[scored_stage(stage)]),
             }
         )
     trials.sort(key=lambda t: (t["error"] is not None, t["step"] < steps, t["loss"]))
@@ -228,16 +257,17 @@ def run_tune(
 def compare_trials(
     summary: dict, runs_uri: str, data_uri: str, out_uri: str, *, split: str = "test", evaluate_fn=None
 ) -> dict:
-    """Evaluate every trial run that has a checkpoint (sequence sweeps) and write one comparison
-    (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric and floor."""
+    """Evaluate every trial run that has a checkpoint (``sequence`` and ``all`` sweeps) and write one
+    comparison (``OUT/compare.md/.html/.json``, reports under ``OUT/reports/<trial>``): every metric
+    and floor."""
     from storymm.evaluation.compare import compare
 
-    if summary["stage"] != "sequence":
+    if scored_stage(summary["stage"]) != "sequence":
         raise ValueError(f"--evaluate scores sequence models; this sweep trained {summary['stage']}")
     names, sources = [], []
     for trial in summary["trials"]:
         name = trial_name(trial["params"])
-        run = storage.join(runs_uri, name)
+        run = trial_runs(runs_uri, trial["params"], summary["stage"])["sequence"]
         if RunFolder(run).latest_checkpoint_uri() is None:
             log.warning("trial %s has no checkpoint: left out of the comparison", name)
             continue
