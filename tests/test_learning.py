@@ -32,8 +32,14 @@ def test_demo_pipeline_trains_a_gate_model_that_beats_the_floors(tmp_path):
     m, floors = report["metrics"], report["floors"]
     summary = "\n".join(lines)
     assert report["windows"] > 200, summary
-    assert m["image_l1"] < floors["median_image_l1"], summary
-    assert m["image_l1"] < floors["copy_last_l1"], summary
+    # issue 14: every floor but the per-window oracle best input (which no copying can reach on the
+    # demo's A-B-A-B shapes: the frame two back differs by one small shape), and the verdict says so
+    for floor in ("median_image_l1", "copy_last_l1", "copy_two_back_l1", "mean_of_inputs_l1"):
+        assert m["image_l1"] < floors[floor], (floor, summary)
+    assert "beats every floor but best_input_oracle" in report["verdict"], (report["verdict"], summary)
+    # cross-modal InfoNCE (on in tiny.yaml as in gate.yaml): retrieval clearly above chance
+    assert m["retrieval_r1"] > 10 * floors["retrieval_r1_chance"], summary
+    assert m["retrieval_r10"] > 3 * floors["retrieval_r10_chance"], summary
     assert m["prediction_spread"] > 0.02, summary
     assert m["text_ce_true"] < m["text_ce_shuffled"], summary
     assert m["bleu"] > 0.3, summary
