@@ -64,6 +64,9 @@ class Case:
     argv: list[str]  # after `storymm`; {w} is the world folder, {b} the bucket URI
     expect: list[str]  # words the error line must contain: the bad thing and what to do
     env: dict = field(default_factory=dict)  # {w}/{b} substituted too; value None removes a variable
+    # seconds the command may take beyond `manifest_missing`, the same `train` failing at the same
+    # point (opening the dataset) without waiting on anything: starting Python, torch and the CLI
+    # under the same load (3 cases at a time) alone can pass 10 s on a busy 2-core machine
     max_seconds: float = 60.0
 
 
@@ -169,7 +172,7 @@ CASES = [
         _train("{b}/data"),
         ["cannot reach S3", "127.0.0.1:9", "AWS_ENDPOINT_URL"],
         env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
-        max_seconds=15,
+        max_seconds=10,  # the storage retry budget is 5 s (STORYMM_STORAGE_RETRY_SECONDS)
     ),
     Case(
         "s3_wrong_credentials",
@@ -431,7 +434,8 @@ def test_bad_input_is_one_clear_line(case, outcomes, s3_server):
         assert PROGRESS.match(line), (line, result.stderr[-3000:])
     for word in case.expect:
         assert outcomes["fill"](word, case.name) in errors[0], (word, errors[0])
-    assert seconds < case.max_seconds, f"{case.name} took {seconds:.1f} s"
+    startup = outcomes["results"]["manifest_missing"][1]
+    assert seconds - startup < case.max_seconds, f"{case.name} took {seconds:.1f} s, manifest_missing {startup:.1f} s"
     for secret in ("wrong-secret-for-bad-input", "SECRETINURI", s3_server.secret_key, s3_server.access_key):
         assert secret not in output
 

@@ -28,6 +28,7 @@ from storymm.data import synth
 from storymm.data.prepare import prepare
 
 from s3server import free_ports
+from small import SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -471,6 +472,45 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
             assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000020.pt"
     table = (Path(out) / "tune.md").read_text()
     assert "| model.visual_latent | loss | step | stopped early | run |" in table
+
+
+def test_tune_stage_all_trains_each_trial_whole_and_evaluates_every_one(ray_head, tmp_path, source_stories):
+    """Issue 14's latent sweep through the real CLI and a real Ray cluster: `storymm tune --stage all
+    --evaluate` gives every trial its own autoencoders at its `visual_latent`, the sequence model
+    starts from them, and every trial (latents unequal to the text latent) is scored into one
+    comparison with every floor and a verdict."""
+    data = str(tmp_path / "data")
+    prepare(source_stories, data, load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]), progress=False)
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "sweep")
+    env = ray_head.cli_env()
+    env["RAY_ADDRESS"] = ray_head.gcs_address
+    sets = [*SMALL, "model.text_latent=16"]
+    for stage in ("visual_ae", "text_ae", "sequence"):
+        sets += [f"train.{stage}.steps=4", f"train.{stage}.log_every=2", f"train.{stage}.warmup_steps=1"]
+    cmd = [str(BIN / "storymm"), "tune", "--config", "configs/tiny.yaml", "--stage", "all"]
+    cmd += ["--data", data, "--runs", runs, "--out", out, "--grace-steps", "4", "--evaluate"]
+    cmd += [a for s in sets for a in ("--set", s)] + ["--grid", "model.visual_latent=8,24"]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    summary = json.loads((Path(out) / "tune.json").read_text())
+    assert sorted(t["params"]["model.visual_latent"] for t in summary["trials"]) == [8, 24]
+    for trial in summary["trials"]:
+        latent = trial["params"]["model.visual_latent"]
+        assert trial["error"] is None and trial["step"] == 4, trial
+        trial_dir = Path(runs) / f"visual_latent={latent}"
+        visual = json.loads((trial_dir / "visual_ae/run.json").read_text())
+        sequence = json.loads((trial_dir / "sequence/run.json").read_text())
+        assert visual["config"]["model"]["visual_latent"] == latent
+        assert sequence["config"]["model"]["visual_latent"] == latent
+        assert sequence["init_from"] == [str(trial_dir / "visual_ae"), str(trial_dir / "text_ae")]
+        assert Path(trial["run"]) == trial_dir / "sequence"
+    table = (Path(out) / "compare.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| metric |"))
+    assert sorted(cell.strip() for cell in header.split("|")[2:-1]) == ["visual_latent=24", "visual_latent=8"]
+    for row in ("floor: best_input_oracle_l1", "floor: copy_two_back_l1", "floor: retrieval_r1_chance", "verdict"):
+        assert f"| {row} |" in table, row
+    assert table.count("verdict: image L1") == 2
 
 
 def test_workers_argument_fixed_or_elastic_range():
