@@ -69,11 +69,13 @@ def _submit(cluster: SimNodes, tmp, data: str, run: str, steps: int, *sbatch: st
     return job, tmp / f"job-{job}.out"
 
 
-def _wait_job(cluster: SimNodes, job: str, timeout: float = 240) -> dict:
+def _wait_job(cluster: SimNodes, job: str, timeout: float = 240, until=None, what: str = "") -> dict:
+    """The job's `scontrol show job` fields once `until(fields)` holds (default: a terminal state)."""
+    until = until or (lambda info: info["JobState"] in TERMINAL)
     return wait_for(
-        lambda: (lambda i: i if i["JobState"] in TERMINAL else None)(_job(cluster, job)),
+        lambda: (lambda info: info if until(info) else None)(_job(cluster, job)),
         timeout,
-        f"job {job} to finish",
+        what or f"job {job} to finish",
     )
 
 
@@ -135,14 +137,16 @@ def test_node_power_cut_requeues_and_finishes_on_the_node_left(cluster, s3_data,
     cluster.node("kill", "node2")  # power cut: the kernel kills everything on node2
     cut = time.monotonic()
 
-    info = wait_for(
-        lambda: (lambda i: i if i["Restarts"] == "1" else None)(_job(cluster, job)),
-        120,
-        "the requeue after the power cut",
+    # Restarts counts the requeue while node1's step may still be COMPLETING; PENDING follows
+    info = _wait_job(
+        cluster,
+        job,
+        timeout=120,
+        until=lambda info: info["Restarts"] == "1" and info["JobState"] == "PENDING",
+        what="the requeue after the power cut",
     )
     print(f"requeued {time.monotonic() - cut:.1f}s after the power cut: {info['JobState']} ({info['Reason']})")
     assert "down" in cluster.on("node1", "sinfo", "-h", "-n", "node2", "-o", "%T").stdout
-    assert info["JobState"] == "PENDING"
     wait_for(
         lambda: cluster.on("node1", "sinfo", "-h", "-n", "node1", "-o", "%T").stdout.strip() == "idle",
         60,
