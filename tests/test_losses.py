@@ -23,9 +23,11 @@ def test_l1_mse_hand_values():
 def test_sobel_constant_image_is_zero():
     x = torch.full((2, 3, 7, 9), 0.3)
     gx, gy = L.sobel_gradients(x)
-    assert gx.abs().max().item() == 0.0 and gy.abs().max().item() == 0.0
-    # two different constants: gradients identical (zero), so the loss is exactly 0
-    assert L.sobel_gradient_loss(x, torch.full_like(x, 0.9)).item() == 0.0
+    # zero up to float32 rounding: the convolution's summation order (and so its last bit) depends
+    # on the CPU's vector unit (exactly 0 on one 2-core CI machine, 6e-8 on another)
+    assert gx.abs().max().item() < 1e-6 and gy.abs().max().item() < 1e-6
+    # two different constants: gradients identical (zero), so the loss is zero
+    assert L.sobel_gradient_loss(x, torch.full_like(x, 0.9)).item() < 1e-6
 
 
 def test_sobel_ramp_hand_value():
