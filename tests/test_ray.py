@@ -76,25 +76,32 @@ def _free_port_block(size: int, avoid: set[int]) -> tuple[int, int]:
     raise RuntimeError("no free block of ports for Ray workers")
 
 
+_PORT_NAMES = (
+    "gcs",
+    "dashboard",
+    "client",
+    "node_manager",
+    "object_manager",
+    "agent_http",
+    "agent_grpc",
+    "runtime_env",
+    "metrics",
+)
+
+
 class RayHead:
-    """One `ray start --head --block` on loopback; `stop()` kills its whole session."""
+    """One `ray start --head --block` on loopback; `stop()` kills its whole session.
+
+    Ports are chosen when the head starts, not when it is built: a server started in between (the
+    tests' SeaweedFS) would otherwise be free to bind one of them, and a dashboard that cannot bind
+    its port leaves `ray start --block` running with nothing answering.
+    """
 
     def __init__(self) -> None:
         # Unix socket paths under the temp dir must stay short: not pytest's long tmp paths.
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-        names = [
-            "gcs",
-            "dashboard",
-            "client",
-            "node_manager",
-            "object_manager",
-            "agent_http",
-            "agent_grpc",
-            "runtime_env",
-            "metrics",
-        ]
-        self.ports = dict(zip(names, free_ports(len(names))))
-        self.worker_ports = _free_port_block(100, avoid=set(self.ports.values()))
+        self.ports: dict[str, int] = {}
+        self.worker_ports: tuple[int, int] = (0, 0)
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
         self.env.update(
@@ -114,7 +121,22 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard']}"
 
-    def start(self, timeout: float = 90.0) -> RayHead:
+    def start(self, timeout: float = 90.0, attempts: int = 2) -> RayHead:
+        """Start the head and wait for its job server; a start that fails is retried on fresh ports."""
+        failures = []
+        for attempt in range(1, attempts + 1):
+            self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
+            self.worker_ports = _free_port_block(100, avoid=set(self.ports.values()))
+            self._spawn()
+            problem = self._wait_ready(timeout)
+            if problem is None:
+                return self
+            failures.append(f"attempt {attempt} (ports {self.ports}): {problem}")
+            self._kill_session()
+        self.stop()
+        raise RuntimeError("Ray head did not start:\n" + "\n\n".join(failures))
+
+    def _spawn(self) -> None:
         p = self.ports
         cmd = [
             RAY,
@@ -140,26 +162,33 @@ class RayHead:
             "--object-store-memory=200000000",
             "--disable-usage-stats",
         ]
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir
-        )
-        log.close()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir
+            )
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def _wait_ready(self, timeout: float) -> str | None:
+        """None once the job server answers; otherwise what went wrong, with the log's tail."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                return f"ray start exited {self.proc.returncode}:\n{self._log_tail()}"
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/", timeout=2) as response:
                     if response.status == 200:
-                        return self
+                        return None
             except OSError:
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"Ray head not ready after {timeout:.0f}s:\n{self.log_path.read_text()[-3000:]}")
+        return f"job server not ready after {timeout:.0f}s:\n{self._log_tail()}"
 
-    def stop(self) -> None:
+    def _kill_session(self) -> None:
         if self.proc is None:
             return
         sid = self.proc.pid  # session leader: its pid is the session id
@@ -179,6 +208,9 @@ class RayHead:
         if self.proc.poll() is None:
             self.proc.wait(timeout=5)
         self.proc = None
+
+    def stop(self) -> None:
+        self._kill_session()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     # ----------------------------------------------------------------------------- jobs
