@@ -4,7 +4,7 @@
 
 - ``report.html``: self-contained (images embedded as base64 ``data:`` URIs),
 - ``report.md``: the same tables, pointing at the PNGs beside it,
-- ``loss_curves.png``: one panel per training stage, one line per logged loss term,
+- ``loss_curves.png``: small multiples, per training stage one panel per loss term (train and val),
 - ``samples.png``: one row per sample: the K input frames, the target, the prediction,
 - ``report.json``: the report dict, written LAST because its presence means "complete".
 
@@ -34,6 +34,7 @@ from storymm.evaluation.render import (
     render_table,
     to_jsonable,
 )
+from storymm.training.metrics_store import is_timing_key
 
 #: Keys in a metrics-history step dict that are not loss terms (not drawn as curves).
 NON_LOSS_KEYS = frozenset(
@@ -182,42 +183,70 @@ def metrics_rows(report: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------ images
 
 
+def loss_terms(steps: list[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """``{term: {"train": (steps, values), "val": (steps, values)}}``: ``val_l1`` is ``l1``'s validation
+    curve. Keys that are not loss terms (step, lr, throughput, the time breakdown) are left out."""
+    terms: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for i, record in enumerate(steps or []):
+        x = record.get("step", i)
+        for key, value in record.items():
+            if key in NON_LOSS_KEYS or is_timing_key(key) or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(float(value)):
+                continue
+            split, term = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+            xs, ys = terms.setdefault(term, {}).setdefault(split, ([], []))
+            xs.append(float(x))
+            ys.append(float(value))
+    return terms
+
+
+#: panels per row of the loss curves' small multiples
+PANELS_PER_ROW = 4
+
+
 def plot_loss_curves(metrics_history: dict[str, list[dict]]) -> bytes | None:
-    """PNG with one panel per stage and one line per loss term; ``None`` if nothing to draw."""
-    stages = []
-    for stage, steps in metrics_history.items():
-        terms: dict[str, tuple[list[float], list[float]]] = {}
-        for i, record in enumerate(steps or []):
-            x = record.get("step", i)
-            for key, value in record.items():
-                if key in NON_LOSS_KEYS or isinstance(value, bool):
-                    continue
-                if not isinstance(value, (int, float, np.floating, np.integer)):
-                    continue
-                if not math.isfinite(float(value)):
-                    continue
-                xs, ys = terms.setdefault(key, ([], []))
-                xs.append(float(x))
-                ys.append(float(value))
-        if terms:
-            stages.append((stage, terms))
+    """PNG of small multiples: per stage, one panel per loss term with its training curve and, where
+    the run validated, its validation curve; ``total`` first. ``None`` if nothing to draw."""
+    stages = [(stage, loss_terms(steps)) for stage, steps in metrics_history.items()]
+    stages = [(stage, terms) for stage, terms in stages if terms]
     if not stages:
         return None
-    fig = new_figure(figsize=(5.5 * len(stages), 4))
-    axes = fig.subplots(1, len(stages), squeeze=False)
-    for ax, (stage, terms) in zip(axes[0], stages):
-        positive = all(y > 0 for _, ys in terms.values() for y in ys)
-        for key, (xs, ys) in sorted(terms.items()):
-            ax.plot(xs, ys, label=plain_text(key), marker="." if len(xs) < 30 else None, linewidth=1.2)
-        if positive:
-            ax.set_yscale("log")
-        ax.set_title(plain_text(f"stage: {stage}"))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (log scale)" if positive else "loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    rows = [(stage, chunk) for stage, terms in stages for chunk in _rows(sorted(terms, key=_term_order), terms)]
+    fig = new_figure(figsize=(3.2 * PANELS_PER_ROW, 2.4 * len(rows)))
+    axes = fig.subplots(len(rows), PANELS_PER_ROW, squeeze=False)
+    for (stage, chunk), row in zip(rows, axes):
+        for ax, item in zip(row, chunk + [None] * (PANELS_PER_ROW - len(chunk))):
+            if item is None:
+                ax.axis("off")
+                continue
+            term, curves = item
+            values = [y for _, ys in curves.values() for y in ys]
+            for split, style in (("train", "-"), ("val", "--")):
+                if split in curves:
+                    xs, ys = curves[split]
+                    ax.plot(xs, ys, style, label=split, marker="." if len(xs) < 30 else None, linewidth=1.2)
+            if values and all(y > 0 for y in values):
+                ax.set_yscale("log")
+            ax.set_title(plain_text(f"{stage}: {term}"), fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+            if "val" in curves:
+                ax.legend(fontsize=7)
+        row[0].set_ylabel("loss", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def _term_order(term: str) -> tuple[int, str]:
+    return (0 if term == "total" else 1, term)
+
+
+def _rows(order: list[str], terms: dict) -> list[list[tuple[str, dict]]]:
+    items = [(term, terms[term]) for term in order]
+    return [items[i : i + PANELS_PER_ROW] for i in range(0, len(items), PANELS_PER_ROW)]
 
 
 def plot_samples(samples: list[dict]) -> bytes | None:
