@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.progress import Progress
 from storymm.training import checkpoint
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
@@ -41,6 +41,7 @@ from storymm.training.stages import (
     window_loader,
     windows_per_step,
 )
+from storymm.training.trackers import Tracker, check_trackers, make_trackers
 from storymm.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,10 @@ def train_step(
 
 class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
-    previous log, one line in ``metrics.jsonl`` (rank 0), the progress bar, the backend's report."""
+    previous log, one line in the run's metrics log and in the trackers (rank 0), the progress bar or
+    line, the backend's report. A resumed run rewrites the lines past its checkpoint instead of
+    repeating them (``metrics_store.py``); the trackers learn at every checkpoint that the steps
+    before it are final (``trackers.py``)."""
 
     def __init__(
         self,
@@ -283,14 +287,19 @@ class MetricsLog:
         samples_per_step: int,
         start: int,
         progress: bool,
+        trackers: list[Tracker] = (),
     ):
-        """``samples_per_step``: over all workers."""
-        self.run, self.runtime, self.every, self.total = run, runtime, every, total
+        """``samples_per_step``: over all workers; ``trackers``: rank 0's."""
+        self.runtime, self.every, self.total = runtime, every, total
         self.samples_per_step = samples_per_step
-        # a resumed run rewrites the lines past its checkpoint instead of repeating them
-        self.history = [m for m in run.read_metrics() if m["step"] <= start] if runtime.is_main else []
+        self.store = run.metrics_store() if runtime.is_main else None
+        self.trackers = list(trackers)
+        if self.store is not None:
+            self.store.open(start)
+            for tracker in self.trackers:
+                tracker.open(start, self.store.read)
         self.last: dict = {}
-        self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
+        self.progress = Progress(total, initial=start, desc=stage, enabled=progress and runtime.is_main)
         self._since, self._steps = time.perf_counter(), 0
 
     def due(self, step: int) -> bool:
@@ -299,7 +308,7 @@ class MetricsLog:
     def step_done(self, position: Position, lr: float, terms: dict) -> bool:
         """True when this step was logged."""
         self._steps += 1
-        self.bar.update(1)
+        self.progress.update(1)
         if not self.due(position.step):
             return False
         names = sorted(terms)
@@ -311,27 +320,48 @@ class MetricsLog:
             epoch=position.epoch,
             lr=lr,
             samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9),
+            time=round(time.time(), 3),
         )
         self._since, self._steps = time.perf_counter(), 0
-        if self.runtime.is_main:
-            self.history.append(self.last)
-            self.run.write_metrics(self.history)
-            self.bar.set_postfix(loss=f"{self.last['total']:.4f}", sps=f"{self.last['samples_per_s']:.0f}")
+        self._record(self.last)
+        self.progress.show(**{"loss": f"{self.last['total']:.4f}", "samples/s": f"{self.last['samples_per_s']:.0f}"})
         self.runtime.report(self.last)
         return True
 
     def add_validation(self, record: dict, step: int) -> None:
         """Validation terms (``val_*``) into the step's line, or a line of their own."""
-        if not self.runtime.is_main:
-            return
-        if self.history and self.history[-1]["step"] == step:
-            self.history[-1].update(record)
-        else:
-            self.history.append(record)
-        self.run.write_metrics(self.history)
+        if self.last.get("step") != step:
+            record = {**record, "time": round(time.time(), 3)}
+        self._record(record)
 
-    def close(self) -> None:
-        self.bar.close()
+    def _record(self, line: dict) -> None:
+        if self.store is None:
+            return
+        step = line["step"]
+        values = {k: v for k, v in line.items() if k != "step"}
+        self.store.record(step, values)
+        wall = values.get("time", self.last.get("time", time.time()))
+        for tracker in self.trackers:
+            tracker.record(step, values, wall)
+
+    def flush(self) -> None:
+        """Every line so far stored (before a checkpoint: no checkpoint covers a step without its line)."""
+        if self.store is not None:
+            self.store.flush()
+
+    def checkpointed(self, step: int) -> None:
+        """The checkpoint of ``step`` is written: a new segment starts, the trackers may keep what precedes."""
+        if self.store is not None:
+            self.store.seal()
+            for tracker in self.trackers:
+                tracker.checkpointed(step)
+
+    def close(self, completed: bool = False) -> None:
+        self.progress.close()
+        if self.store is not None:
+            for tracker in self.trackers:
+                tracker.close(completed)
+            self.store.close()
 
 
 class CheckpointPolicy:
@@ -400,6 +430,7 @@ def train(
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
+    check_trackers(config.train.trackers)  # on every rank, before anything runs
     previous = run.read_record()["stage"] if run.exists() else stage
     if previous != stage:  # before anything is loaded or logged
         raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
@@ -441,7 +472,10 @@ def train(
     loader = _train_loader(dataset, config, stage, runtime, position)
     loss_fn = batch_loss_fn(stage, config, tokens)
     samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
-    metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
+    trackers = make_trackers(config.train.trackers, run, run.read_record()) if runtime.is_main else []
+    metrics = MetricsLog(
+        run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress, trackers
+    )
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
     guard = NonFiniteGuard(runtime, stage, position.step)
@@ -449,7 +483,9 @@ def train(
 
     def save(status: str) -> None:
         guard.check(position.step)
+        metrics.flush()
         uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        metrics.checkpointed(position.step)
         windows.flush()
         runtime.report(metrics.last, uri)
         policy.saved(position.step)
@@ -494,5 +530,5 @@ def train(
             position.next_epoch()
     if policy.saved_at != position.step:
         save(status)
-    metrics.close()
+    metrics.close(completed=status == "completed")
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}
