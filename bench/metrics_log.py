@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -67,7 +68,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, default=50.0, help="added delay per direction")
     parser.add_argument("--at", default="100,1000,5000,10000,20000", help="logged steps at which to measure")
-    parser.add_argument("--window", type=int, default=40, help="logged steps measured at each point")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=SEGMENT_LINES,
+        help="logged steps measured at each point (default: one whole segment)",
+    )
     parser.add_argument("--old-window", type=int, default=5, help="whole-file rewrites measured at each point")
     args = parser.parse_args(argv)
     points = sorted(int(x) for x in args.at.split(","))
@@ -76,11 +82,9 @@ def main(argv=None) -> int:
     from s3server import SeaweedS3Server
 
     scratch = tempfile.mkdtemp(prefix="storymm-bench-metrics-")
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-    saved = {k: os.environ.get(k) for k in names}
     rows = []
-    try:
-        with SeaweedS3Server(os.path.join(scratch, "weed")) as server:
+    try:  # the S3 variables are this script's own: the environment is restored on leaving
+        with mock.patch.dict(os.environ), SeaweedS3Server(os.path.join(scratch, "weed")) as server:
             os.environ.update(server.env())
             bucket = server.create_bucket("bench-metrics")
             with DelayProxy(server.port, args.latency_ms / 1000) as proxy:
@@ -133,11 +137,6 @@ def main(argv=None) -> int:
                 storage.read_text(old_uri)
                 old_read_s = time.perf_counter() - began
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         shutil.rmtree(scratch, ignore_errors=True)
 
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

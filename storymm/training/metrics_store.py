@@ -72,6 +72,7 @@ class MetricsStore:
         self.legacy = storage.join(self.run_uri, LEGACY_FILE)
         self._writes: BackgroundWrites | None = None
         self._current: list[dict] = []
+        self._rendered: list[bytes] = []  # the current segment's lines as written: each rendered once
         self._sealed = True
 
     # ------------------------------------------------------------------------------- reading
@@ -119,18 +120,20 @@ class MetricsStore:
                 )
             break
         self._writes = BackgroundWrites("metrics", self.folder)
-        self._current, self._sealed = [], True
+        self._current, self._rendered, self._sealed = [], [], True
 
     def record(self, step: int, values: dict) -> None:
         """A new line for ``step``, or more keys for the last line when it is ``step``'s."""
         if self._current and self._current[-1]["step"] == step:
             self._current[-1].update(values)
+            self._rendered[-1] = _render(self._current[-1:])
         else:
             if self._sealed or len(self._current) >= SEGMENT_LINES:
-                self._current, self._sealed = [], False
+                self._current, self._rendered, self._sealed = [], [], False
             self._current.append({"step": step, **values})
+            self._rendered.append(_render(self._current[-1:]))
         uri = storage.join(self.folder, _segment_name(self._current[0]["step"]))
-        self._writes.put(uri, _render(self._current))
+        self._writes.put(uri, b"".join(self._rendered))
 
     def seal(self) -> None:
         """The next line starts a new segment (at checkpoints, so a resume cuts at a segment's end)."""
