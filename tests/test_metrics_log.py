@@ -10,9 +10,10 @@ import logging
 import os
 
 import pytest
+import torch
 
 from storymm.progress import Progress
-from storymm.training import metrics_store
+from storymm.training import metrics_store, timing
 from storymm.training.background import BackgroundWrites
 from storymm.training.metrics_store import SEGMENT_LINES, MetricsStore, learned
 from storymm.training.run import RunFolder, read_metrics
@@ -140,3 +141,56 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log_file(caplog):
         bar.close()
     assert "\r" in terminal.getvalue() and "50/50" in terminal.getvalue()
     assert not [r for r in caplog.records if r.name == "storymm.progress"]
+
+
+# ------------------------------------------------------------------------- time breakdown
+
+
+def _rank(data=0.01, forward_backward=0.10, all_reduce=0.0, optimizer=0.01, **rest) -> dict:
+    parts = dict.fromkeys(timing.PARTS, 0.0)
+    parts.update(data=data, forward_backward=forward_backward, all_reduce=all_reduce, optimizer=optimizer, **rest)
+    return parts
+
+
+def test_the_straggler_is_the_rank_whose_own_work_exceeds_the_others_and_its_category_is_named():
+    """Rank 2 waits 0.30 s per step for data; the others wait for it in the gradient all-reduce. Its
+    excess is measured against the step it would take at the others' pace."""
+    ranks = [_rank(all_reduce=0.29), _rank(all_reduce=0.30), _rank(data=0.31), _rank(all_reduce=0.28)]
+    slow = timing.straggler(ranks, ["n1", "n1", "n2", "n2"], step_s=0.42)
+    assert slow["rank"] == 2 and slow["part"] == "data"
+    assert slow["excess"] == pytest.approx(0.30 / 0.12)
+    assert slow["text"] == "rank 2 on n2: +250% step time, in data wait"
+    # a rank 5% slower in forward/backward is not named; 30% slower is, with its category
+    assert timing.straggler([_rank(), _rank(forward_backward=0.1055)], ["a", "b"], step_s=0.12) is None
+    slow = timing.straggler([_rank(), _rank(forward_backward=0.136)], ["a", "b"], step_s=0.156)
+    assert slow["rank"] == 1 and slow["part"] == "forward_backward"
+    assert timing.straggler([_rank()], ["a"], step_s=0.12) is None  # one rank: nobody to compare with
+
+
+def test_a_window_line_has_the_means_goodput_flops_and_the_ranks(monkeypatch):
+    """Goodput counts from the run's start through earlier attempts: the productive seconds carried
+    from the step a run resumed from, over the wall time since the run started."""
+    times = timing.StepTimes(started=1000.0, productive_s=30.0, world_size=2, peak=None)
+    times.flops_per_step = 5e9
+    ranks = [_rank(data=0.2, all_reduce=0.6), _rank(data=0.8)]  # seconds over a 4-step window
+    line = times.line(ranks, ["a", "b"], steps=4, wall_s=1.2, now=1100.0)
+    assert line["time/step_s"] == pytest.approx(0.3)
+    assert line["time/data_s"] == pytest.approx((0.05 + 0.2) / 2)
+    assert line["time/productive_s"] == pytest.approx(30.0 + 0.2 + 0.1 + 0.6 + 0.01)
+    assert line["time/goodput"] == pytest.approx(line["time/productive_s"] / 100.0)
+    assert line["flops_per_s"] == pytest.approx(5e9 * 2 / 0.3) and "mfu" not in line
+    assert line["time/slowest_rank"] == 1 and line["time/straggler"].endswith("in data wait")
+    assert [r["rank"] for r in line["time/ranks"]] == [0, 1] and line["time/ranks"][1]["data"] == 0.2
+    summary = timing.run_summary([{"step": 4, "time": 1.0, **line}, {"step": 6, "val_total": 1.0}])
+    assert summary["ranks"][1]["data"] == pytest.approx(0.2) and summary["goodput"] == [(4, line["time/goodput"])]
+    assert summary["stragglers"] == [
+        "rank 1 on b: +100% step time (median), in data wait, named at 1 of 1 logged steps"
+    ]
+
+
+def test_first_step_flops_counts_forward_and_backward_of_the_first_batch_only():
+    model = torch.nn.Linear(8, 4)
+    batches, counted = [torch.randn(5, 8) for _ in range(3)], []
+    for batch in timing.first_step_flops(batches, counted):
+        model(batch).sum().backward()
+    assert counted == [4 * 5 * 8 * 4]  # forward 2BIO, backward 2BIO for the weight (the input needs no gradient)

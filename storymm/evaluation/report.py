@@ -5,6 +5,8 @@
 - ``report.html``: self-contained (images embedded as base64 ``data:`` URIs),
 - ``report.md``: the same tables, pointing at the PNGs beside it,
 - ``loss_curves.png``: small multiples, per training stage one panel per loss term (train and val),
+- ``time_breakdown.png``: per stage a stacked bar per rank (seconds per step in each part) and the
+  goodput line, when the runs logged their time breakdown (``training/timing.py``),
 - ``samples.png``: one row per sample: the K input frames, the target, the prediction,
 - ``report.json``: the report dict, written LAST because its presence means "complete".
 
@@ -34,6 +36,7 @@ from storymm.evaluation.render import (
     render_table,
     to_jsonable,
 )
+from storymm.training import timing
 from storymm.training.metrics_store import is_timing_key
 
 #: Keys in a metrics-history step dict that are not loss terms (not drawn as curves).
@@ -249,6 +252,49 @@ def _rows(order: list[str], terms: dict) -> list[list[tuple[str, dict]]]:
     return [items[i : i + PANELS_PER_ROW] for i in range(0, len(items), PANELS_PER_ROW)]
 
 
+def time_summaries(metrics_history: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per stage, where its time went (``timing.run_summary``), for the stages whose log has it."""
+    out = {}
+    for stage, steps in (metrics_history or {}).items():
+        summary = timing.run_summary(steps or [])
+        if summary is not None:
+            out[stage] = summary
+    return out
+
+
+def plot_time_breakdown(summaries: dict[str, dict]) -> bytes | None:
+    """PNG: per stage, a stacked bar per rank (seconds per step in each part) and the goodput line."""
+    if not summaries:
+        return None
+    fig = new_figure(
+        figsize=(12, 0.5 + max(2.6, 0.2 * max(len(s["ranks"]) for s in summaries.values())) * len(summaries))
+    )
+    axes = fig.subplots(len(summaries), 2, squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
+    for (stage, summary), (bars, line) in zip(summaries.items(), axes):
+        labels = [plain_text(f"rank {r['rank']} ({r['host']})") for r in summary["ranks"]]
+        left = np.zeros(len(labels))
+        for part in timing.PARTS:
+            widths = np.array([r[part] for r in summary["ranks"]])
+            if widths.sum() > 0:
+                bars.barh(labels, widths, left=left, label=timing.LABELS[part])
+                left += widths
+        bars.invert_yaxis()
+        bars.set_xlabel("seconds per step", fontsize=8)
+        bars.set_title(plain_text(f"{stage}: where each rank's time went"), fontsize=9)
+        bars.legend(fontsize=7, loc="lower right")
+        bars.tick_params(labelsize=7)
+        if summary["goodput"]:
+            xs, ys = zip(*summary["goodput"])
+            line.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
+        line.set_ylim(0, 1.05)
+        line.set_xlabel("step", fontsize=8)
+        line.set_title(plain_text(f"{stage}: goodput (productive step time / wall time)"), fontsize=9)
+        line.grid(True, alpha=0.3)
+        line.tick_params(labelsize=7)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def plot_samples(samples: list[dict]) -> bytes | None:
     """PNG grid: one row per sample, columns = input frames, target, prediction."""
     if not samples:
@@ -329,6 +375,10 @@ def write_report(
     report_json = json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     loss_png = plot_loss_curves(metrics_history) if metrics_history else None
+    times = time_summaries(metrics_history)
+    time_png = plot_time_breakdown(times)
+    stragglers = [f"{stage}: {text}" for stage, summary in times.items() for text in summary["stragglers"]]
+    speeds = [_speed(stage, summary) for stage, summary in times.items() if summary["flops_per_s"]]
     samples_png = plot_samples(samples) if samples else None
 
     # metadata: every top-level scalar of the report (run names, checkpoint, split, windows...)
@@ -372,6 +422,13 @@ def write_report(
         parts.append(f'<img alt="loss curves" src="data:image/png;base64,{b64}">')
     else:
         parts.append("<p>No training history was given.</p>")
+    if time_png is not None:
+        b64 = base64.b64encode(time_png).decode("ascii")
+        parts.append("<h2>Where the time went</h2>")
+        parts.append(_TIME_NOTE_HTML)
+        parts.append(f'<img alt="time breakdown" src="data:image/png;base64,{b64}">')
+        parts.append(_stragglers_html(stragglers))
+        parts += [f"<p>{html.escape(s)}</p>" for s in speeds]
     parts.append("<h2>Sample predictions</h2>")
     if samples_png is not None:
         b64 = base64.b64encode(samples_png).decode("ascii")
@@ -396,6 +453,10 @@ def write_report(
     md += [html.escape(note) + "\n" for note in notes]
     md += ["## Loss curves", ""]
     md += ["![loss curves](loss_curves.png)", ""] if loss_png is not None else ["No training history was given.", ""]
+    if time_png is not None:
+        md += ["## Where the time went", "", _TIME_NOTE, "", "![time breakdown](time_breakdown.png)", ""]
+        md += [f"- slowest rank: {html.escape(s)}" for s in stragglers] or ["- no straggler: no rank was slower"]
+        md += [f"- {html.escape(s)}" for s in speeds] + [""]
     md += ["## Sample predictions", ""]
     if samples_png is not None:
         md += [
@@ -411,6 +472,8 @@ def write_report(
 
     if loss_png is not None:
         put("loss_curves.png", loss_png)
+    if time_png is not None:
+        put("time_breakdown.png", time_png)
     if samples_png is not None:
         put("samples.png", samples_png)
     put("report.md", page_md.encode("utf-8"))
@@ -420,6 +483,28 @@ def write_report(
 
 
 # ------------------------------------------------------------------------------------ links
+
+
+_TIME_NOTE = (
+    "Seconds per training step in each part, per rank, over the whole run (from each rank's phase clock); "
+    "goodput is productive step time over wall time since the run started, restarts included "
+    "(docs/monitoring.md)."
+)
+_TIME_NOTE_HTML = f"<p>{html.escape(_TIME_NOTE)}</p>"
+
+
+def _speed(stage: str, summary: dict) -> str:
+    """'sequence: 12.3 GFLOP/s achieved (model FLOPs of forward and backward), MFU 41.0%'."""
+    mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary.get("mfu") is not None else " (no MFU: not on a known GPU)"
+    rate = summary["flops_per_s"] / 1e9
+    return f"{stage}: {rate:.3g} GFLOP/s achieved (median; model FLOPs of forward and backward){mfu}"
+
+
+def _stragglers_html(stragglers: list[str]) -> str:
+    if not stragglers:
+        return f"<p>{html.escape(f'No straggler: no rank was {100 * timing.STRAGGLER_THRESHOLD:.0f}% slower.')}</p>"
+    items = "".join(f"<li>slowest rank: {html.escape(s)}</li>" for s in stragglers)
+    return f"<ul>{items}</ul>"
 
 
 def report_page_uri(uri: str) -> str:

@@ -29,7 +29,7 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.progress import Progress
-from storymm.training import checkpoint
+from storymm.training import checkpoint, timing
 from storymm.training.phases import Phase
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
@@ -275,10 +275,10 @@ def train_step(
 
 class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
-    previous log, one line in the run's metrics log and in the trackers (rank 0), the progress bar or
-    line, the backend's report. A resumed run rewrites the lines past its checkpoint instead of
-    repeating them (``metrics_store.py``); the trackers learn at every checkpoint that the steps
-    before it are final (``trackers.py``)."""
+    previous log, where each rank's time went (``timing.py``), one line in the run's metrics log and in
+    the trackers (rank 0), the progress bar or line, the backend's report. A resumed run rewrites the
+    lines past its checkpoint instead of repeating them (``metrics_store.py``); the trackers learn at
+    every checkpoint that the steps before it are final (``trackers.py``)."""
 
     def __init__(
         self,
@@ -291,14 +291,27 @@ class MetricsLog:
         start: int,
         progress: bool,
         trackers: list[Tracker] = (),
+        hosts: list[str] = (),
+        sync: timing.GradientSyncTimer | None = None,
+        count_flops: bool = True,
     ):
-        """``samples_per_step``: over all workers; ``trackers``: rank 0's."""
+        """``samples_per_step``: over all workers; ``trackers``: rank 0's; ``hosts``: per rank;
+        ``sync``: the DDP gradient all-reduce timer; ``count_flops``: on this attempt's first step."""
         self.runtime, self.every, self.total = runtime, every, total
-        self.samples_per_step = samples_per_step
+        self.samples_per_step, self.hosts = samples_per_step, list(hosts)
         self.store = run.metrics_store() if runtime.is_main else None
         self.trackers = list(trackers)
+        self.clock = timing.RankClock(runtime.phases, sync)
+        self.times = None
+        self._flops: list[float] | None = [] if count_flops and runtime.is_main else None
         if self.store is not None:
-            self.store.open(start)
+            resumed = self.store.open(start) or {}
+            self.times = timing.StepTimes(
+                run.read_record().get("started"),
+                resumed.get(f"{timing.TIMING_PREFIX}productive_s", 0.0),
+                runtime.world_size,
+                timing.peak_flops(runtime.device, runtime.mixed_precision),
+            )
             for tracker in self.trackers:
                 tracker.open(start, self.store.read)
         self.last: dict = {}
@@ -308,6 +321,12 @@ class MetricsLog:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
 
+    def counted(self, batches):
+        """The loop's batches; the model FLOPs of this attempt's first step are counted (rank 0)."""
+        if self._flops is None or self._flops:
+            return batches
+        return timing.first_step_flops(batches, self._flops)
+
     def step_done(self, position: Position, lr: float, terms: dict) -> bool:
         """True when this step was logged."""
         self._steps += 1
@@ -316,16 +335,21 @@ class MetricsLog:
             return False
         names = sorted(terms)
         sums = self.runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
-        elapsed = time.perf_counter() - self._since
+        elapsed, steps = time.perf_counter() - self._since, self._steps
+        seconds = self.runtime.all_gather_object(self.clock.take())  # per rank, since the last logged step
+        self._since, self._steps = time.perf_counter(), 0
         self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
         self.last.update(
             step=position.step,
             epoch=position.epoch,
             lr=lr,
-            samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9),
+            samples_per_s=self.samples_per_step * steps / max(elapsed, 1e-9),
             time=round(time.time(), 3),
         )
-        self._since, self._steps = time.perf_counter(), 0
+        if self.times is not None:
+            if self._flops and self.times.flops_per_step is None:
+                self.times.flops_per_step = self._flops[0]
+            self.last.update(self.times.line(seconds, self.hosts, steps, elapsed, self.last["time"]))
         self._record(self.last)
         self.progress.show(**{"loss": f"{self.last['total']:.4f}", "samples/s": f"{self.last['samples_per_s']:.0f}"})
         self.runtime.report(self.last)
@@ -459,6 +483,8 @@ def train(
                 "world_size": runtime.world_size,
                 "global_batch": position.global_batch,
                 "hosts": hosts,
+                # goodput counts from the start of this process (the clock's start), through every restart
+                "started": time.time() - (time.monotonic() - runtime.phases.started),
             }
         )
 
@@ -479,7 +505,18 @@ def train(
     samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
     trackers = make_trackers(config.train.trackers, run, run.read_record()) if runtime.is_main else []
     metrics = MetricsLog(
-        run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress, trackers
+        run,
+        runtime,
+        stage,
+        stage_cfg.log_every,
+        stage_cfg.steps,
+        samples,
+        position.step,
+        progress,
+        trackers,
+        hosts,
+        timing.GradientSyncTimer.attach_to(model),
+        count_flops=not config.train.compile,
     )
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
@@ -499,7 +536,7 @@ def train(
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
         loader.set_epoch(position.epoch, start_window=position.windows)
-        for batch in phases.iterate(loader, Phase.DATA):
+        for batch in metrics.counted(phases.iterate(loader, Phase.DATA)):
             windows.take(batch, position)
             terms = train_step(
                 step_model,

@@ -36,7 +36,7 @@ SEGMENT_LINES = 100
 READ_THREADS = 16
 
 #: Keys that measure time rather than learning: they differ between two runs of the same steps.
-TIMING_KEYS = frozenset({"samples_per_s", "time"})
+TIMING_KEYS = frozenset({"samples_per_s", "time", "flops_per_s", "mfu"})
 TIMING_PREFIX = "time/"
 
 
@@ -95,8 +95,9 @@ class MetricsStore:
 
     # ------------------------------------------------------------------------------- writing
 
-    def open(self, resume_step: int) -> None:
-        """Start writing after ``resume_step``: every line past it goes (rank 0, once per attempt)."""
+    def open(self, resume_step: int) -> dict | None:
+        """Start writing after ``resume_step``: every line past it goes (rank 0, once per attempt).
+        Returns the last line kept (None if none)."""
         background.settle(self.folder)
         segments = self.segments()
         if storage.exists(self.legacy):  # a run from before segments: its lines become a segment
@@ -107,20 +108,23 @@ class MetricsStore:
                 storage.write_bytes(uri, _render(old))
                 segments.insert(0, uri)
             storage.delete(self.legacy)
+        last = None
         for uri in reversed(segments):  # newest first: a crash half-way leaves a consistent prefix
             if _first_step(uri) > resume_step:
                 storage.delete(uri)
                 continue
             lines = _parse(storage.read_text(uri))
-            kept = [m for m in lines if m["step"] <= resume_step]
+            kept = [m for m in lines if m["step"] <= resume_step]  # its first line is (named after its first step)
             if len(kept) != len(lines):
                 storage.write_bytes(uri, _render(kept))
                 log.info(
                     "metrics: dropped %d line(s) after step %d (redone from there)", len(lines) - len(kept), resume_step
                 )
+            last = kept[-1] if kept else None
             break
         self._writes = BackgroundWrites("metrics", self.folder)
         self._current, self._rendered, self._sealed = [], [], True
+        return last
 
     def record(self, step: int, values: dict) -> None:
         """A new line for ``step``, or more keys for the last line when it is ``step``'s."""
