@@ -22,6 +22,7 @@ from delayproxy import DelayProxy
 from small import free_port, logged_points, mlflow_points, small_config, small_dataset, tensorboard_points
 
 TRACKERS_LOG = "storymm.training.trackers"
+pytestmark = pytest.mark.slow  # a real MLflow server
 
 
 @pytest.fixture(scope="module")
