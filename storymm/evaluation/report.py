@@ -281,7 +281,7 @@ def plot_time_breakdown(summaries: dict[str, dict]) -> bytes | None:
         bars.invert_yaxis()
         bars.set_xlabel("seconds per step", fontsize=8)
         bars.set_title(plain_text(f"{stage}: where each rank's time went"), fontsize=9)
-        bars.legend(fontsize=7, loc="lower right")
+        bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
         bars.tick_params(labelsize=7)
         if summary["goodput"]:
             xs, ys = zip(*summary["goodput"])

@@ -470,7 +470,10 @@ class MlflowTracker(Tracker):
             params = [Param(k, v[:6000]) for k, v in flat_params(self.record_.get("config", {})).items()]
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start : start + 100])
-            self.client.log_dict(run_id, self.record_, "storymm/run.json")
+            try:
+                self.client.log_dict(run_id, self.record_, "storymm/run.json")
+            except Exception as err:  # noqa: BLE001 - the server's artifact store; the metrics still go
+                log.warning("mlflow: run.json not stored as an artifact of run %s: %s", run_id, err)
             log.info("mlflow: run %s at %s", run_id, storage.redact(self._tracking_uri()))
         else:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
