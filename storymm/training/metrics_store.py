@@ -89,7 +89,7 @@ class MetricsStore:
             first = _first_step(segments[0]) if segments else None
             lines = [m for m in _parse(storage.read_text(self.legacy)) if first is None or m["step"] < first]
         with ThreadPoolExecutor(min(READ_THREADS, max(1, len(segments)))) as pool:
-            for text in pool.map(storage.read_text, segments):
+            for text in pool.map(_read_if_there, segments):
                 lines.extend(_parse(text))
         return lines
 
@@ -151,6 +151,14 @@ class MetricsStore:
         if self._writes is not None:
             self._writes.close()
             self._writes = None
+
+
+def _read_if_there(uri: str) -> str:
+    """A segment's text; empty if a resume cut it away since it was listed."""
+    try:
+        return storage.read_text(uri)
+    except FileNotFoundError:
+        return ""
 
 
 def _is_segment(uri: str) -> bool:
