@@ -398,11 +398,12 @@ class MlflowTracker(Tracker):
             with self._lock:
                 while not self.outbox and not self._closing and self.run_id is not None:
                     self._lock.wait()
-                batch = list(self.outbox)
                 closing = self._closing
             try:
                 if self.run_id is None:
                     self._connect()
+                with self._lock:  # what to send now: anything after it is appended, never inserted
+                    batch = list(self.outbox)
                 if batch:
                     self._send(batch)
                     with self._lock:
@@ -478,7 +479,6 @@ class MlflowTracker(Tracker):
         else:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             log.info("mlflow: continuing run %s (holds steps through %d)", run_id, through)
-        self.run_id, self.sent_through = run_id, through
         if through > self.resume_step:
             log.warning(
                 "mlflow: run %s holds steps through %d but training resumes from %d (an older checkpoint): "
@@ -489,9 +489,11 @@ class MlflowTracker(Tracker):
                 self.resume_step + 1,
                 through,
             )
-        elif through < self.resume_step:
+        elif through < self.resume_step:  # sent first, before what this attempt logs
             missed = [m for m in self.history() if through < m["step"] <= self.resume_step]
-            self._send([(m["step"], numeric_values(m), m.get("time", time.time())) for m in missed])
+            with self._lock:
+                self.outbox[:0] = [(m["step"], numeric_values(m), m.get("time", time.time())) for m in missed]
+        self.run_id, self.sent_through = run_id, through
 
     def _send(self, batch: list[tuple[int, dict, float]]) -> None:
         from mlflow.entities import Metric
