@@ -64,6 +64,7 @@ def test_a_rank_with_slow_storage_is_named_with_data_wait(s3_env, s3_server, tmp
     named = [line for line in logs[0].splitlines() if "straggler: " in line]
     assert named and all("straggler: rank 1 on " in line for line in named), named
     assert "in data wait" in named[0]
+    print(named[0].split("WARNING ")[-1])
     lines = [m for m in read_metrics(run) if "time/ranks" in m]
     assert [m["step"] for m in lines] == list(range(2, STEPS + 1, 2))
     for line in lines:
