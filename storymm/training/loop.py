@@ -301,7 +301,7 @@ class MetricsLog:
         self.samples_per_step, self.hosts = samples_per_step, list(hosts)
         self.store = run.metrics_store() if runtime.is_main else None
         self.trackers = list(trackers)
-        self.clock = timing.RankClock(runtime.phases, sync)
+        self.sync, self.clock = sync, None  # the clock starts with the loop (start-up is not a step's)
         self.times = None
         self._flops: list[float] | None = [] if count_flops and runtime.is_main else None
         if self.store is not None:
@@ -322,7 +322,11 @@ class MetricsLog:
         return step % self.every == 0 or step == self.total
 
     def counted(self, batches):
-        """The loop's batches; the model FLOPs of this attempt's first step are counted (rank 0)."""
+        """The loop's batches (the first logging window starts here); the model FLOPs of this
+        attempt's first step are counted (rank 0)."""
+        if self.clock is None:
+            self.clock = timing.RankClock(self.runtime.phases, self.sync)
+            self._since = time.perf_counter()
         if self._flops is None or self._flops:
             return batches
         return timing.first_step_flops(batches, self._flops)
