@@ -276,9 +276,9 @@ class TensorBoardTracker(Tracker):
             self._writes.put(self._uri, bytes(self._buffer))
 
     def checkpointed(self, step):
+        # a new file for what follows; no flush here: the metrics log is the record, and a resume
+        # checks the event files against it (and rewrites them if an upload was lost)
         self._sealed = True
-        if self._writes is not None:
-            self._writes.flush()
 
     def close(self, completed):
         if self._writes is not None:
