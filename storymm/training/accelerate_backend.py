@@ -28,6 +28,7 @@ import torch.distributed as dist
 from storymm.config import Config
 from storymm.training.devices import requested_by_environment, require_cuda, threads_per_process
 from storymm.training.loop import train
+from storymm.training.phases import Phase
 from storymm.training.runtime import Runtime, effective_precision
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ class AccelerateRuntime(Runtime):
             return False
         flag = torch.tensor([1 if self._signalled is not None else 0], dtype=torch.int32)
         if self.distributed:
-            flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            with self.phases.within(Phase.COLLECTIVE):
+                flag = flag.to(self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # ------------------------------------------------------------------ model and optimisation
@@ -104,7 +106,8 @@ class AccelerateRuntime(Runtime):
 
     def barrier(self) -> None:
         if self.distributed:
-            self.accelerator.wait_for_everyone()
+            with self.phases.within(Phase.COLLECTIVE):
+                self.accelerator.wait_for_everyone()
 
 
 def make_accelerator(config: Config):

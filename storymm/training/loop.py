@@ -30,6 +30,7 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
+from storymm.training.phases import Phase
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
 from storymm.training.stages import (
@@ -272,12 +273,14 @@ def train_step(
 ) -> dict:
     """One optimiser step on one batch; returns this rank's loss terms as 0-d device tensors (read
     only at logging steps: a step never waits for the device)."""
+    runtime.phases.enter(Phase.FORWARD_BACKWARD)
     batch = runtime.to_device(batch)
     with runtime.autocast():
         loss, terms = loss_fn(model, batch)
     guard.observe(loss, step)
     optimizer.zero_grad(set_to_none=True)
     runtime.backward(loss)
+    runtime.phases.enter(Phase.OPTIMIZER)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -423,6 +426,8 @@ def train(
     model, params, optimizer, scheduler, position = _model_and_optimiser(
         stage, config, tokens, resumed, list(init_from), runtime
     )
+    phases = runtime.phases
+    phases.resumed_at(position.step)
     hosts = runtime.all_gather_object(socket.gethostname())  # one per rank: where the run really ran
     if runtime.is_main:
         log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
@@ -462,6 +467,7 @@ def train(
     validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
     def save(status: str) -> None:
+        phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
         uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
         windows.flush()
@@ -471,7 +477,7 @@ def train(
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
         loader.set_epoch(position.epoch, start_window=position.windows)
-        for batch in runtime.feed(loader):
+        for batch in phases.iterate(runtime.feed(loader), Phase.DATA):
             windows.take(batch, position)
             terms = train_step(
                 step_model,
@@ -486,7 +492,9 @@ def train(
                 position.step,
             )
             position.advance()
+            phases.step_done(position.step)
             if metrics.due(position.step):
+                phases.enter(Phase.LOGGING)
                 guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
@@ -494,6 +502,7 @@ def train(
             stopping = not finished and runtime.should_stop()
             improved = False
             if validator.due(position.step, finished):
+                phases.enter(Phase.VALIDATION)
                 record, improved = validator.run(runtime.unwrap(model), position.step)
                 metrics.add_validation(record, position.step)
             saving = policy.status_to_save(position.step, stopping, improved)
@@ -509,4 +518,5 @@ def train(
     if policy.saved_at != position.step:
         save(status)
     metrics.close()
+    phases.enter(Phase.FINISHED)
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

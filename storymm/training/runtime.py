@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from storymm.data import transfer
 from storymm.training.devices import requested_by_environment, require_cuda
+from storymm.training.phases import Phase, PhaseClock
 
 
 def effective_precision(mixed_precision: str, device_type: str, cpu_autocast: bool = False) -> str:
@@ -35,6 +36,8 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     mixed_precision: str = "no"
     name: str = "local"
+    #: this rank's phase clock (``phases.py``): the loop marks phases, the collectives below mark theirs
+    phases: PhaseClock = field(default_factory=PhaseClock, repr=False, compare=False)
 
     @classmethod
     def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> Runtime:
@@ -100,22 +103,25 @@ class Runtime:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place across ranks. The loop hands CPU tensors; NCCL only reduces GPU ones."""
         if self.distributed:
-            on_device = tensor.to(self.device)
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-            if on_device is not tensor:
-                tensor.copy_(on_device)
+            with self.phases.within(Phase.COLLECTIVE):
+                on_device = tensor.to(self.device)
+                dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+                if on_device is not tensor:
+                    tensor.copy_(on_device)
         return tensor
 
     def all_gather_object(self, obj) -> list:
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self.phases.within(Phase.COLLECTIVE):
+            dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with self.phases.within(Phase.COLLECTIVE):
+                dist.barrier()
 
     # ------------------------------------------------------------------------- reporting
 
