@@ -91,7 +91,7 @@ def cmd_syncs(args) -> int:
     result = audit_syncs(config, tokens, device, batch=batch)
     for line in result.syncs:
         print(f"  sync: {line}")
-    how = "torch.cuda.set_sync_debug_mode" if args.gpu else "the meta device (no CUDA here)"
+    how = "torch.cuda.set_sync_debug_mode" if args.gpu else "on the meta device: no CUDA here"
     return _result(f"{len(result.syncs)} host syncs in one sequence step ({how})", result.clean)
 
 
@@ -139,6 +139,7 @@ def cmd_stop_resume(args) -> int:
         env["ACCELERATE_USE_CPU"] = "true"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "jobs/train.py"), *args.train]
+    launch += ["--backend", "accelerate"]
     launch += ["--run", args.run]
     ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731 - the launcher's trap
     log = open(args.run + ".stop.log", "w")
@@ -174,6 +175,7 @@ def cmd_stop_resume(args) -> int:
     print(done.stdout[-2000:] + done.stderr[-3000:])
     final = checkpoint.load_latest(args.run, purpose="checking")
     resumed = f"step-{stopped:08d}.pt" in done.stderr + done.stdout
+    resumed = resumed and "accelerate rank 0/1" in done.stderr + done.stdout
     ok = done.returncode == 0 and final["step"] == end and final["status"] == "completed" and resumed
     return _result(f"stopped at step {stopped} on SIGUSR1 (exit 0, requeue marker), resumed to {end}", ok)
 

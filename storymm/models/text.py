@@ -50,6 +50,8 @@ def pack_on_host_lengths(padded: torch.Tensor, lengths: torch.Tensor) -> PackedS
     operations, the same result) with the sort order sent to the device asynchronously: with
     ``lengths`` on the host nothing waits for the GPU."""
     lengths, order = torch.sort(lengths.to(torch.int64), descending=True)
+    if padded.is_cuda:  # pinned, so the copy is truly asynchronous (a pageable one may wait)
+        order = order.pin_memory()
     order = order.to(padded.device, non_blocking=True)
     packed = pack_padded_sequence(padded.index_select(0, order), lengths, batch_first=True, enforce_sorted=True)
     return PackedSequence(packed.data, packed.batch_sizes, order, None)
