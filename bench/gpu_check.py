@@ -75,7 +75,7 @@ def cmd_dtypes(args) -> int:
     problems = audit_dtypes(config, tokens, _device(args.gpu))
     if problems:
         return _result("not fp32 under bf16 autocast: " + "; ".join(f"{k}: {v}" for k, v in problems.items()), False)
-    return _result("GRU, LSTMs, warp coordinates, InfoNCE fp32 under bf16 autocast; fresh warp head = copy head")
+    return _result("GRU, LSTMs, warp coordinates, InfoNCE fp32 under bf16 autocast; a fresh warp head copies")
 
 
 def cmd_syncs(args) -> int:

@@ -185,13 +185,17 @@ def test_fp32_islands_under_bf16_autocast_on_cpu():
     assert step_audit.audit_dtypes(config, TOKENS, torch.device("cpu")) == {}
 
 
-def test_the_dtype_audit_sees_an_rnn_left_to_autocast(monkeypatch):
-    """The audit can fail: with the GRU's fp32 island removed, it reports the GRU's bf16 output."""
+def test_the_dtype_audit_sees_what_autocast_does_without_the_islands(monkeypatch):
+    """The audit can fail: with the GRU's fp32 island removed it reports the GRU's bf16 output, and
+    with the warp head's removed, at 60x125 a fresh warp head warps (bf16 sampling coordinates)."""
     import storymm.models.sequence as sequence
+    from storymm.models.motion import MotionWarp
 
     monkeypatch.setattr(sequence, "run_fp32", lambda module, *inputs: module(*inputs))
-    problems = step_audit.audit_dtypes(small_config(), TOKENS, torch.device("cpu"))
-    assert problems == {"gru output": "torch.bfloat16"}
+    monkeypatch.setattr(MotionWarp, "forward", MotionWarp._warp)
+    problems = step_audit.audit_dtypes(small_config(base="gate"), TOKENS, torch.device("cpu"))
+    assert problems["gru output"] == "torch.bfloat16" and set(problems) == {"gru output", "warp coordinates"}
+    assert problems["warp coordinates"].startswith("the fresh warp head differs under autocast")
 
 
 def test_text_autoencoder_trains_under_cpu_autocast(data_uri, tmp_path):

@@ -192,11 +192,17 @@ class RayRuntime(Runtime):
             )
 
 
-def assigned_cpus() -> float:
-    """The CPUs Ray reserved for this task or actor (1 when it reserved none)."""
+def assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this task or actor; None outside one (then: the process's allocation)."""
     import ray
 
-    return ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0) or 1.0
+    if not ray.is_initialized():
+        return None
+    try:
+        resources = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # Ray's way of saying "this is the driver, not a task or actor"
+        return None
+    return resources.get("CPU") or None
 
 
 def _gpu_probe(asked: str) -> str | None:

@@ -223,6 +223,6 @@ def audit_dtypes(config: Config, tokens: TokenizerInfo, device: torch.device) ->
         plain = model.motion(frames, ctx)["warped"]
         if warped.dtype != torch.float32 or not torch.equal(warped, plain):
             problems["warp coordinates"] = f"the fresh warp head differs under autocast ({warped.dtype})"
-        elif (plain - frames).abs().max().item() > 1e-5:
+        elif (plain - frames).abs().max().item() > 1e-4:  # fp32 grid rounding: ~1e-5 at 60x125; bf16: ~0.15
             problems["warp coordinates"] = "a fresh warp head does not reproduce its input (the copy head)"
     return problems
