@@ -12,13 +12,13 @@ import datetime as _dt
 import logging
 
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset
 from storymm.evaluation.metrics import EvalAccumulator, median_image
 from storymm.evaluation.report import verdict_line, write_report
+from storymm.progress import Progress
 from storymm.training.losses import text_cross_entropy_sum
 from storymm.training.run import RunFolder, TrainingError
 from storymm.training.runtime import Runtime
@@ -151,7 +151,7 @@ def evaluate(
         with_text=True,
     )
     samples: list[dict] = []
-    bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
+    bar = Progress(len(loader), desc=f"evaluate {split}", unit="batch", enabled=progress and runtime.is_main)
     for batch in loader:
         batch = runtime.to_device(batch)
         out = forward_sequence(model, batch)
