@@ -3,6 +3,7 @@
     <run>/run.json        what was trained: stage, resolved config, data, backend, world size
     <run>/metrics.jsonl   one JSON line per logged step (rank 0 writes it)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
+    <run>/reports.jsonl   one line per evaluation report written of this run (``storymm export`` cites the latest)
     <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
@@ -12,6 +13,7 @@ file names themselves.
 from __future__ import annotations
 
 import json
+import os
 
 from storymm import storage
 from storymm.errors import StorymmError
@@ -20,6 +22,7 @@ from storymm.training import checkpoint
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 WINDOWS_FILE = "windows.jsonl"
+REPORTS_FILE = "reports.jsonl"
 
 
 class TrainingError(StorymmError, RuntimeError):
@@ -84,6 +87,25 @@ class RunFolder:
 
     def write_windows(self, lines: list[dict]) -> None:
         self._write_jsonl(WINDOWS_FILE, lines)
+
+    # ------------------------------------------------------------------------- reports.jsonl
+
+    def record_report(self, report_uri: str, **fields) -> None:
+        """Note that an evaluation report of this run was written at ``report_uri`` (with ``fields``
+        such as split, step, checkpoint): the run does not otherwise know where its reports went."""
+        if not storage.is_remote(report_uri) and not str(report_uri).startswith("file://"):
+            report_uri = os.path.abspath(report_uri)
+        entry = {"report": storage.redact(report_uri), **fields}
+        self._write_jsonl(REPORTS_FILE, self._read_jsonl(REPORTS_FILE) + [entry])
+
+    def latest_report(self) -> tuple[str, dict] | None:
+        """The newest recorded report that can still be read: its folder and its ``report.json``."""
+        for entry in reversed(self._read_jsonl(REPORTS_FILE)):
+            try:
+                return entry["report"], json.loads(storage.read_text(storage.join(entry["report"], "report.json")))
+            except (FileNotFoundError, ValueError):  # moved, deleted or half-written: try the one before
+                continue
+        return None
 
     # --------------------------------------------------------------------------- checkpoints
 

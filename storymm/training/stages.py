@@ -139,9 +139,10 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 
 def forward_sequence(model, batch: dict) -> dict:
-    """The sequence model on a loader batch (with its ``tags`` when the loader yields them)."""
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them; a story
+    being continued by ``storymm predict`` has no targets)."""
     extra = {"tags": batch["tags"]} if "tags" in batch else {}
-    return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+    return model(batch["frames"], batch["tokens"], batch.get("target_tokens"), batch.get("target_frame"), **extra)
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
