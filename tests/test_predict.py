@@ -28,7 +28,7 @@ from storymm.config import config_from_dict, load_config
 from storymm.data.loader import PreparedDataset
 from storymm.data.prepare import decode_frame
 from storymm.evaluation.evaluate import evaluate, load_sequence_model
-from storymm.evaluation.render import fmt
+from storymm.evaluation.render import fmt, md_cell
 from storymm.export import MODEL_FILES, load_export
 from storymm.inference import predict_batch
 from storymm.predict import continue_story, read_story
@@ -286,7 +286,7 @@ def test_export_is_weights_config_tokenizer_and_a_card_citing_the_latest_report(
     assert report_uri == str(world["root"] / "report") and report["step"] == 6
     card = (export / "README.md").read_text()
     assert f"`{report_uri}`" in card and "step 6 (this export)" in card
-    assert report["verdict"] in card
+    assert md_cell(report["verdict"]) in card
     assert f"| image_l1 | {fmt(report['metrics']['image_l1'])} |" in card
     assert world["data"] in card and "storymm predict --model" in card
     # the card is documentation: editing it does not stop the model loading
