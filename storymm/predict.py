@@ -37,9 +37,10 @@ from PIL import Image
 import storymm
 from storymm import storage
 from storymm.data.gdi import FrameText, StoryParseError, clean_text, frame_texts, parse_story
-from storymm.data.loader import pad_token_ids, pixels_to_tensor, tag_array
+from storymm.data.loader import pad_token_ids, sentence_lengths, tag_array
 from storymm.data.prepare import decode_frame
 from storymm.data.sources import find_parquet_files
+from storymm.data.transfer import to_device
 from storymm.errors import StorymmError, UsageError
 from storymm.evaluation.render import CSS, fmt, image_uint8
 from storymm.inference import Prediction, TrainedModel, default_device, predict_batch
@@ -233,13 +234,16 @@ def read_story(spec: str, height: int, width: int, context: int) -> Story:
 
 
 def window_batch(frames: list[StoryFrame], trained: TrainedModel) -> dict:
-    """One window as a batch of one, built as the loader builds its batches."""
+    """One window as a batch of one on the host, built as the loader builds its batches (uint8 pixels,
+    made floats on the device by ``transfer.to_device``; sentence lengths that stay on the host)."""
     data, model = trained.config.data, trained.config.model
     tokenizer = trained.tokenizer
     ids = tokenizer.encode_batch([frame.text.sentence for frame in frames])
+    tokens = torch.from_numpy(pad_token_ids(ids, data.max_tokens, tokenizer.pad_id, tokenizer.eos_id))
     batch = {
-        "frames": pixels_to_tensor(np.stack([frame.pixels for frame in frames]))[None],
-        "tokens": torch.from_numpy(pad_token_ids(ids, data.max_tokens, tokenizer.pad_id, tokenizer.eos_id))[None],
+        "frames": torch.from_numpy(np.stack([frame.pixels for frame in frames])).permute(0, 3, 1, 2)[None],
+        "tokens": tokens[None],
+        "token_lengths": sentence_lengths(tokens, tokenizer.pad_id)[None],
     }
     if model.tag_features:
         spans = [(f.text.objects, f.text.actions, f.text.locations) for f in frames]
@@ -278,7 +282,7 @@ def continue_story(
     generator = torch.Generator(device=device).manual_seed(trained.config.seed)
     predicted: list[PredictedFrame] = []
     for step in range(1, steps + 1):
-        batch = {key: value.to(device) for key, value in window_batch(window, trained).items()}
+        batch = to_device(window_batch(window, trained), device)
         result = predict_batch(
             trained.model,
             batch,

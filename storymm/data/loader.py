@@ -26,7 +26,7 @@ Design, and why:
   are runs of consecutive windows, so a rank decodes about 1/N of the stories (reading the shards
   that hold them, which is most shards unless a shard holds fewer than N batches of windows).
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
-  array and a conversion to float.
+  array and a conversion to float (or none: training sends uint8 to the GPU, ``data/transfer.py``).
 - Planning the chunks and loading one chunk are separate steps (``plan``, ``load_chunk``), so a
   chunk's reading can overlap the training on the previous one.
 """
@@ -51,6 +51,7 @@ from storymm import storage
 from storymm.data.prefetch import PrefetchStats, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+from storymm.data.transfer import pixels_to_float
 from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,12 @@ def tag_array(frames, vocab: int, max_tags: int) -> np.ndarray:
     return out
 
 
+def sentence_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Non-pad token counts (at least 1) of padded sentences ``[..., L]``: what the text encoder packs
+    by, kept on the host (``HostLengths`` in ``models/text.py``)."""
+    return (ids != pad_id).sum(-1).clamp_(min=1)
+
+
 def pad_token_ids(rows: list[list[int]], max_tokens: int, pad_id: int, eos_id: int) -> np.ndarray:
     """``[len(rows), max_tokens]`` int64: each sentence's ids padded with ``pad_id``, or cut to
     ``max_tokens - 1`` ids plus ``eos_id``."""
@@ -198,12 +205,6 @@ def pad_token_ids(rows: list[list[int]], max_tokens: int, pad_id: int, eos_id: i
             ids = ids[: max_tokens - 1] + [eos_id]
         out[index, : len(ids)] = ids
     return out
-
-
-def pixels_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``[..., H, W, 3]`` (as prepare stores frames) -> float ``[..., 3, H, W]`` in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(frames))
-    return tensor.movedim(-1, -3).float().div_(255.0)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,10 @@ class ChunkData(NamedTuple):
 
 class WindowLoader:
     """Batches for one rank: ``frames [B,K,3,H,W]``, ``tokens [B,K,L]``, ``target_frame [B,3,H,W]``,
-    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id).
+    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id), and the
+    sentences' non-pad token counts (at least 1) ``token_lengths [B,K]``, ``target_lengths [B]``, which
+    stay on the host (``storymm.data.transfer``). With ``uint8_pixels`` the frames are uint8 (0-255):
+    4x fewer bytes to pin and copy; ``transfer.to_device`` makes them floats on the device.
     With ``tag_vocab > 0`` also ``tags [B,K,max_tags]`` int64: each input frame's hashed
     objects/actions/locations (``hash_tags``; 0 = padding), read from the shards' tag columns.
     With ``with_ids`` also ``window_ids``: ``(story_id, start)`` per window (debug recording).
@@ -284,6 +288,7 @@ class WindowLoader:
         tag_vocab: int = 0,
         max_tags: int = 12,
         prefetch_chunks: int = 2,
+        uint8_pixels: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
@@ -297,6 +302,7 @@ class WindowLoader:
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
         self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
         self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
+        self.uint8_pixels = bool(uint8_pixels)
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_window = 0
@@ -451,13 +457,18 @@ class WindowLoader:
 
     def _batch(self, data: ChunkData, rows: np.ndarray, windows: np.ndarray) -> dict:
         """``rows`` [B, K+1] absolute frame rows of ``data``, ``windows`` their [B, 2] plan entries → tensors."""
-        pixels = pixels_to_tensor(data.frames[rows])
+        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3)
+        if not self.uint8_pixels:
+            pixels = pixels_to_float(pixels)
         ids = torch.from_numpy(data.tokens[rows])
+        lengths = sentence_lengths(ids, self.pad_id)
         batch = {
             "frames": pixels[:, :-1].contiguous(),
             "tokens": ids[:, :-1].contiguous(),
             "target_frame": pixels[:, -1].contiguous(),
             "target_tokens": ids[:, -1].contiguous(),
+            "token_lengths": lengths[:, :-1].contiguous(),
+            "target_lengths": lengths[:, -1].contiguous(),
         }
         if data.tags is not None:  # input frames only: the target's tags would leak the answer
             batch["tags"] = torch.from_numpy(data.tags[rows[:, :-1]])
