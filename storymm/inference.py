@@ -120,7 +120,13 @@ class TrainedModel:
 
 
 def default_device() -> torch.device:
-    """A GPU when there is one, else the CPU."""
+    """A GPU when there is one, else the CPU; but GPUs that ``CUDA_VISIBLE_DEVICES`` names and torch
+    cannot use stop with one line (``devices.require_cuda``), as training does, not a silent CPU run."""
+    from storymm.training.devices import requested_by_environment, require_cuda
+
+    asked = requested_by_environment()
+    if asked:
+        require_cuda(asked)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -406,6 +406,16 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(world, tmp_path,
     assert not out.exists() and not stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is unusable")
+def test_gpus_named_but_unusable_stop_with_one_line(world, tmp_path, capsys, monkeypatch):
+    """As training does: CUDA_VISIBLE_DEVICES naming a GPU torch cannot use is an error, not a CPU run."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    story = _folder(tmp_path, world["rows"][0], 5)
+    code, _, stderr = run_cli(capsys, "predict", "--model", world["export"], "--story", story, "--out", tmp_path / "o")
+    assert code == 2 and stderr.startswith("storymm: error: CUDA_VISIBLE_DEVICES=0 asks for GPUs")
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_bad_input_in_a_real_process_prints_only_the_error(world, tmp_path):
     """The same through the console script's process: no warning, no traceback, only progress lines
     (INFO) before the one error line."""
