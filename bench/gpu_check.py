@@ -153,10 +153,9 @@ def cmd_stop_resume(args) -> int:
         preexec_fn=ignore_usr1,
     )
     deadline = time.monotonic() + args.wait
-    metrics = Path(args.run, "metrics.jsonl")
-    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.stat().st_size):
+    while time.monotonic() < deadline and proc.poll() is None and not read_metrics(args.run):
         time.sleep(0.5)
-    if proc.poll() is not None or not metrics.exists():
+    if proc.poll() is not None or not read_metrics(args.run):
         print(Path(log.name).read_text()[-3000:])
         return _result(f"training did not log a step within {args.wait} s (rc {proc.poll()})", False)
     os.killpg(proc.pid, signal.SIGUSR1)  # the session started above: launcher and training process

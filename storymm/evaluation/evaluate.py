@@ -12,7 +12,6 @@ import datetime as _dt
 import logging
 
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import config_from_dict
@@ -21,6 +20,7 @@ from storymm.errors import StorymmError
 from storymm.evaluation.metrics import EvalAccumulator, median_image
 from storymm.evaluation.report import verdict_line, write_report
 from storymm.inference import checkpoint_state, inference_model, predict_batch, require_sequence_run
+from storymm.progress import Progress
 from storymm.training.losses import text_cross_entropy_sum
 from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
@@ -140,7 +140,7 @@ def evaluate(
         with_text=True,
     )
     samples: list[dict] = []
-    bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
+    bar = Progress(len(loader), desc=f"evaluate {split}", unit="batch", enabled=progress and runtime.is_main)
     for batch in loader:
         batch = runtime.to_device(batch)
         predicted = predict_batch(
