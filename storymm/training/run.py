@@ -5,6 +5,7 @@
     <run>/tensorboard/    TensorBoard event files (``train.trackers``; ``trackers.py``)
     <run>/trackers.json   the experiment trackers' ids for this run (one MLflow run through every resume)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
+    <run>/reports.jsonl   one line per evaluation report written of this run (``storymm export`` cites the latest)
     <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
@@ -14,6 +15,7 @@ file names themselves.
 from __future__ import annotations
 
 import json
+import os
 
 from storymm import storage
 from storymm.errors import StorymmError
@@ -24,6 +26,7 @@ RUN_FILE = "run.json"
 WINDOWS_FILE = "windows.jsonl"
 TRACKERS_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
+REPORTS_FILE = "reports.jsonl"
 
 
 class TrainingError(StorymmError, RuntimeError):
@@ -95,6 +98,25 @@ class RunFolder:
 
     def write_windows(self, lines: list[dict]) -> None:
         self._write_jsonl(WINDOWS_FILE, lines)
+
+    # ------------------------------------------------------------------------- reports.jsonl
+
+    def record_report(self, report_uri: str, **fields) -> None:
+        """Note that an evaluation report of this run was written at ``report_uri`` (with ``fields``
+        such as split, step, checkpoint): the run does not otherwise know where its reports went."""
+        if not storage.is_remote(report_uri) and not str(report_uri).startswith("file://"):
+            report_uri = os.path.abspath(report_uri)
+        entry = {"report": storage.redact(report_uri), **fields}
+        self._write_jsonl(REPORTS_FILE, self._read_jsonl(REPORTS_FILE) + [entry])
+
+    def latest_report(self) -> tuple[str, dict] | None:
+        """The newest recorded report that can still be read: its folder and its ``report.json``."""
+        for entry in reversed(self._read_jsonl(REPORTS_FILE)):
+            try:
+                return entry["report"], json.loads(storage.read_text(storage.join(entry["report"], "report.json")))
+            except (FileNotFoundError, ValueError):  # moved, deleted or half-written: try the one before
+                continue
+        return None
 
     # --------------------------------------------------------------------------- checkpoints
 
