@@ -164,6 +164,9 @@ class SynthConfig(_Section):
     scene: Literal["shapes", "pan"] = Field(
         "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds"
     )
+    unseen_words: bool = Field(
+        False, description="test stories name subjects, colours and places with words absent from training"
+    )
 
 
 class Config(_Section):
