@@ -54,6 +54,17 @@ class ModelConfig(_Section):
     image_head: Literal["copy", "warp"] = Field(
         "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first"
     )
+    text_head: Literal["generate", "pointer"] = Field(
+        "generate",
+        description="generate: every token from the vocabulary; pointer: also copy tokens of the input sentences",
+    )
+    pointer_word_swap: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="pointer head, training only: per window, the probability that a word is swapped for a random "
+        "id in its input and target sentences alike (only copying can predict it, as an unseen name)",
+    )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
         "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)"

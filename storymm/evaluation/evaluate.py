@@ -96,8 +96,9 @@ _SPACE_NOTES = {
 
 
 def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dict:
-    """Text floors of one batch: the target cross-entropy with the decoder conditioned on the
-    encoded last / two-back input sentence, and those sentences themselves (for BLEU)."""
+    """Text floors of one batch: the target cross-entropy with the decoder fed the last / two-back
+    input sentence instead of the story (its encoding; for the pointer head also its tokens to copy,
+    ``model.sentence_condition``), and those sentences themselves (for BLEU)."""
     out = {}
     k = batch["tokens"].shape[1]
     for name, back in (("copy_last", 1), ("copy_two_back", 2)):
@@ -105,7 +106,7 @@ def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dic
             continue
         sentence = batch["tokens"][:, -back]
         ce, _ = text_cross_entropy_sum(
-            model.text_logits(model.text.encode(sentence), batch["target_tokens"]), labels, pad_id
+            model.text_logits(model.sentence_condition(sentence), batch["target_tokens"]), labels, pad_id
         )
         out[f"text_ce_sum_{name}"] = float(ce)
         out[f"{name}_sentences"] = [tokenizer.decode(row.tolist()) for row in sentence.cpu()]
@@ -157,13 +158,14 @@ def evaluate(
         out = forward_sequence(model, batch)
         labels = batch["target_tokens"][:, 1:]
         ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
+        condition = model.text_condition(out, batch["tokens"])
         shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)
         ce_shuffled, _ = text_cross_entropy_sum(
-            model.text_logits(out["text_latent"][shuffled], batch["target_tokens"]), labels, tokens.pad_id
+            model.text_logits(condition.permuted(shuffled), batch["target_tokens"]), labels, tokens.pad_id
         )
-        generated = model.text.generate(
-            out["text_latent"], config.data.max_tokens, temperature=temperature, top_p=top_p, generator=generator
-        )
+        generated = model.decode_text(
+            condition, config.data.max_tokens, temperature=temperature, top_p=top_p, generator=generator
+        ).tokens
         hypotheses = [tokenizer.decode(row.tolist()) for row in generated.cpu()]
         references = [tokenizer.decode(row.tolist()) for row in batch["target_tokens"].cpu()]
         copy_floors = _text_copy_floors(model, batch, labels, tokens.pad_id, tokenizer)
@@ -212,6 +214,7 @@ def evaluate(
             "fusion": config.model.fusion,
             "copy_path": config.model.copy_path,
             "image_head": config.model.image_head,
+            "text_head": config.model.text_head,
             "visual_latent": config.model.visual_latent,
             "text_latent": config.model.text_latent,
         },

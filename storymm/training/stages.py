@@ -21,6 +21,7 @@ import torch
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
+from storymm.models.pointer import swap_words
 from storymm.training import losses
 
 STAGES = ("visual_ae", "text_ae", "sequence")
@@ -82,6 +83,7 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             tag_vocab=config.model.tag_vocab if config.model.tag_features else 0,
             image_head=config.model.image_head,
             context_frames=config.data.context_frames,
+            text_head=config.model.text_head,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
@@ -149,6 +151,7 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
     device. Terms stay tensors so a step never waits for the device; the loop reads them when it logs."""
     weights = loss_weights(config)
     perceptual = build_perceptual(config) if stage in ("visual_ae", "sequence") else None
+    swap_rate = config.model.pointer_word_swap if config.model.text_head == "pointer" else 0.0
 
     def _perceptual_on(device):
         if perceptual is not None and perceptual.mean.device != device:
@@ -164,6 +167,17 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
         return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
+        if swap_rate and model.training:
+            batch = dict(batch)
+            batch["tokens"], batch["target_tokens"] = swap_words(
+                batch["tokens"],
+                batch["target_tokens"],
+                swap_rate,
+                tokens.vocab_size,
+                pad_id=tokens.pad_id,
+                eos_id=tokens.eos_id,
+                keep=(tokens.bos_id,),
+            )
         return losses.sequence_loss(
             forward_sequence(model, batch),
             batch,
