@@ -62,8 +62,8 @@ class ModelConfig(_Section):
         0.3,
         ge=0.0,
         le=1.0,
-        description="pointer head, training only: per window, the probability that a word is swapped for a random "
-        "id in its input and target sentences alike (only copying can predict it, as an unseen name)",
+        description="pointer head, training only: per window, the probability that a word becomes a random new "
+        "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
     )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(

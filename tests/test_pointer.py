@@ -11,7 +11,7 @@ from storymm.config import ConfigError
 from storymm.models import StoryContinuationModel, TextAutoencoder, TextCondition, VisualAutoencoder
 from storymm.models.pointer import PointerHead, match_lengths, swap_words
 from storymm.training.losses import text_cross_entropy
-from storymm.training.stages import TokenizerInfo, build_model, unused_parameters
+from storymm.training.stages import TokenizerInfo, batch_loss_fn, build_model, unused_parameters
 
 from small import small_config
 
@@ -213,3 +213,35 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
         small_config("model.pointer_word_swap=1.5")
+
+
+def test_training_step_swaps_words_for_the_pointer_only():
+    """With ``model.pointer_word_swap`` the training step hands the swapped sentences to the pointer
+    (``source_tokens``) and as the target, while the frame encoders read the true ones; validation
+    and evaluation (eval mode) swap nothing."""
+    tokens_info = TokenizerInfo(VOCAB, PAD, BOS, EOS)
+    config = small_config(
+        "model.text_head=pointer", "model.pointer_word_swap=0.5", "data.image_height=16", "data.image_width=24"
+    )
+    model = build_model("sequence", config, tokens_info)
+    seen: list[dict] = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append({"args": args, **kwargs}), with_kwargs=True)
+    gen = torch.Generator().manual_seed(0)
+    k = config.data.context_frames
+    tokens = _sentences(4 * k, SEEN, gen).view(4, k, 10)
+    batch = {
+        "frames": torch.rand(4, k, 3, 16, 24),
+        "tokens": tokens,
+        "target_tokens": tokens[:, -2].clone(),
+        "target_frame": torch.rand(4, 3, 16, 24),
+    }
+    loss_fn = batch_loss_fn("sequence", config, tokens_info)
+    torch.manual_seed(0)
+    loss_fn(model.train(), batch)
+    call = seen.pop()
+    assert torch.equal(call["args"][1], tokens)  # the frame encoders read the true sentences
+    source, target = call["source_tokens"], call["args"][2]
+    assert not torch.equal(source, tokens) and torch.equal(target, source[:, -2])  # renamed alike
+    loss_fn(model.eval(), batch)
+    call = seen.pop()
+    assert "source_tokens" not in call and torch.equal(call["args"][2], batch["target_tokens"])

@@ -115,7 +115,10 @@ def swap_words(
 
     Why: in training every word is also predictable from the vocabulary, so nothing teaches the head
     to copy rather than generate, least of all to copy a run of pieces it has no meaning for; a
-    swapped word can only be copied, piece after piece, as an unseen name at test time."""
+    swapped word can only be copied, piece after piece, as an unseen name at test time. The training
+    step gives the swapped sentences to the pointer only (``source_tokens``): the frame encoders keep
+    reading the true ones, so the story model and its image are trained on the data as it is (swapping
+    what they read too cost the image 15-25% on the shapes stories)."""
     b, k, length = tokens.shape
     device = tokens.device
     rows = torch.cat([tokens, target[:, None]], 1)  # [B,K+1,L]: one mapping for the whole window

@@ -271,8 +271,12 @@ class StoryContinuationModel(nn.Module):
         target_tokens: torch.Tensor | None = None,
         target_frame: torch.Tensor | None = None,
         tags: torch.Tensor | None = None,
+        source_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
+        """``source_tokens[B,K,L]``: what the pointer head copies from, when not ``tokens`` (training with
+        ``model.pointer_word_swap``: the swapped sentences, while the frame encoders read the true ones).
+
+        Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
         given; ``target_visual_latent``/``target_text_latent`` (the autoencoders' encodings of the true
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
@@ -303,7 +307,8 @@ class StoryContinuationModel(nn.Module):
             out.update(self._copy(frames, c, dec["content"]))
             out.update(text)
         if target_tokens is not None:
-            out.update(self.text_outputs(TextCondition(zt, tokens, text.get("text_copy_weights")), target_tokens))
+            source = tokens if source_tokens is None else source_tokens
+            out.update(self.text_outputs(TextCondition(zt, source, text.get("text_copy_weights")), target_tokens))
             with torch.no_grad():
                 out["target_text_latent"] = self.text.encode(target_tokens)
         if target_frame is not None:

@@ -141,8 +141,9 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 
 def forward_sequence(model, batch: dict) -> dict:
-    """The sequence model on a loader batch (with its ``tags`` when the loader yields them)."""
-    extra = {"tags": batch["tags"]} if "tags" in batch else {}
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, and the
+    pointer's ``source_tokens`` when the training step swapped words)."""
+    extra = {key: batch[key] for key in ("tags", "source_tokens") if key in batch}
     return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
 
 
@@ -169,7 +170,7 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
     def sequence(model, batch):
         if swap_rate and model.training:
             batch = dict(batch)
-            batch["tokens"], batch["target_tokens"] = swap_words(
+            batch["source_tokens"], batch["target_tokens"] = swap_words(
                 batch["tokens"],
                 batch["target_tokens"],
                 swap_rate,
