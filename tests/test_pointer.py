@@ -217,8 +217,9 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
 
 def test_training_step_swaps_words_for_the_pointer_only():
     """With ``model.pointer_word_swap`` the training step hands the swapped sentences to the pointer
-    (``source_tokens``) and as the target, while the frame encoders read the true ones; validation
-    and evaluation (eval mode) swap nothing."""
+    (``source_tokens``) and as the sentence the text head is taught (``text_target_tokens``), while
+    the frame encoders and the target latent read the true ones; validation and evaluation (eval
+    mode) swap nothing."""
     tokens_info = TokenizerInfo(VOCAB, PAD, BOS, EOS)
     config = small_config(
         "model.text_head=pointer", "model.pointer_word_swap=0.5", "data.image_height=16", "data.image_width=24"
@@ -240,8 +241,10 @@ def test_training_step_swaps_words_for_the_pointer_only():
     loss_fn(model.train(), batch)
     call = seen.pop()
     assert torch.equal(call["args"][1], tokens)  # the frame encoders read the true sentences
-    source, target = call["source_tokens"], call["args"][2]
-    assert not torch.equal(source, tokens) and torch.equal(target, source[:, -2])  # renamed alike
+    assert torch.equal(call["args"][2], batch["target_tokens"])  # and the target latent the true target
+    source, taught = call["source_tokens"], call["text_target_tokens"]
+    assert not torch.equal(source, tokens) and torch.equal(taught, source[:, -2])  # renamed alike
     loss_fn(model.eval(), batch)
     call = seen.pop()
-    assert "source_tokens" not in call and torch.equal(call["args"][2], batch["target_tokens"])
+    assert "source_tokens" not in call and "text_target_tokens" not in call
+    assert torch.equal(call["args"][2], batch["target_tokens"])

@@ -28,6 +28,10 @@ The decoder (the text autoencoder's LSTM and output layer) is unchanged, so a pr
 autoencoder is used as it is. The head returns log-probabilities, which are valid logits
 (``log_softmax`` leaves them as they are): cross-entropy, token accuracy, greedy and nucleus decoding
 read them like the generate head's logits.
+
+On a GPU under bf16 autocast the source encoder (an LSTM) and the attention run in fp32
+(``precision``: small score differences and the copy gate matter), and nothing in the head or in
+:func:`swap_words` reads a value back to the host, so a step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .precision import autocast_off, run_fp32
 
 TEXT_HEADS = ("generate", "pointer")
 MAX_MATCH = 6
@@ -123,10 +129,18 @@ def swap_words(
     device = tokens.device
     rows = torch.cat([tokens, target[:, None]], 1)  # [B,K+1,L]: one mapping for the whole window
     ids = torch.arange(vocab_size, device=device)
-    fixed = torch.isin(ids, torch.tensor((pad_id, eos_id, *keep), device=device))
-    allowed = ids[~fixed]
+    fixed_ids = sorted({int(pad_id), int(eos_id), *(int(i) for i in keep)})
+    fixed = torch.zeros_like(ids, dtype=torch.bool)
+    for i in fixed_ids:
+        fixed |= ids == i
     swap = (torch.rand(b, vocab_size, device=device, generator=generator) < rate) & ~fixed
-    pieces = allowed[torch.randint(0, len(allowed), (b, vocab_size, max_pieces), device=device, generator=generator)]
+    # random ids that are never a fixed one: draw among the others, then step over each fixed id in
+    # order (no boolean indexing: its size would have to be read back from the device)
+    pieces = torch.randint(
+        0, vocab_size - len(fixed_ids), (b, vocab_size, max_pieces), device=device, generator=generator
+    )
+    for i in fixed_ids:
+        pieces += pieces >= i
     pieces[..., 0] = torch.where(swap, pieces[..., 0], ids)  # a kept id stands for itself
     count = torch.where(swap, torch.randint(1, max_pieces + 1, (b, vocab_size), device=device, generator=generator), 1)
 
@@ -185,7 +199,7 @@ class PointerHead(nn.Module):
         b, k, length = source.shape
         # Unpacked on purpose: padding sits after each sentence and is masked out below; packing would
         # need the lengths on the host (a device sync) for a small gain in the backward direction.
-        encoded, _ = self.source_encoder(text.embedding(source.flatten(0, 1)))
+        encoded, _ = run_fp32(self.source_encoder, text.embedding(source.flatten(0, 1)))
         encoded = encoded.reshape(b, k * length, -1)
         valid = (source != self.pad_id) & (source != self.bos_id)
         if condition.source_weights is None:
@@ -193,7 +207,9 @@ class PointerHead(nn.Module):
         else:
             prior = condition.source_weights.float().clamp_min(1e-6).log()
         bias = prior[:, :, None].expand(b, k, length).masked_fill(~valid, float("-inf"))
-        return _Memory(source.reshape(b, -1), self.key(encoded), encoded, bias.reshape(b, -1), valid.flatten(1).any(1))
+        with autocast_off(encoded):
+            keys = self.key(encoded)
+        return _Memory(source.reshape(b, -1), keys, encoded, bias.reshape(b, -1), valid.flatten(1).any(1))
 
     def mix(self, text, memory: _Memory, states: torch.Tensor, inputs: torch.Tensor, matches: torch.Tensor):
         """``states[B,T,H]`` (decoder outputs after ``inputs[B,T]``), ``matches[B,T,K,L]`` ->
@@ -201,13 +217,15 @@ class PointerHead(nn.Module):
         b, t = inputs.shape
         vocab = F.log_softmax(text.out(text.dropout(states)).float(), dim=-1)
         matches = matches.reshape(b, t, -1)
-        scores = torch.einsum("bth,bsh->bts", self.query(states), memory.keys) / math.sqrt(memory.keys.shape[-1])
-        scores = scores.float() + self.match_bias(matches).squeeze(-1).float() + memory.bias[:, None]
-        attention = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a window with nothing to copy: all 0
-        context = torch.einsum("bts,bse->bte", attention.to(memory.values.dtype), memory.values)
-        expected_match = torch.einsum("bts,btsm->btm", attention, F.one_hot(matches, self.max_match + 1).float())
-        features = torch.cat([states, context, text.embedding(inputs), expected_match.to(states.dtype)], dim=-1)
-        gate = self.copy_gate(features).squeeze(-1).float()
+        with autocast_off(states):
+            states = states.float()
+            scores = torch.einsum("bth,bsh->bts", self.query(states), memory.keys) / math.sqrt(memory.keys.shape[-1])
+            scores = scores + self.match_bias(matches).squeeze(-1) + memory.bias[:, None]
+            attention = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a window with nothing to copy: all 0
+            context = torch.einsum("bts,bse->bte", attention, memory.values)
+            expected_match = torch.einsum("bts,btsm->btm", attention, F.one_hot(matches, self.max_match + 1).float())
+            features = torch.cat([states, context, text.embedding(inputs).float(), expected_match], dim=-1)
+            gate = self.copy_gate(features).squeeze(-1)
         gate = gate.masked_fill(~memory.any_valid[:, None], float("-inf"))  # nothing to copy: generate
         copied = torch.zeros_like(vocab).scatter_add_(-1, memory.tokens[:, None].expand(b, t, -1), attention)
         log_probs = torch.logaddexp(

@@ -50,7 +50,8 @@ from torch import nn
 from .fusion import build_fusion
 from .motion import MotionWarp
 from .pointer import TEXT_HEADS, GeneratedText, PointerHead, TextCondition
-from .text import TextAutoencoder
+from .precision import run_fp32
+from .text import HostLengths, TextAutoencoder
 from .visual import VisualAutoencoder
 
 IMAGE_HEADS = ("copy", "warp")
@@ -182,11 +183,13 @@ class StoryContinuationModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------
-    def encode_frames(self, frames: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(
+        self, frames: torch.Tensor, tokens: torch.Tensor, lengths: HostLengths | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames[B,K,3,H,W], tokens[B,K,L]`` -> per-frame latents ``v[B,K,Dv], t[B,K,Dt]``."""
         b, k = frames.shape[:2]
         v = self.visual.encode(frames.flatten(0, 1)).view(b, k, -1)
-        t = self.text.encode(tokens.flatten(0, 1)).view(b, k, -1)
+        t = self.text.encode(tokens.flatten(0, 1), lengths).view(b, k, -1)
         return v, t
 
     def tag_features(self, tags: torch.Tensor) -> torch.Tensor:
@@ -196,15 +199,19 @@ class StoryContinuationModel(nn.Module):
         return self.tag_proj(emb.sum(-2) / count)
 
     def _context(
-        self, frames: torch.Tensor, tokens: torch.Tensor, tags: torch.Tensor | None = None
+        self,
+        frames: torch.Tensor,
+        tokens: torch.Tensor,
+        tags: torch.Tensor | None = None,
+        lengths: HostLengths | None = None,
     ) -> dict[str, torch.Tensor]:
-        v, t = self.encode_frames(frames, tokens)
+        v, t = self.encode_frames(frames, tokens, lengths)
         fused = self.fusion(v, t)  # [B,K,Hd]
         if self.tag_vocab:
             if tags is None:
                 raise ValueError("this model uses tag features (model.tag_features): pass the batch's 'tags'")
             fused = fused + self.tag_features(tags)
-        out, h = self.gru(fused)  # out [B,K,Hd], h [1,B,Hd]
+        out, h = run_fp32(self.gru, fused)  # out [B,K,Hd], h [1,B,Hd]; fp32 under autocast too
         scores = self.attn_score(torch.tanh(self.attn_proj(out))).squeeze(-1)  # [B,K]
         attn = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("bk,bkh->bh", attn, out)
@@ -271,10 +278,15 @@ class StoryContinuationModel(nn.Module):
         target_tokens: torch.Tensor | None = None,
         target_frame: torch.Tensor | None = None,
         tags: torch.Tensor | None = None,
+        input_lengths: HostLengths | None = None,
+        target_lengths: HostLengths | None = None,
         source_tokens: torch.Tensor | None = None,
+        text_target_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``source_tokens[B,K,L]``: what the pointer head copies from, when not ``tokens`` (training with
-        ``model.pointer_word_swap``: the swapped sentences, while the frame encoders read the true ones).
+        """``source_tokens[B,K,L]``/``text_target_tokens[B,L]``: what the pointer head copies from and
+        is taught to say, when not ``tokens``/``target_tokens`` (training with
+        ``model.pointer_word_swap``: the renamed sentences; the frame encoders and the target latent
+        read the true ones).
 
         Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
@@ -285,8 +297,9 @@ class StoryContinuationModel(nn.Module):
         ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``; with
         ``text_head="pointer"`` and ``target_tokens`` also ``pointer_copy_probability[B,L-1]`` (per
         step, the probability of copying an input token) and ``pointer_attention[B,L-1,K,L]`` (over the
-        input sentences' tokens)."""
-        c = self._context(frames, tokens, tags)
+        input sentences' tokens). ``input_lengths``/``target_lengths``: the sentences' token counts on
+        the host (the loader's), so that encoding them never waits for the GPU."""
+        c = self._context(frames, tokens, tags, input_lengths)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
         text = self._text_latent(c)
@@ -308,9 +321,10 @@ class StoryContinuationModel(nn.Module):
             out.update(text)
         if target_tokens is not None:
             source = tokens if source_tokens is None else source_tokens
-            out.update(self.text_outputs(TextCondition(zt, source, text.get("text_copy_weights")), target_tokens))
+            taught = target_tokens if text_target_tokens is None else text_target_tokens
+            out.update(self.text_outputs(TextCondition(zt, source, text.get("text_copy_weights")), taught))
             with torch.no_grad():
-                out["target_text_latent"] = self.text.encode(target_tokens)
+                out["target_text_latent"] = self.text.encode(target_tokens, target_lengths)
         if target_frame is not None:
             with torch.no_grad():
                 out["target_visual_latent"] = self.visual.encode(target_frame)

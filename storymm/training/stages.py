@@ -22,6 +22,7 @@ from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
 from storymm.models.pointer import swap_words
+from storymm.models.text import HostLengths
 from storymm.training import losses
 
 STAGES = ("visual_ae", "text_ae", "sequence")
@@ -141,10 +142,15 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 
 def forward_sequence(model, batch: dict) -> dict:
-    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, and the
-    pointer's ``source_tokens`` when the training step swapped words)."""
-    extra = {key: batch[key] for key in ("tags", "source_tokens") if key in batch}
-    return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, its
+    sentence lengths, which stay on the host: ``HostLengths``, and the pointer's renamed sentences when
+    the training step swapped words); a story being continued by ``storymm predict`` has no targets."""
+    extra = {key: batch[key] for key in ("tags", "source_tokens", "text_target_tokens") if key in batch}
+    if "token_lengths" in batch:
+        extra["input_lengths"] = HostLengths(batch["token_lengths"])
+    if "target_lengths" in batch:
+        extra["target_lengths"] = HostLengths(batch["target_lengths"])
+    return model(batch["frames"], batch["tokens"], batch.get("target_tokens"), batch.get("target_frame"), **extra)
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
@@ -165,12 +171,15 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
 
     def text(model, batch):
         sentences = torch.cat([batch["tokens"].flatten(0, 1), batch["target_tokens"]])
-        return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id, floats=False)
+        lengths = None
+        if "token_lengths" in batch:  # counted by the loader, on the host
+            lengths = HostLengths(torch.cat([batch["token_lengths"].flatten(), batch["target_lengths"]]))
+        return losses.text_ae_loss(model(sentences, lengths), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
         if swap_rate and model.training:
             batch = dict(batch)
-            batch["source_tokens"], batch["target_tokens"] = swap_words(
+            batch["source_tokens"], batch["text_target_tokens"] = swap_words(
                 batch["tokens"],
                 batch["target_tokens"],
                 swap_rate,
