@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from storymm.config import ConfigError
+from storymm.inference import predict_batch
 from storymm.models import StoryContinuationModel, TextAutoencoder, TextCondition, VisualAutoencoder
 from storymm.models.pointer import PointerHead, match_lengths, swap_words
 from storymm.training.losses import text_cross_entropy
@@ -184,6 +185,11 @@ def test_sequence_model_with_the_pointer_head(copy_path):
     assert result.tokens.shape == (b, 7) and (result.tokens[:, 0] == BOS).all()
     assert result.pointer_copy_probability.shape == (b, 7) and result.pointer_attention.shape == (b, 7, k, 10)
     assert torch.equal(m.generate_text(frames, tokens, max_len=7), result.tokens)
+    # evaluate and predict generate through predict_batch: the same sentence, the pointer's details
+    predicted = predict_batch(m, {"frames": frames, "tokens": tokens}, 7)
+    assert torch.equal(predicted.tokens, result.tokens)
+    assert torch.equal(predicted.token_details["pointer_copy_probability"], result.pointer_copy_probability)
+    assert torch.equal(predicted.token_details["pointer_attention"], result.pointer_attention)
 
 
 def test_generate_head_is_unchanged_and_keeps_its_checkpoint_keys():
