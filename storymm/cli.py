@@ -75,8 +75,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_synth(args) -> int:
     from storymm.data.synth import synthesize
 
-    summary = synthesize(args.out, args.stories, seed=args.seed, frames=args.frames, scene=args.scene)
-    print(f"synthesised {summary['train']} train and {summary['test']} test stories under {summary['out']}")
+    summary = synthesize(
+        args.out, args.stories, seed=args.seed, frames=args.frames, scene=args.scene, unseen_words=args.unseen_words
+    )
+    words = " (test stories name things with words no train story uses)" if args.unseen_words else ""
+    print(f"synthesised {summary['train']} train and {summary['test']} test stories under {summary['out']}{words}")
     return 0
 
 
@@ -263,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="shapes",
         help="shapes: a shape moving over a flat background per shot; pan: a camera panning "
         "(and zooming) over a textured world",
+    )
+    synth.add_argument(
+        "--unseen-words",
+        action="store_true",
+        help="the test split names its subjects, colours and places with words that never occur in "
+        "the train split (a text head must copy them from the input sentences)",
     )
     synth.set_defaults(handler=cmd_synth)
 

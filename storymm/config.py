@@ -54,6 +54,17 @@ class ModelConfig(_Section):
     image_head: Literal["copy", "warp"] = Field(
         "copy", description="copy: attend to an input frame and copy it; warp: move it by predicted motion first"
     )
+    text_head: Literal["generate", "pointer"] = Field(
+        "generate",
+        description="generate: every token from the vocabulary; pointer: also copy tokens of the input sentences",
+    )
+    pointer_word_swap: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="pointer head, training only: per window, the probability that a word becomes a random new "
+        "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
+    )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
         "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)"
@@ -168,6 +179,9 @@ class SynthConfig(_Section):
     frames_max: int = Field(14, ge=2)
     scene: Literal["shapes", "pan"] = Field(
         "shapes", description="shapes: moving shapes on flat backgrounds; pan: camera pans over textured worlds"
+    )
+    unseen_words: bool = Field(
+        False, description="test stories name subjects, colours and places with words absent from training"
     )
 
 

@@ -154,17 +154,26 @@ def generate_sentences(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The next sentence of each window, ``[B, max_tokens]`` token ids, and per-token details.
 
-    The one place where evaluation and predict generate text: a text head that can copy input tokens
-    reads them from ``batch["tokens"]``; a head whose generation returns a dict gives its token ids as
-    ``tokens`` and any other per-token tensors (``[B, T, ...]``: a copy probability, an attention over
-    the input tokens) as details, which ``storymm predict`` writes to ``story.json``."""
-    generated = model.text.generate(
-        outputs["text_latent"], max_tokens, temperature=temperature, top_p=top_p, generator=generator
+    The one place where evaluation and predict generate text: the pointer head copies input tokens
+    from ``batch["tokens"]`` and reports, per generated token, ``pointer_copy_probability[B,T]`` and
+    ``pointer_attention[B,T,K,L]`` (over the input sentences' tokens) as details, which ``storymm
+    predict`` writes to ``story.json``; the generate head reports none."""
+    generated = model.decode_text(
+        model.text_condition(outputs, batch["tokens"]),
+        max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
     )
-    if isinstance(generated, dict):
-        details = dict(generated)
-        return details.pop("tokens"), details
-    return generated, {}
+    details = {
+        name: value
+        for name, value in (
+            ("pointer_copy_probability", generated.pointer_copy_probability),
+            ("pointer_attention", generated.pointer_attention),
+        )
+        if value is not None
+    }
+    return generated.tokens, details
 
 
 @torch.no_grad()

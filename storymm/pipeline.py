@@ -61,13 +61,18 @@ def run_pipeline(
     if not storage.list_files(storage.join(source, "train"), suffix=".parquet"):
         from storymm.data.synth import synthesize
 
-        say(f"[1/6] synthesising {config.synth.stories} {config.synth.scene} stories into {storage.redact(source)}")
+        words = ", test words unseen in training" if config.synth.unseen_words else ""
+        say(
+            f"[1/6] synthesising {config.synth.stories} {config.synth.scene} stories{words} "
+            f"into {storage.redact(source)}"
+        )
         synthesize(
             source,
             config.synth.stories,
             seed=config.seed,
             frames=(config.synth.frames_min, config.synth.frames_max),
             scene=config.synth.scene,
+            unseen_words=config.synth.unseen_words,
             progress=progress,
         )
     else:

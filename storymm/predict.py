@@ -63,6 +63,10 @@ FIELD_NOTES = {
     "normalised coordinates",
     "text_copy_weights": "which input sentence's latent the text copy path took, oldest first",
     "text_copy_gate": "the weight of the copied sentence latent against the generated one (1 = all copied)",
+    "pointer_copy_probability": "pointer text head, per generated token: the probability that it was copied from "
+    "an input sentence rather than generated (0 at the start token)",
+    "pointer_attention": "pointer text head, per generated token: the attention over the input sentences' tokens "
+    "(sentence oldest first, then token position)",
 }
 
 #: ``forward`` outputs that are the prediction itself or its latents, not an explanation of it.

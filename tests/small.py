@@ -32,12 +32,19 @@ def small_config(*extra: str, base: str = "tiny") -> Config:
 
 
 def small_dataset(
-    root: str, stories: int, seed: int, frames: tuple[int, int], config: Config | None = None, scene: str = "shapes"
+    root: str,
+    stories: int,
+    seed: int,
+    frames: tuple[int, int],
+    config: Config | None = None,
+    scene: str = "shapes",
+    unseen_words: bool = False,
 ) -> str:
-    """Synthesise ``stories`` of ``scene`` into ``<root>/src`` and prepare them into ``<root>/data``
-    (local or s3://) with ``config`` (default ``small_config()``); returns the data URI."""
+    """Synthesise ``stories`` of ``scene`` (test words unseen in training with ``unseen_words``) into
+    ``<root>/src`` and prepare them into ``<root>/data`` (local or s3://) with ``config`` (default
+    ``small_config()``); returns the data URI."""
     src, data = storage.join(root, "src"), storage.join(root, "data")
-    synth.synthesize(src, stories, seed=seed, frames=frames, progress=False, scene=scene)
+    synth.synthesize(src, stories, seed=seed, frames=frames, progress=False, scene=scene, unseen_words=unseen_words)
     prepare(src, data, config or small_config(), progress=False)
     return data
 

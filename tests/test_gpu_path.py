@@ -185,6 +185,14 @@ def test_fp32_islands_under_bf16_autocast_on_cpu():
     assert step_audit.audit_dtypes(config, TOKENS, torch.device("cpu")) == {}
 
 
+def test_pointer_text_head_runs_in_fp32_under_bf16_autocast_on_cpu():
+    """Issue 28 under issue 25's rules: the pointer head's source LSTM, attention and copy gate run in
+    fp32 inside bf16 autocast, and its step (word swap included) trains under CPU autocast."""
+    config = small_config("model.text_head=pointer", base="gate")
+    assert config.model.pointer_word_swap > 0
+    assert step_audit.audit_dtypes(config, TOKENS, torch.device("cpu")) == {}
+
+
 def test_the_dtype_audit_sees_what_autocast_does_without_the_islands(monkeypatch):
     """The audit can fail: with the GRU's fp32 island removed it reports the GRU's bf16 output, and
     with the warp head's removed, at 60x125 a fresh warp head warps (bf16 sampling coordinates)."""
@@ -219,6 +227,17 @@ def test_a_gate_config_step_has_no_host_sync(stage):
 
     config = load_config(ROOT / "configs/gate.yaml")
     result = step_audit.audit_syncs(config, TokenizerInfo(30522, 0, 101, 102), META, stage=stage)
+    assert result.clean, result.syncs
+
+
+def test_a_pointer_head_step_has_no_host_sync():
+    """The gate config with the pointer text head (word swap on) at its real sizes on the meta device:
+    the swap, the continuation feature and the attention read nothing back, copy nothing blocking."""
+    from storymm.config import load_config
+
+    config = load_config(ROOT / "configs/gate.yaml", overrides=["model.text_head=pointer"])
+    assert config.model.pointer_word_swap > 0
+    result = step_audit.audit_syncs(config, TokenizerInfo(30522, 0, 101, 102), META)
     assert result.clean, result.syncs
 
 

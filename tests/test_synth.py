@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from storymm.cli import main
 from storymm.data import synth
 
 GDI = re.compile(r"<gdi image(\d+)>(.*?)</gdi>", re.S)
@@ -273,3 +274,37 @@ def test_pan_scene_moves_within_a_shot_so_no_input_frame_is_a_copy():
     print(f"pan: mean L1 to t-1 {last:.4f}, to t-2 {two_back:.4f}, best input {best:.4f}")
     assert two_back < 0.7 * last
     assert best > 0.06  # the motion makes even the best input frame a poor copy
+
+
+# ---- words never seen in training --------------------------------------------------------------
+def _words(rows: list[dict]) -> set[str]:
+    text = " ".join(re.sub(r"<[^>]+>", " ", body) for row in rows for _, body in GDI.findall(row["story"]))
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+@pytest.mark.parametrize("scene", ["shapes", "pan"])
+def test_unseen_words_test_split_names_things_with_words_no_train_story_uses(tmp_path, capsys, scene):
+    """``unseen_words``: every subject, colour and place word of the test sentences is absent from the
+    train sentences (and the drawn colours follow the names); without it both splits share them."""
+    train_words, test_words = synth.UNSEEN_WORDS["train"].names(), synth.UNSEEN_WORDS["test"].names()
+    assert not train_words & test_words
+    argv = ["synth", "--out", str(tmp_path / "u"), "--stories", "40", "--frames", "5-8", "--scene", scene]
+    assert main([*argv, "--unseen-words"]) == 0
+    assert "words no train story uses" in capsys.readouterr().out
+    rows = _rows(str(tmp_path / "u"))
+    seen, unseen = _words(rows["train"]), _words(rows["test"])
+    named = unseen & test_words
+    assert len(named) >= 6, named  # the test stories do use the new words
+    assert not seen & test_words and not unseen & (train_words - test_words)
+    assert {"the", "of", "near"} & seen & unseen  # the sentence frame stays the same
+    sentence = SENTENCE if scene == "shapes" else PAN_SENTENCE
+    colour_group = 2 if scene == "shapes" else 6
+    for row in rows["test"][:5]:
+        for image, (_, body) in zip(row["images"], GDI.findall(row["story"])):
+            colour = sentence.search(body).group(colour_group)
+            if colour is not None:  # its pixels are in the frame
+                assert np.any(np.abs(_decode(image).astype(int) - synth.SHAPE_COLOURS[colour]).max(-1) <= 12)
+
+    synth.synthesize(str(tmp_path / "a"), 40, seed=0, frames=(5, 8), progress=False, scene=scene)
+    rows = _rows(str(tmp_path / "a"))
+    assert _words(rows["test"]) & test_words & _words(rows["train"])

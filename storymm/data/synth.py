@@ -16,6 +16,12 @@ procedurally textured world with a few static objects (``render_pan_story``). In
 frame equals the next one even within a shot, so a model must predict the motion to beat the best
 input frame (DESIGN §2, the oracle bar).
 
+Words never seen in training (``synthesize(unseen_words=True)``, ``storymm synth --unseen-words``):
+the train and test splits name their subjects, colours and places from disjoint word lists
+(:data:`UNSEEN_WORDS`; the drawn colours follow the names), as every real story brings new names,
+places and objects. A text head that only regenerates words from its vocabulary cannot say them; one
+that copies them from the input sentences can.
+
 What the text says: one ``<gdi imageN>`` block per frame with one sentence naming the shape, its
 direction of motion and the 3x3 grid cell of its centre, all computed from what was drawn, so the
 sentence is predictable from the images. ``chain_of_thought`` carries the real dataset's markdown
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +87,7 @@ BACKGROUND_COLOURS = {
 PLACES = ("field", "room", "wall", "sky", "street", "hall", "garden", "stage")
 TEXTURES = ("plain", "horizontal gradient", "vertical gradient", "vertical stripes", "horizontal stripes")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+OBJECT_KINDS = ("box", "disc")  # the pan scene's static objects
 VERBS = ("moves", "drifts", "slides", "glides")
 MIN_CONTRAST = 140.0
 MIN_BACKGROUND_GAP = 80.0  # the two shots must look different, or a cut is not a cut
@@ -102,6 +110,46 @@ LOCATIONS = {
     (2, 0): "bottom left",
     (2, 1): "bottom",
     (2, 2): "bottom right",
+}
+
+
+@dataclass(frozen=True)
+class Words:
+    """The names a story may use: shape and background colours, shape kinds (``shapes``), object
+    kinds (``pan``) and places. Order matters: draws index into these tuples, so :data:`ALL_WORDS`
+    (the default) gives exactly the stories made before word lists existed."""
+
+    shape_colours: tuple[str, ...]
+    background_colours: tuple[str, ...]
+    shapes: tuple[str, ...]
+    object_kinds: tuple[str, ...]
+    places: tuple[str, ...]
+
+    def names(self) -> set[str]:
+        """Every word these lists can put in a sentence."""
+        return {w for group in astuple(self) for phrase in group for w in phrase.split()}
+
+
+ALL_WORDS = Words(tuple(SHAPE_COLOURS), tuple(BACKGROUND_COLOURS), SHAPES, OBJECT_KINDS, PLACES)
+
+#: Disjoint train/test word lists for ``unseen_words``. ``blue`` and ``green`` name both a shape and a
+#: background colour, so each stays on one side. Chosen so that every background keeps a partner
+#: background at least MIN_BACKGROUND_GAP away and three shape colours at least MIN_CONTRAST away.
+UNSEEN_WORDS = {
+    "train": Words(
+        ("red", "yellow", "white", "black", "pink"),
+        ("sand", "teal", "plum", "olive", "slate"),
+        ("circle", "square", "triangle"),
+        ("box",),
+        ("field", "room", "wall", "sky"),
+    ),
+    "test": Words(
+        ("green", "blue", "orange", "purple", "cyan"),
+        ("blue", "grey", "green", "brown", "navy"),
+        ("diamond", "cross"),
+        ("disc",),
+        ("street", "hall", "garden", "stage"),
+    ),
 }
 
 # The one tan(22.5 deg) that splits the compass into 8 sectors.
@@ -187,24 +235,35 @@ def _cut_sequence(rng: np.random.Generator, n_frames: int) -> list[int]:
     return shots
 
 
-def _make_shot(rng: np.random.Generator, number: int, width: int, height: int, taken: dict) -> dict:
-    """One shot's background and moving shape, chosen so it differs from the shot already made."""
-    bg_names = [
+def _background_names(words: Words, taken: dict) -> list[str]:
+    """Background colours far enough from the ones the story's other shots took."""
+    return [
         name
-        for name, rgb in BACKGROUND_COLOURS.items()
-        if all(_distance(rgb, BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP for other in taken.get("bg", []))
+        for name in words.background_colours
+        if all(
+            _distance(BACKGROUND_COLOURS[name], BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP
+            for other in taken.get("bg", [])
+        )
     ]
+
+
+def _make_shot(
+    rng: np.random.Generator, number: int, width: int, height: int, taken: dict, words: Words = ALL_WORDS
+) -> dict:
+    """One shot's background and moving shape, chosen so it differs from the shot already made."""
+    bg_names = _background_names(words, taken)
     bg_colour = bg_names[int(rng.integers(len(bg_names)))]
     shape_names = [
         name
-        for name, rgb in SHAPE_COLOURS.items()
-        if name not in taken.get("colour", []) and _distance(rgb, BACKGROUND_COLOURS[bg_colour]) >= MIN_CONTRAST
+        for name in words.shape_colours
+        if name not in taken.get("colour", [])
+        and _distance(SHAPE_COLOURS[name], BACKGROUND_COLOURS[bg_colour]) >= MIN_CONTRAST
     ]
     colour = shape_names[int(rng.integers(len(shape_names)))]
-    kinds = [k for k in SHAPES if k not in taken.get("kind", [])]
+    kinds = [k for k in words.shapes if k not in taken.get("kind", [])]
     kind = kinds[int(rng.integers(len(kinds)))]
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    place = PLACES[int(rng.integers(len(PLACES)))]
+    place = words.places[int(rng.integers(len(words.places)))]
     for key, value in (("bg", bg_colour), ("colour", colour), ("kind", kind)):
         taken.setdefault(key, []).append(value)
 
@@ -254,13 +313,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
-    """One source row (a plain dict in :data:`SOURCE_SCHEMA`) drawn from ``rng``."""
+def render_story(rng: np.random.Generator, index: int, n_frames: int, words: Words = ALL_WORDS) -> dict:
+    """One source row (a plain dict in :data:`SOURCE_SCHEMA`) drawn from ``rng``, naming things
+    from ``words``."""
     story_id = f"synth-{index:08d}"
     width = int(rng.integers(160, 257))
     height = int(np.clip(round(width * rng.uniform(0.42, 0.58)), 80, 128))
     taken: dict = {}
-    shots = [_make_shot(rng, 1, width, height, taken), _make_shot(rng, 2, width, height, taken)]
+    shots = [_make_shot(rng, 1, width, height, taken, words), _make_shot(rng, 2, width, height, taken, words)]
     sequence = _cut_sequence(rng, n_frames)
 
     images, sentences, sections = [], [], []
@@ -326,7 +386,6 @@ PATTERN_WORDS = {
     "checks": "checked",
     "no pattern": "mottled",
 }
-OBJECT_KINDS = ("box", "disc")
 NOISE_OCTAVES = ((40.0, 1.0), (20.0, 0.6), (10.0, 0.4), (5.0, 0.25))  # (cell size in px, amplitude)
 PAN_SPEED = (0.02, 0.04)  # view widths per step
 ZOOM_RATE = (0.01, 0.02)  # relative scale change per step, when the shot zooms
@@ -377,18 +436,21 @@ def _pattern(rng: np.random.Generator, kind: str, height: int, width: int) -> np
 
 
 def _make_pan_shot(
-    rng: np.random.Generator, number: int, width: int, height: int, n_frames: int, taken: dict, next_object: list[int]
+    rng: np.random.Generator,
+    number: int,
+    width: int,
+    height: int,
+    n_frames: int,
+    taken: dict,
+    next_object: list[int],
+    words: Words = ALL_WORDS,
 ) -> dict:
     """One shot: its textured world (big enough for the whole trajectory), camera path and objects."""
-    bg_names = [
-        name
-        for name, rgb in BACKGROUND_COLOURS.items()
-        if all(_distance(rgb, BACKGROUND_COLOURS[other]) >= MIN_BACKGROUND_GAP for other in taken.get("bg", []))
-    ]
+    bg_names = _background_names(words, taken)
     bg_colour = bg_names[int(rng.integers(len(bg_names)))]
     taken.setdefault("bg", []).append(bg_colour)
     pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
-    place = PLACES[int(rng.integers(len(PLACES)))]
+    place = words.places[int(rng.integers(len(words.places)))]
 
     angle = math.radians(45 * int(rng.integers(8)) + rng.uniform(-12, 12))
     speed = rng.uniform(*PAN_SPEED) * width
@@ -415,10 +477,10 @@ def _make_pan_shot(
 
     objects = []
     draw = ImageDraw.Draw(world)
-    colours = [c for c, rgb in SHAPE_COLOURS.items() if _distance(rgb, base) >= MIN_CONTRAST * 0.75]
+    colours = [c for c in words.shape_colours if _distance(SHAPE_COLOURS[c], base) >= MIN_CONTRAST * 0.75]
     for _ in range(min(len(colours), int(rng.integers(3, 6)))):
         colour = colours.pop(int(rng.integers(len(colours))))  # distinct within the shot
-        kind = OBJECT_KINDS[int(rng.integers(len(OBJECT_KINDS)))]
+        kind = words.object_kinds[int(rng.integers(len(words.object_kinds)))]
         size = int(round(height * rng.uniform(0.18, 0.32)))
         x1, y1 = int(rng.integers(0, world_w - size)), int(rng.integers(0, world_h - size))
         box = (x1, y1, x1 + size - 1, y1 + size - 1)
@@ -478,14 +540,15 @@ def _camera_action(shot: dict) -> str:
     return action
 
 
-def render_pan_story(rng: np.random.Generator, index: int, n_frames: int) -> dict:
-    """One source row of the textured camera-pan scene (see the constants above)."""
+def render_pan_story(rng: np.random.Generator, index: int, n_frames: int, words: Words = ALL_WORDS) -> dict:
+    """One source row of the textured camera-pan scene (see the constants above), naming things from
+    ``words``."""
     story_id = f"synth-{index:08d}"
     width = int(rng.integers(160, 257))
     height = int(np.clip(round(width * rng.uniform(0.42, 0.58)), 80, 128))
     taken: dict = {}
     next_object = [0]
-    shots = [_make_pan_shot(rng, n, width, height, n_frames, taken, next_object) for n in (1, 2)]
+    shots = [_make_pan_shot(rng, n, width, height, n_frames, taken, next_object, words) for n in (1, 2)]
     sequence = _cut_sequence(rng, n_frames)
 
     images, sentences, sections = [], [], []
@@ -575,11 +638,14 @@ def synthesize(
     rows_per_file: int = 256,
     progress: bool = True,
     scene: str = "shapes",
+    unseen_words: bool = False,
 ) -> dict:
     """Write ``stories`` synthetic stories as ``<out_uri>/{train,test}/part-NNNNN.parquet``.
 
     ``frames`` is the inclusive range of frames per story; ``scene`` is ``"shapes"`` (a shape moving
-    over a flat background per shot) or ``"pan"`` (a camera panning over a textured world). Older
+    over a flat background per shot) or ``"pan"`` (a camera panning over a textured world). With
+    ``unseen_words`` the test stories name their subjects, colours and places from words no train story
+    uses (:data:`UNSEEN_WORDS`); story ``i`` then depends on which split it falls in. Older
     ``part-*.parquet`` files left in the split folders by a bigger earlier run are deleted, so
     readers never mix two runs.
     Returns ``{"train": n_train, "test": n_test, "files": [uris...], "out": out_uri}``.
@@ -614,7 +680,8 @@ def synthesize(
     for index in range(stories):
         rng = story_rng(seed, index)
         split = "test" if index in test else "train"
-        buffers[split].append(render(rng, index, int(rng.integers(lo, hi + 1))))
+        words = UNSEEN_WORDS[split] if unseen_words else ALL_WORDS
+        buffers[split].append(render(rng, index, int(rng.integers(lo, hi + 1)), words))
         counts[split] += 1
         if len(buffers[split]) >= rows_per_file:
             flush(split)

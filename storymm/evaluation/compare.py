@@ -23,7 +23,7 @@ from storymm.evaluation.render import CSS, fmt, is_finite_number, md_cell, to_js
 from storymm.training.run import RunFolder
 
 INFO_KEYS = ("verdict", "run", "step", "checkpoint", "split", "windows", "created")
-MODEL_KEYS = ("fusion", "copy_path", "image_head", "visual_latent", "text_latent")
+MODEL_KEYS = ("fusion", "copy_path", "image_head", "text_head", "visual_latent", "text_latent")
 
 
 class CompareError(StorymmError, ValueError):

@@ -85,8 +85,9 @@ _SPACE_NOTES = {
 
 
 def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dict:
-    """Text floors of one batch: the target cross-entropy with the decoder conditioned on the
-    encoded last / two-back input sentence, and those sentences themselves (for BLEU)."""
+    """Text floors of one batch: the target cross-entropy with the decoder fed the last / two-back
+    input sentence instead of the story (its encoding; for the pointer head also its tokens to copy,
+    ``model.sentence_condition``), and those sentences themselves (for BLEU)."""
     out = {}
     k = batch["tokens"].shape[1]
     for name, back in (("copy_last", 1), ("copy_two_back", 2)):
@@ -94,7 +95,7 @@ def _text_copy_floors(model, batch: dict, labels, pad_id: int, tokenizer) -> dic
             continue
         sentence = batch["tokens"][:, -back]
         ce, _ = text_cross_entropy_sum(
-            model.text_logits(model.text.encode(sentence), batch["target_tokens"]), labels, pad_id
+            model.text_logits(model.sentence_condition(sentence), batch["target_tokens"]), labels, pad_id
         )
         out[f"text_ce_sum_{name}"] = float(ce)
         out[f"{name}_sentences"] = [tokenizer.decode(row.tolist()) for row in sentence.cpu()]
@@ -149,9 +150,10 @@ def evaluate(
         out = predicted.outputs
         labels = batch["target_tokens"][:, 1:]
         ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
+        condition = model.text_condition(out, batch["tokens"])
         shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)
         ce_shuffled, _ = text_cross_entropy_sum(
-            model.text_logits(out["text_latent"][shuffled], batch["target_tokens"]), labels, tokens.pad_id
+            model.text_logits(condition.permuted(shuffled), batch["target_tokens"]), labels, tokens.pad_id
         )
         hypotheses = [tokenizer.decode(row.tolist()) for row in predicted.tokens.cpu()]
         references = [tokenizer.decode(row.tolist()) for row in batch["target_tokens"].cpu()]
@@ -201,6 +203,7 @@ def evaluate(
             "fusion": config.model.fusion,
             "copy_path": config.model.copy_path,
             "image_head": config.model.image_head,
+            "text_head": config.model.text_head,
             "visual_latent": config.model.visual_latent,
             "text_latent": config.model.text_latent,
         },

@@ -24,8 +24,9 @@ Metrics (``compute()["metrics"]``):
 - ``text_ce_true``     = (sum of token cross-entropies of the target sentences, nats, under the
   true condition) / (number of real, non-pad target tokens).
 - ``text_ce_shuffled`` = the same sum with the condition shuffled across windows (the text decoder
-  conditioned on another window's latent) / the same token count. A model that uses its condition
-  has ``text_ce_true < text_ce_shuffled``.
+  conditioned on another window's latent, and with a copying text head also on that window's input
+  sentences) / the same token count. A model that uses its condition has
+  ``text_ce_true < text_ce_shuffled``.
 - ``perplexity``  = exp(text_ce_true).
 - ``bleu``        = sacrebleu ``corpus_bleu`` (BLEU-4, 13a tokenisation, exponential smoothing,
   lower-cased by default because the decoder's tokenizer is uncased) of all generated sentences
@@ -61,8 +62,9 @@ Floors (``compute()["floors"]``), the trivial predictors any model must beat:
   L1 (ties: the latest); its L1, MSE and SSIM. An oracle (it looks at the target), and the bar no model
   that only picks and copies an input frame can pass: beating it means the model predicts motion.
 - ``text_ce_copy_last``, ``text_ce_copy_two_back``: the target-sentence cross-entropy (per real token,
-  as ``text_ce_true``) when the text decoder is conditioned on the *encoded* last / two-back input
-  sentence instead of the predicted latent: what repeating that sentence is worth to the decoder.
+  as ``text_ce_true``) when the text decoder is fed the last / two-back input sentence instead of the
+  story: conditioned on its *encoding*, and a copying text head (``model.text_head: pointer``) may
+  copy from its tokens only. What repeating that sentence is worth to the decoder, whatever the head.
 - ``bleu_copy_last``, ``bleu_copy_two_back``: corpus BLEU (as ``bleu``) of repeating the last / the
   two-back input sentence as the prediction.
 - ``retrieval_r1_chance``, ``retrieval_r10_chance``: min(1, k/N) for the N windows that have latents,

@@ -2,6 +2,7 @@
 
 from .fusion import FUSIONS, ConcatFusion, GateFusion, build_fusion, register_fusion
 from .motion import MotionWarp
+from .pointer import GeneratedText, PointerHead, TextCondition
 from .sequence import StoryContinuationModel
 from .text import TextAutoencoder
 from .visual import VisualAutoencoder
@@ -10,9 +11,12 @@ __all__ = [
     "FUSIONS",
     "ConcatFusion",
     "GateFusion",
+    "GeneratedText",
     "MotionWarp",
+    "PointerHead",
     "StoryContinuationModel",
     "TextAutoencoder",
+    "TextCondition",
     "VisualAutoencoder",
     "build_fusion",
     "register_fusion",

@@ -25,6 +25,13 @@ sigmoid gate from ``ctx`` blends the attended sentence latent with the generated
 text autoencoder decodes an input sentence's latent back into that sentence, so the model can reuse
 the sentence two frames back and only has to learn what changes.
 
+Text heads (``text_head``): ``"generate"`` (the default) decodes every token from the vocabulary;
+``"pointer"`` (``models/pointer.py``) also copies tokens of the K input sentences at every step, so
+words never seen in training (names, places) come out by repeating them. Everything the text decoder
+is given travels as one :class:`TextCondition` (latent; input sentences and their weights for the
+pointer), so evaluation conditions the model, a shuffled control and the repeat floors the same way
+whatever the head.
+
 Variants (``docs/variants.md``): ``tag_vocab > 0`` adds the frame's hashed objects/actions/locations
 tags (``tags[B,K,T]``, 0 = padding, from ``WindowLoader(tag_vocab=...)``) as an extra input embedding:
 the mean of the tags' embeddings, through a zero-initialised Linear, is added to the fused frame vector
@@ -42,6 +49,7 @@ from torch import nn
 
 from .fusion import build_fusion
 from .motion import MotionWarp
+from .pointer import TEXT_HEADS, GeneratedText, PointerHead, TextCondition
 from .precision import run_fp32
 from .text import HostLengths, TextAutoencoder
 from .visual import VisualAutoencoder
@@ -105,6 +113,7 @@ class StoryContinuationModel(nn.Module):
         tag_vocab: int = 0,
         image_head: str = "copy",
         context_frames: int = 4,
+        text_head: str = "generate",
     ):
         super().__init__()
         self.visual = visual
@@ -117,6 +126,9 @@ class StoryContinuationModel(nn.Module):
         if image_head == "warp" and not self.copy_path:
             raise ValueError("image_head 'warp' warps the frames the copy path attends to: it needs copy_path")
         self.image_head = image_head
+        if text_head not in TEXT_HEADS:
+            raise ValueError(f"unknown text head {text_head!r} (choose from {', '.join(TEXT_HEADS)})")
+        self.text_head = text_head
         self.autoencoders_frozen = False
         dv, dt, hd = visual.latent_dim, text.latent_dim, self.hidden_dim
 
@@ -150,6 +162,8 @@ class StoryContinuationModel(nn.Module):
             self.text_attention = FrameAttention(2 * hd, hd, dt, self.max_frames)
             self.text_copy_gate = nn.Linear(2 * hd, 1)
             self.register_load_state_dict_pre_hook(_rename_old_attention_keys)
+        if text_head == "pointer":  # after every older module: their parameter order is kept
+            self.pointer = PointerHead(text.embed_dim, text.hidden_dim, text.pad_id, text.bos_id)
 
     # ------------------------------------------------------------------------------------------
     def freeze_autoencoders(self, flag: bool = True) -> None:
@@ -230,10 +244,32 @@ class StoryContinuationModel(nn.Module):
             "attention": c["attention"],
         }
 
-    def text_logits(self, text_latent: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``[B,L-1,V]`` for ``target_tokens[:, 1:]`` given a text latent (e.g. a
-        shuffled one, for the true-vs-shuffled condition test)."""
-        return self.text.decode_logits(text_latent, target_tokens[:, :-1])
+    def text_condition(self, out: dict[str, torch.Tensor], tokens: torch.Tensor) -> TextCondition:
+        """The condition :meth:`forward` gave the text decoder: ``out``'s predicted text latent and, for
+        the pointer head, the input sentences ``tokens[B,K,L]`` with the copy path's weights over them."""
+        if self.text_head == "generate":
+            return TextCondition(out["text_latent"])
+        return TextCondition(out["text_latent"], tokens, out.get("text_copy_weights"))
+
+    def sentence_condition(self, sentence: torch.Tensor) -> TextCondition:
+        """The decoder fed one input sentence ``[B,L]`` instead of the story (the repeat floors): its
+        encoding, and for the pointer head its tokens as the only ones to copy."""
+        latent = self.text.encode(sentence)
+        return TextCondition(latent) if self.text_head == "generate" else TextCondition(latent, sentence[:, None])
+
+    def text_outputs(self, condition: TextCondition, target_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher forcing: ``text_logits[B,L-1,V]`` for ``target_tokens[:, 1:]`` and, with the pointer
+        head, ``pointer_copy_probability[B,L-1]`` and ``pointer_attention[B,L-1,K,L]``."""
+        if self.text_head == "pointer":
+            return self.pointer.teacher_forced(self.text, condition, target_tokens[:, :-1])
+        return {"text_logits": self.text.decode_logits(condition.latent, target_tokens[:, :-1])}
+
+    def text_logits(self, condition: TextCondition | torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B,L-1,V]`` for ``target_tokens[:, 1:]`` given a condition (e.g. a
+        shuffled one, for the true-vs-shuffled control); a bare latent is enough for the generate head."""
+        if isinstance(condition, torch.Tensor):
+            condition = TextCondition(condition)
+        return self.text_outputs(condition, target_tokens)["text_logits"]
 
     def forward(
         self,
@@ -244,16 +280,25 @@ class StoryContinuationModel(nn.Module):
         tags: torch.Tensor | None = None,
         input_lengths: HostLengths | None = None,
         target_lengths: HostLengths | None = None,
+        source_tokens: torch.Tensor | None = None,
+        text_target_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
+        """``source_tokens[B,K,L]``/``text_target_tokens[B,L]``: what the pointer head copies from and
+        is taught to say, when not ``tokens``/``target_tokens`` (training with
+        ``model.pointer_word_swap``: the renamed sentences; the frame encoders and the target latent
+        read the true ones).
+
+        Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
         given; ``target_visual_latent``/``target_text_latent`` (the autoencoders' encodings of the true
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
         copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``,
         ``copied_image[B,3,H,W]`` (warped with the warp head), ``text_copy_weights[B,K]`` and
-        ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``. ``input_lengths``/
-        ``target_lengths``: the sentences' token counts on the host (the loader's), so that encoding
-        them never waits for the GPU."""
+        ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``; with
+        ``text_head="pointer"`` and ``target_tokens`` also ``pointer_copy_probability[B,L-1]`` (per
+        step, the probability of copying an input token) and ``pointer_attention[B,L-1,K,L]`` (over the
+        input sentences' tokens). ``input_lengths``/``target_lengths``: the sentences' token counts on
+        the host (the loader's), so that encoding them never waits for the GPU."""
         c = self._context(frames, tokens, tags, input_lengths)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
@@ -275,7 +320,9 @@ class StoryContinuationModel(nn.Module):
             out.update(self._copy(frames, c, dec["content"]))
             out.update(text)
         if target_tokens is not None:
-            out["text_logits"] = self.text_logits(zt, target_tokens)
+            source = tokens if source_tokens is None else source_tokens
+            taught = target_tokens if text_target_tokens is None else text_target_tokens
+            out.update(self.text_outputs(TextCondition(zt, source, text.get("text_copy_weights")), taught))
             with torch.no_grad():
                 out["target_text_latent"] = self.text.encode(target_tokens, target_lengths)
         if target_frame is not None:
@@ -339,6 +386,40 @@ class StoryContinuationModel(nn.Module):
         generator: torch.Generator | None = None,
         tags: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next sentence ``tokens[B,max_len]`` (bos first, pad after eos) from the predicted text latent."""
-        zt = self.predict_latents(frames, tokens, tags)["text_latent"]
-        return self.text.generate(zt, max_len, temperature=temperature, top_p=top_p, generator=generator)
+        """Next sentence ``tokens[B,max_len]`` (bos first, pad after eos); :meth:`continue_text` also
+        says what the pointer copied."""
+        return self.continue_text(frames, tokens, max_len, temperature, top_p, generator, tags).tokens
+
+    @torch.no_grad()
+    def continue_text(
+        self,
+        frames: torch.Tensor,
+        tokens: torch.Tensor,
+        max_len: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        tags: torch.Tensor | None = None,
+    ) -> GeneratedText:
+        """The next sentence of each window and, with the pointer head, each step's copy probability and
+        attention over the input sentences' tokens (:class:`GeneratedText`)."""
+        c = self._context(frames, tokens, tags)
+        condition = self.text_condition(self._text_latent(c), tokens)
+        return self.decode_text(condition, max_len, temperature=temperature, top_p=top_p, generator=generator)
+
+    @torch.no_grad()
+    def decode_text(
+        self,
+        condition: TextCondition,
+        max_len: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> GeneratedText:
+        """Decode a sentence per row of ``condition`` (greedy at temperature 0, else nucleus sampling)."""
+        options = {"temperature": temperature, "top_p": top_p, "generator": generator}
+        if self.text_head == "generate":
+            return GeneratedText(self.text.generate(condition.latent, max_len, **options))
+        decoding = self.pointer.decoding(self.text, condition)
+        tokens = self.text.generate(condition.latent, max_len, step_logits=decoding, **options)
+        return decoding.result(tokens)

@@ -16,6 +16,8 @@ constants here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,10 +133,15 @@ class TextAutoencoder(nn.Module):
         zz = z.unsqueeze(1).expand(-1, inputs.shape[1], -1)
         return torch.cat([emb, zz], dim=-1)
 
+    def decode_states(self, z: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: the decoder's outputs ``[N,T,H]`` after each of ``inputs[N,T]`` (what a
+        text head turns into next-token distributions)."""
+        out, _ = run_fp32(self.decoder, self._step_inputs(z, inputs), self._initial_state(z))
+        return out
+
     def decode_logits(self, z: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: ``inputs = target[:, :-1]`` -> logits for ``labels = target[:, 1:]``."""
-        out, _ = run_fp32(self.decoder, self._step_inputs(z, inputs), self._initial_state(z))
-        return self.out(self.dropout(out))
+        return self.out(self.dropout(self.decode_states(z, inputs)))
 
     @torch.no_grad()
     def generate(
@@ -144,10 +151,12 @@ class TextAutoencoder(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        step_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode ``tokens[N,max_len]``: ``bos`` first, greedy if ``temperature == 0`` else nucleus
         sampling (``top_p``) at ``temperature``; everything after ``eos`` is ``pad``.  ``pad`` and ``bos``
-        are never generated."""
+        are never generated. ``step_logits(state[N,H], token[N]) -> [N,V]`` replaces the output layer
+        (a text head such as the pointer, ``models/pointer.py``)."""
         n = z.shape[0]
         out = torch.full((n, max_len), self.pad_id, dtype=torch.long, device=z.device)
         if max_len <= 0:
@@ -159,7 +168,7 @@ class TextAutoencoder(nn.Module):
         banned = torch.tensor(sorted({self.pad_id, self.bos_id}), device=z.device)
         for t in range(1, max_len):
             h, state = run_fp32(self.decoder, self._step_inputs(z, cur), state)
-            logits = self.out(h[:, -1]).float()
+            logits = (self.out(h[:, -1]) if step_logits is None else step_logits(h[:, -1], cur[:, 0])).float()
             logits[:, banned] = float("-inf")
             if temperature <= 0.0:
                 nxt = logits.argmax(dim=-1)

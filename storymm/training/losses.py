@@ -268,14 +268,15 @@ def sequence_loss(
     floats: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sequence stage: image terms on ``image``/``context`` vs ``batch['target_frame']``, text
-    cross-entropy of ``text_logits`` vs ``batch['target_tokens'][:, 1:]``, latent alignment terms."""
+    cross-entropy of ``text_logits`` vs ``batch['target_tokens'][:, 1:]`` (``text_target_tokens`` where
+    the training step renamed words for the pointer head), latent alignment terms."""
     target = batch["target_frame"]
     terms: dict[str, torch.Tensor] = {}
     total = _image_terms(
         outputs["image"], outputs.get("context"), target, weights, perceptual, target.new_zeros(()), terms
     )
     if weights.text:
-        labels = batch["target_tokens"][:, 1:]
+        labels = batch.get("text_target_tokens", batch["target_tokens"])[:, 1:]
         ce = text_cross_entropy(outputs["text_logits"], labels, pad_id)
         total = total + weights.text * ce
         terms["text"] = ce.detach()

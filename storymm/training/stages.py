@@ -21,6 +21,7 @@ import torch
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
+from storymm.models.pointer import swap_words
 from storymm.models.text import HostLengths
 from storymm.training import losses
 
@@ -83,6 +84,7 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             tag_vocab=config.model.tag_vocab if config.model.tag_features else 0,
             image_head=config.model.image_head,
             context_frames=config.data.context_frames,
+            text_head=config.model.text_head,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
@@ -140,10 +142,10 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 
 def forward_sequence(model, batch: dict) -> dict:
-    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, and its
-    sentence lengths, which stay on the host: ``HostLengths``); a story being continued by ``storymm
-    predict`` has no targets."""
-    extra = {"tags": batch["tags"]} if "tags" in batch else {}
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, its
+    sentence lengths, which stay on the host: ``HostLengths``, and the pointer's renamed sentences when
+    the training step swapped words); a story being continued by ``storymm predict`` has no targets."""
+    extra = {key: batch[key] for key in ("tags", "source_tokens", "text_target_tokens") if key in batch}
     if "token_lengths" in batch:
         extra["input_lengths"] = HostLengths(batch["token_lengths"])
     if "target_lengths" in batch:
@@ -156,6 +158,7 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
     device. Terms stay tensors so a step never waits for the device; the loop reads them when it logs."""
     weights = loss_weights(config)
     perceptual = build_perceptual(config) if stage in ("visual_ae", "sequence") else None
+    swap_rate = config.model.pointer_word_swap if config.model.text_head == "pointer" else 0.0
 
     def _perceptual_on(device):
         if perceptual is not None and perceptual.mean.device != device:
@@ -174,6 +177,17 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
         return losses.text_ae_loss(model(sentences, lengths), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
+        if swap_rate and model.training:
+            batch = dict(batch)
+            batch["source_tokens"], batch["text_target_tokens"] = swap_words(
+                batch["tokens"],
+                batch["target_tokens"],
+                swap_rate,
+                tokens.vocab_size,
+                pad_id=tokens.pad_id,
+                eos_id=tokens.eos_id,
+                keep=(tokens.bos_id,),
+            )
         return losses.sequence_loss(
             forward_sequence(model, batch),
             batch,

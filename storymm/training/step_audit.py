@@ -195,6 +195,12 @@ def audit_dtypes(config: Config, tokens: TokenizerInfo, device: torch.device) ->
         model.text.encoder.register_forward_hook(record("text encoder LSTM state", lambda out: out[1][0])),
         model.text.decoder.register_forward_hook(record("text decoder LSTM output", lambda out: out[0])),
     ]
+    if getattr(model, "pointer", None) is not None:  # the pointer text head's LSTM and attention
+        hooks += [
+            model.pointer.source_encoder.register_forward_hook(record("pointer source LSTM", lambda out: out[0])),
+            model.pointer.query.register_forward_hook(record("pointer attention query", lambda out: out)),
+            model.pointer.copy_gate.register_forward_hook(record("pointer copy gate", lambda out: out)),
+        ]
     problems: dict[str, str] = {}
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16):
