@@ -142,5 +142,6 @@ def test_checkpoint_from_before_the_global_order_resumes_at_the_next_epoch(data_
         "epoch": 1,
         "windows": 8,
         "global_batch": 8,
+        "partitions": 1,
         "world_size": 1,
     }

@@ -92,12 +92,14 @@ def load_autoencoders(model, init_from: list[str]) -> list[str]:
 @dataclass
 class Position:
     """Where training stands: the optimiser step and the global data position (epoch, windows of
-    its global sequence consumed), with the run's global batch (windows per step, all workers)."""
+    its global sequence consumed), with the run's global batch (windows per step, all workers) and
+    partitions of the order (``data/loader.py``), both fixed when the run starts."""
 
     global_batch: int
     step: int = 0
     epoch: int = 0
     windows: int = 0
+    partitions: int = 1
 
     def advance(self) -> None:
         self.step += 1
@@ -111,6 +113,7 @@ class Position:
             "epoch": self.epoch,
             "windows": self.windows,
             "global_batch": self.global_batch,
+            "partitions": self.partitions,
             "world_size": world_size,
         }
 
@@ -146,12 +149,17 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
     fresh start with a per-rank seed (dropout differs between ranks)."""
     if resumed is None:
         torch.manual_seed(config.seed + runtime.rank)
-        return Position(global_batch=config.data.batch_size * runtime.world_size)
+        global_batch = config.data.batch_size * runtime.world_size
+        # more partitions than windows per step would leave some without a slot: at most G
+        partitions = min(config.data.partitions or runtime.world_size, global_batch)
+        return Position(global_batch=global_batch, partitions=partitions)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     data, step = resumed["data_position"], int(resumed["step"])
-    if "windows" in data:
-        position = Position(int(data["global_batch"]), step, int(data["epoch"]), int(data["windows"]))
+    if "windows" in data:  # checkpoints from before partitions trained on one (the same order)
+        position = Position(
+            int(data["global_batch"]), step, int(data["epoch"]), int(data["windows"]), int(data.get("partitions", 1))
+        )
     else:
         # a checkpoint from before the global order: its order depended on the world size, so the
         # position cannot be carried over; start the next epoch, as such runs always did on resume
@@ -188,12 +196,25 @@ def _train_loader(
         shuffle_buffer=config.data.shuffle_buffer,
         equalize=True,
         with_ids=config.train.record_windows,
+        partitions=position.partitions,
+        continuous=True,  # reads the next epoch's first chunks while this one trains
     )
+    if position.partitions % runtime.world_size and runtime.is_main:
+        log.info(
+            "%d workers share the run's %d data partitions: each reads more than 1/%d of the data "
+            "(a number of workers that divides %d reads 1/N)",
+            runtime.world_size,
+            position.partitions,
+            runtime.world_size,
+            position.partitions,
+        )
     if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
             f"not one full global batch of {position.global_batch} windows ({batch_size} per worker, "
             f"{runtime.world_size} workers): use more data or a smaller data.batch_size"
         )
+    loader.set_epoch(position.epoch, start_window=position.windows)
+    loader.begin()  # the first chunks load while the model is prepared
     return loader
 
 
@@ -422,6 +443,7 @@ def train(
                 "backend": runtime.name,
                 "world_size": runtime.world_size,
                 "global_batch": position.global_batch,
+                "partitions": position.partitions,
                 "hosts": hosts,
             }
         )
@@ -494,5 +516,7 @@ def train(
             position.next_epoch()
     if policy.saved_at != position.step:
         save(status)
+    loader.close()
+    validator.close()
     metrics.close()
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}
