@@ -378,25 +378,28 @@ class CheckpointPolicy:
 def _save(
     run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
 ) -> str | None:
-    """Every rank hands in its RNG state; rank 0 writes the checkpoint; all wait for it."""
+    """Every rank hands in its RNG state; rank 0 snapshots the state and writes it in the background
+    (``RunFolder.save_checkpoint``: the steps go on while it uploads). Returns, on rank 0, the newest
+    checkpoint published since the previous save, for the backend to report (None elsewhere)."""
     states = runtime.all_gather_object(checkpoint.rng_state())
-    uri = None
-    if runtime.is_main:
-        uri = run.save_checkpoint(
-            {
-                "stage": stage,
-                "model": runtime.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": states,
-                "step": position.step,
-                "data_position": position.data_position(runtime.world_size),
-                "status": status,
-            },
-            position.step,
-        )
-    runtime.barrier()
-    return uri
+    if not runtime.is_main:
+        return None
+    run.save_checkpoint(
+        {
+            "stage": stage,
+            "model": runtime.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": states,
+            "step": position.step,
+            "data_position": position.data_position(runtime.world_size),
+            "status": status,
+        },
+        position.step,
+    )
+    if runtime.wait_for_checkpoints:
+        run.wait_for_checkpoint()
+    return (run.published_checkpoints() or [None])[-1]
 
 
 # ----------------------------------------------------------------------------------- train
@@ -518,5 +521,9 @@ def train(
         save(status)
     loader.close()
     validator.close()
+    if runtime.is_main:  # the end of training, also a stop on SLURM's signal, waits for the upload
+        run.wait_for_checkpoint()
+    runtime.report(metrics.last, (run.published_checkpoints() or [None])[-1] if runtime.is_main else None)
+    runtime.barrier()
     metrics.close()
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

@@ -3,7 +3,8 @@
     <run>/run.json        what was trained: stage, resolved config, data, backend, world size
     <run>/metrics.jsonl   one JSON line per logged step (rank 0 writes it)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
-    <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
+    <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``),
+                          written in the background by the folder's ``CheckpointWriter``
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
 file names themselves.
@@ -31,6 +32,7 @@ class RunFolder:
 
     def __init__(self, uri: str):
         self.uri = str(uri)
+        self._writer: checkpoint.CheckpointWriter | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({self.shown!r})"
@@ -93,8 +95,25 @@ class RunFolder:
     def load_latest(self, purpose: str = "resuming from") -> dict | None:
         return checkpoint.load_latest(self.uri, purpose=purpose)
 
+    @property
+    def checkpoint_writer(self) -> checkpoint.CheckpointWriter:
+        if self._writer is None:
+            self._writer = checkpoint.CheckpointWriter(self.uri)
+        return self._writer
+
     def save_checkpoint(self, state: dict, step: int) -> str:
-        return checkpoint.save(self.uri, state, step)
+        """Snapshot ``state`` now and write it in the background (after the save before it, which it
+        waits for); ``latest`` moves when it is complete. Returns the checkpoint's URI."""
+        return self.checkpoint_writer.submit(state, step)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint being written is published (raises if writing it failed)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def published_checkpoints(self) -> list[str]:
+        """Checkpoints published since the last call, oldest first (does not wait)."""
+        return self._writer.published() if self._writer is not None else []
 
     def load_best(self, purpose: str = "loading") -> dict | None:
         """The checkpoint with the best validation score (``train.<stage>.eval_every``), if any."""
@@ -105,7 +124,8 @@ class RunFolder:
         return checkpoint.read_best(self.uri)
 
     def mark_best(self, step: int, metric: str, value: float) -> None:
-        checkpoint.mark_best(self.uri, step, metric, value)
+        """Point ``best`` at ``step``'s checkpoint (once it is published, if it is being written)."""
+        self.checkpoint_writer.mark_best(step, metric, value)
 
 
 def read_run(run_uri: str) -> dict:
