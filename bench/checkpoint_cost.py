@@ -1,0 +1,144 @@
+"""What checkpoints cost the training steps: a checkpoint every N steps to S3 far away, against none.
+
+    .venv/bin/python bench/checkpoint_cost.py [--every 20] [--latency-ms 50] [--mbit-s 1000] [--steps 100]
+
+The same training run (the gate config's model, so its checkpoint has the gate config's size:
+model, AdamW moments, scheduler, RNG; the real ``loop.train``, sequence stage) with its run folder
+on a real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1, as in the tests) behind a slow link
+(``tests/netlink.py``, its own process: ``--latency-ms`` each way and ``--mbit-s`` per connection),
+twice per round: with a checkpoint every ``--every`` steps, and with none but the last. Data are read
+from a local folder, so only the checkpoints differ. The batch is small (``--batch``) so that a CPU
+step takes a fraction of a second, as on a GPU node a step is short against an upload.
+
+Steps/s are steady-state: steps over wall time of the logged windows after the first (every
+checkpoint but the last falls inside them; start-up and the last checkpoint do not). Prints the
+checkpoint size, each side's rounds, the end-to-end ratio (``train()`` from its call to its return,
+the last checkpoint's upload included) and, last, ``ratio=R``: steady steps/s with checkpoints /
+without (the best of ``--rounds`` runs of each side: other load on the machine only slows a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness and slow link the tests use
+
+import torch  # noqa: E402
+from netlink import SlowLink  # noqa: E402
+from storage_latency import commit, steady_steps_per_s  # noqa: E402
+
+from storymm import storage  # noqa: E402
+from storymm.config import load_config  # noqa: E402
+from storymm.data import synth  # noqa: E402
+from storymm.data.prepare import prepare  # noqa: E402
+from storymm.training import checkpoint  # noqa: E402
+from storymm.training.loop import train  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(REPO, "configs/gate.yaml"))
+    parser.add_argument("--every", type=int, default=20, help="steps between checkpoints")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=4, help="windows per step")
+    parser.add_argument("--stories", type=int, default=60)
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="added delay per direction")
+    parser.add_argument("--mbit-s", type=float, default=1000.0, help="bandwidth per connection and direction")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the step")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs; the best run of each side counts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    from s3server import SeaweedS3Server
+
+    def config(every: int):
+        return load_config(
+            args.config,
+            [
+                f"data.batch_size={args.batch}",
+                f"train.sequence.steps={args.steps}",
+                "train.sequence.log_every=10",
+                "train.sequence.warmup_steps=5",
+                "train.sequence.eval_every=0",  # validation would differ between the sides
+                f"train.sequence.checkpoint_every={every}",
+            ],
+        )
+
+    with_checkpoints, without = config(args.every), config(10**6)
+    scratch = tempfile.mkdtemp(prefix="storymm-bench-checkpoint-")
+    saved_env = {k: os.environ.get(k) for k in AWS_VARS}
+    try:
+        source, data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
+        synth.synthesize(source, args.stories, seed=0, progress=False)
+        prepare(source, data, with_checkpoints, progress=False)
+        with SeaweedS3Server(os.path.join(scratch, "weed")) as server:
+            os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+            os.environ.update(server.env())
+            bucket = server.create_bucket("bench-checkpoint")
+            with SlowLink(server.port, latency_ms=args.latency_ms, mbit_s=args.mbit_s) as link:
+                os.environ["AWS_ENDPOINT_URL"] = f"http://{LOOPBACK}:{link.port}"
+                storage._s3_filesystem_cached.cache_clear()
+                steady: dict[str, list[float]] = {"none": [], "every": []}
+                whole: dict[str, list[float]] = {"none": [], "every": []}
+                size = 0
+                warm = config(10**6)  # one short run first, not measured: the process's one-time costs
+                warm.train.sequence.steps = 10
+                train(warm, "sequence", data, os.path.join(scratch, "run-warm-up"), progress=False)
+                for round_index in range(args.rounds):  # alternate, so drift in the machine's load hits both
+                    for name, cfg in (("none", without), ("every", with_checkpoints)):
+                        run = f"s3://{bucket}/run-{name}-{round_index}"
+                        started = time.perf_counter()
+                        train(cfg, "sequence", data, run, progress=False)
+                        whole[name].append(time.perf_counter() - started)
+                        steady[name].append(steady_steps_per_s(run, args.batch))
+                        latest = checkpoint.latest_uri(run)
+                        size = storage.locate(latest).fs.get_file_info(storage.locate(latest).path).size
+
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{args.threads} torch thread(s), {datetime.date.today().isoformat()}, commit {commit()}"
+        )
+        print(
+            f"{os.path.relpath(args.config, REPO)} model, sequence stage, batch {args.batch}, {args.steps} steps; "
+            f"checkpoint {size / 1e6:.1f} MB to S3 behind +{args.latency_ms:g} ms each way and "
+            f"{args.mbit_s:g} Mbit/s per connection"
+        )
+
+        def rounds(values, unit=""):
+            return ", ".join(f"{v:.2f}{unit}" for v in values)
+
+        none, every = max(steady["none"]), max(steady["every"])
+        print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")
+        print(f"steady state, every {args.every} steps: {every:.3f} steps/s (rounds: {rounds(steady['every'])})")
+        print(
+            f"end to end: no checkpoint {min(whole['none']):.1f} s (rounds: {rounds(whole['none'], ' s')}), every "
+            f"{args.every} {min(whole['every']):.1f} s (rounds: {rounds(whole['every'], ' s')}); "
+            f"end_to_end_ratio={min(whole['none']) / min(whole['every']):.3f}"
+        )
+        print(f"ratio={every / none:.3f}")
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
