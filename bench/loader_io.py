@@ -3,7 +3,7 @@ decoded by a rank, with the run's canonical partitions (``data.partitions``) and
 partition, the order storymm used before), for N ranks and one fixed global batch; and rank 0's
 windows/s at 2 ranks against one rank with the same global batch (measured in the same run).
 
-    python bench/loader_io.py [--stories 1200] [--rows-per-shard 2] [--partitions 64] [--global-batch 256]
+    python bench/loader_io.py [--stories 2400] [--rows-per-shard 2] [--partitions 64] [--global-batch 256]
 
 A rank's *read factor* is the shards it reads in an epoch (a shard read by two of its chunks counts
 twice) x N / the split's shards: 1.0 is exactly its share. Reads come from the loader's plan (which
@@ -75,7 +75,7 @@ def per_rank(dataset, config, world: int, global_batch: int, partitions: int, ep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
-    parser.add_argument("--stories", type=int, default=1200)
+    parser.add_argument("--stories", type=int, default=2400)
     parser.add_argument("--rows-per-shard", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=64, help="the run's canonical partitions")
     parser.add_argument("--global-batch", type=int, default=256, help="windows per step, all ranks")

@@ -20,9 +20,9 @@ from netlink import SlowLink
 from storymm import storage
 from storymm.training import checkpoint
 from storymm.training.checkpoint import CheckpointError, CheckpointWriter
-from storymm.training.loop import read_metrics, train
+from storymm.training.loop import read_metrics
 
-from small import ROOT, SMALL, small_config, small_dataset
+from small import ROOT, SMALL, small_dataset
 
 
 def _latest(client, bucket: str, prefix: str) -> str | None:
@@ -125,6 +125,7 @@ SIGKILL_SETS = [
     "train.sequence.warmup_steps=2",
     "train.sequence.eval_every=0",
 ]
+SIGKILL_ARGS = [("--set", s) for s in SMALL + SIGKILL_SETS]
 
 
 def _logged_steps(client, bucket: str) -> list[int]:
@@ -145,17 +146,18 @@ def test_sigkill_during_a_checkpoint_upload_resumes_from_the_previous_one_on_the
     ends with the uninterrupted run's curve."""
     bucket, client = s3_env.removeprefix("s3://"), s3_server.client()
     data = small_dataset(str(tmp_path / "data"), 40, seed=3, frames=(6, 10))
-    reference = str(tmp_path / "reference")
-    train(small_config(*SIGKILL_SETS), "sequence", data, reference, progress=False)
+    run, reference = f"s3://{bucket}/run", str(tmp_path / "reference")
 
-    run = f"s3://{bucket}/run"
-    command = [sys.executable, "-m", "storymm.cli", "train", "--config", str(ROOT / "configs/tiny.yaml")]
-    command += ["--stage", "sequence", "--data", data, "--run", run]
-    command += [a for s in SMALL + SIGKILL_SETS for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def command(run: str) -> list[str]:
+        args = [sys.executable, "-m", "storymm.cli", "train", "--config", str(ROOT / "configs/tiny.yaml")]
+        return [*args, "--stage", "sequence", "--data", data, "--run", run, *[a for s in SIGKILL_ARGS for a in s]]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads as the reference: the same float sums
+    done = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     with SlowLink(s3_server.port, latency_ms=2, mbit_s=2) as link:
         slow_env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"}
-        proc = subprocess.Popen(command, cwd=ROOT, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(command(run), cwd=ROOT, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, "training ended before it could be killed"
@@ -170,7 +172,7 @@ def test_sigkill_during_a_checkpoint_upload_resumes_from_the_previous_one_on_the
         time.sleep(1)  # whatever was on the wire has landed
     assert _latest(client, bucket, "run") == "step-00000010.pt"
 
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step-00000010.pt" in done.stderr and "sequence: completed at step 30" in done.stdout
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))

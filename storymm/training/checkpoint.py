@@ -123,7 +123,8 @@ def snapshot(state, pinned: dict | None = None) -> tuple[object, object | None]:
         if isinstance(value, dict):
             return {key: copied(item, (*path, key)) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(copied(item, (*path, index)) for index, item in enumerate(value))
+            items = [copied(item, (*path, index)) for index, item in enumerate(value)]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
         if value is None or isinstance(value, (bool, int, float, str, bytes)):
             return value
         return copy.deepcopy(value)
