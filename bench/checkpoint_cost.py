@@ -45,6 +45,28 @@ from storymm.training import checkpoint  # noqa: E402
 from storymm.training.loop import train  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class CheckpointLog(logging.Handler):
+    """The writer's line per published checkpoint (time on the step, in the background)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        if "published" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
 
 
@@ -94,6 +116,11 @@ def main(argv=None) -> int:
                 storage._s3_filesystem_cached.cache_clear()
                 steady: dict[str, list[float]] = {"none": [], "every": []}
                 whole: dict[str, list[float]] = {"none": [], "every": []}
+                servers: dict[str, list[float]] = {"none": [], "every": []}  # CPU s of the S3 server and link
+                saves = CheckpointLog()
+                logging.getLogger("storymm.training.checkpoint").addHandler(saves)
+                logging.getLogger("storymm.training.checkpoint").setLevel(logging.INFO)
+                logging.getLogger("storymm.training.checkpoint").propagate = False
                 size = 0
                 warm = config(10**6)  # one short run first, not measured: the process's one-time costs
                 warm.train.sequence.steps = 10
@@ -101,9 +128,14 @@ def main(argv=None) -> int:
                 for round_index in range(args.rounds):  # alternate, so drift in the machine's load hits both
                     for name, cfg in (("none", without), ("every", with_checkpoints)):
                         run = f"s3://{bucket}/run-{name}-{round_index}"
+                        before = cpu_seconds(server.pid) + cpu_seconds(link.proc.pid)
+                        saves.lines.clear()
                         started = time.perf_counter()
                         train(cfg, "sequence", data, run, progress=False)
                         whole[name].append(time.perf_counter() - started)
+                        servers[name].append(cpu_seconds(server.pid) + cpu_seconds(link.proc.pid) - before)
+                        if name == "every":
+                            every_saves = list(saves.lines)
                         steady[name].append(steady_steps_per_s(run, args.batch))
                         latest = checkpoint.latest_uri(run)
                         size = storage.locate(latest).fs.get_file_info(storage.locate(latest).path).size
@@ -121,6 +153,13 @@ def main(argv=None) -> int:
         def rounds(values, unit=""):
             return ", ".join(f"{v:.2f}{unit}" for v in values)
 
+        print("the last run's checkpoints:")
+        for line in every_saves:
+            print(f"  {line}")
+        print(
+            f"CPU of the S3 server and the slow link (stand-ins for machines elsewhere) per run: no checkpoint "
+            f"{rounds(servers['none'], ' s')}, every {args.every} {rounds(servers['every'], ' s')}"
+        )
         none, every = max(steady["none"]), max(steady["every"])
         print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")
         print(f"steady state, every {args.every} steps: {every:.3f} steps/s (rounds: {rounds(steady['every'])})")

@@ -318,8 +318,8 @@ _UMASK = _current_umask()
 
 
 @_retrying
-def write_bytes(uri: str, data: bytes) -> None:
-    """Publish ``data`` at ``uri`` atomically: readers never see a partial file."""
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
+    """Publish ``data`` (any bytes-like object) at ``uri`` atomically: readers never see a partial file."""
     loc = locate(uri)
     if isinstance(loc.fs, pafs.LocalFileSystem):
         directory = os.path.dirname(loc.path) or "."

@@ -82,14 +82,19 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_uri: str, state: dict, step: int) -> str:
-    """Publish ``state`` as ``step-NNNNNNNN.pt``, then move ``latest`` to it; prune old ones."""
+def save(run_uri: str, state: dict, step: int, timings: dict | None = None) -> str:
+    """Publish ``state`` as ``step-NNNNNNNN.pt``, then move ``latest`` to it; prune old ones.
+    ``timings`` (optional) gets the seconds spent serialising and writing."""
     name = f"step-{step:08d}.pt"
+    started = time.perf_counter()
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    serialised = time.perf_counter()
     directory = checkpoint_dir(run_uri)
-    storage.write_bytes(storage.join(directory, name), buffer.getvalue())
+    storage.write_bytes(storage.join(directory, name), buffer.getbuffer())  # no copy of the bytes
     storage.write_text(storage.join(directory, LATEST), name + "\n")
+    if timings is not None:
+        timings.update(serialise_s=serialised - started, write_s=time.perf_counter() - serialised, bytes=buffer.tell())
     existing = [uri for uri in storage.list_files(directory, suffix=".pt")]
     best = read_best(run_uri)
     keep = {name, best["checkpoint"] if best else None}
@@ -161,23 +166,34 @@ class CheckpointWriter:
     def submit(self, state: dict, step: int) -> str:
         """Snapshot ``state`` now and write it as ``step`` in the background; returns its URI (which
         exists once ``latest`` names it)."""
-        self.wait()
         started = time.perf_counter()
+        self.wait()
+        waited = time.perf_counter() - started
         state, ready = snapshot(state, self._pinned)
-        taken = time.perf_counter() - started
-        log.debug("checkpoint step %d: snapshot in %.3f s, written in the background", step, taken)
+        on_step = {"waited_s": waited, "snapshot_s": time.perf_counter() - started - waited}
         with self._lock:
             self._step, self._after = step, []
-        self._thread = threading.Thread(target=self._write, args=(state, step, ready), name=self.THREAD_NAME)
+        self._thread = threading.Thread(target=self._write, args=(state, step, ready, on_step), name=self.THREAD_NAME)
         self._thread.start()
         return storage.join(checkpoint_dir(self.run_uri), f"step-{step:08d}.pt")
 
-    def _write(self, state: dict, step: int, ready) -> None:
+    def _write(self, state: dict, step: int, ready, timings: dict) -> None:
         try:
             if ready is not None:
                 ready.synchronize()
-            uri = save(self.run_uri, state, step)
+            uri = save(self.run_uri, state, step, timings)
             del state
+            log.info(
+                "checkpoint step-%08d.pt published (%.1f MB): on the step %.3f s (waited %.3f s for the previous "
+                "save, snapshot %.3f s); in the background %.2f s serialising, %.2f s writing",
+                step,
+                timings["bytes"] / 1e6,
+                timings["waited_s"] + timings["snapshot_s"],
+                timings["waited_s"],
+                timings["snapshot_s"],
+                timings["serialise_s"],
+                timings["write_s"],
+            )
             with self._lock:
                 after, self._after = self._after, None
             for action in after:
