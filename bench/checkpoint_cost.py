@@ -5,7 +5,8 @@
 The same training run (the gate config's model, so its checkpoint has the gate config's size:
 model, AdamW moments, scheduler, RNG; the real ``loop.train``, sequence stage) with its run folder
 on a real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1, as in the tests) behind a slow link
-(``tests/netlink.py``, its own process: ``--latency-ms`` each way and ``--mbit-s`` per connection),
+(``tests/netlink.py``, its own process: ``--latency-ms`` each way and ``--mbit-s`` per connection;
+server and link at nice 19, as they stand in for machines elsewhere),
 twice per round: with a checkpoint every ``--every`` steps, and with none but the last. Data are read
 from a local folder, so only the checkpoints differ. The batch is small (``--batch``) so that a CPU
 step takes a fraction of a second, as on a GPU node a step is short against an upload.
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness and slo
 
 import torch  # noqa: E402
 from netlink import SlowLink  # noqa: E402
-from storage_latency import commit, steady_steps_per_s  # noqa: E402
+from storage_latency import as_if_elsewhere, commit, steady_steps_per_s  # noqa: E402
 
 from storymm import storage  # noqa: E402
 from storymm.config import load_config  # noqa: E402
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
             os.environ.update(server.env())
             bucket = server.create_bucket("bench-checkpoint")
             with SlowLink(server.port, latency_ms=args.latency_ms, mbit_s=args.mbit_s) as link:
+                as_if_elsewhere(server.pid, link.proc.pid)
                 os.environ["AWS_ENDPOINT_URL"] = f"http://{LOOPBACK}:{link.port}"
                 storage._s3_filesystem_cached.cache_clear()
                 steady: dict[str, list[float]] = {"none": [], "every": []}

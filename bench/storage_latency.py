@@ -7,7 +7,8 @@ same prepared shards: once read from a local folder, once from a real S3 server 
 ``weed mini`` on 127.0.0.1, as in the tests) reached through a slow link (``tests/netlink.py``, a
 proxy process on 127.0.0.1). The link holds every byte ``--latency-ms`` in *each* direction before
 passing it on (like ``tc netem`` on both ends of a cable), so each S3 request's round trip grows by
-2 x latency while bandwidth stays unlimited. Nothing listens or connects outside loopback.
+2 x latency while bandwidth stays unlimited. Nothing listens or connects outside loopback. The
+server and the link run at nice 19: they stand in for machines elsewhere.
 
 Chunking is realistic: small shards (``--rows-per-shard``) and a small ``data.shuffle_buffer``,
 so an epoch reads many chunks and each chunk boundary would stall a synchronous loader. Steps/s
@@ -61,6 +62,14 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def as_if_elsewhere(*pids: int) -> None:
+    """Run the S3 server and the slow link at the lowest CPU priority (nice 19, all their threads:
+    each runs in its own session, so its process group). They stand in for machines and a network
+    elsewhere; on this 2-core box they would otherwise take CPU from the training they serve."""
+    for pid in pids:
+        os.setpriority(os.PRIO_PGRP, pid, 19)
 
 
 def steady_steps_per_s(run: str, batch: int) -> float:
@@ -147,6 +156,7 @@ def main(argv=None) -> int:
                     storage.upload_file(path, storage.join(s3_data, os.path.relpath(path, local_data)))
             direct_ms = request_round_trip_ms(storage.join(s3_data, "manifest.json"))
             with SlowLink(server.port, latency_ms=args.latency_ms) as link:
+                as_if_elsewhere(server.pid, link.proc.pid)
                 os.environ["AWS_ENDPOINT_URL"] = f"http://{LOOPBACK}:{link.port}"
                 storage._s3_filesystem_cached.cache_clear()
                 delayed_ms = request_round_trip_ms(storage.join(s3_data, "manifest.json"))

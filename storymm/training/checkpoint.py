@@ -7,8 +7,8 @@ published after the checkpoint itself is complete, a crash mid-save leaves the p
 checkpoint in force.
 
 Saving is off the step path (:class:`CheckpointWriter`): the state is snapshotted at the step
-(tensors copied to host memory, into pinned buffers on CUDA), and a background thread serialises
-and uploads it, then moves ``latest``. One save is in flight at most; the next waits for it. A save
+(tensors copied to host memory, into pinned buffers on CUDA), and a background thread of lower CPU
+priority serialises and uploads it, then moves ``latest``. One save is in flight at most; the next waits for it. A save
 that fails, or a process killed mid-upload, leaves the previous checkpoint as ``latest``.
 
 If the file ``latest`` names is unreadable anyway (truncated or overwritten by a disk or copy
@@ -24,6 +24,7 @@ import copy
 import io
 import json
 import logging
+import os
 import pickle
 import re
 import threading
@@ -142,6 +143,16 @@ def snapshot(state, pinned: dict | None = None) -> tuple[object, object | None]:
     return out, ready
 
 
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (Linux: nice applies per thread), so that serialising and
+    uploading a checkpoint take the CPU the training threads leave, not theirs."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + 10))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the writer runs at normal priority
+        pass
+
+
 class CheckpointWriter:
     """Writes one run's checkpoints in a background thread, one at a time.
 
@@ -178,6 +189,7 @@ class CheckpointWriter:
         return storage.join(checkpoint_dir(self.run_uri), f"step-{step:08d}.pt")
 
     def _write(self, state: dict, step: int, ready, timings: dict) -> None:
+        _yield_cpu()
         try:
             if ready is not None:
                 ready.synchronize()
