@@ -25,7 +25,6 @@ import datetime
 import logging
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +35,14 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness and slo
 
 import torch  # noqa: E402
 from netlink import SlowLink  # noqa: E402
-from storage_latency import as_if_elsewhere, commit, steady_steps_per_s  # noqa: E402
+from storage_latency import (  # noqa: E402
+    as_if_elsewhere,
+    aws_environment,
+    commit,
+    rounds,
+    scratch_folder,
+    steady_steps_per_s,
+)
 
 from storymm import storage  # noqa: E402
 from storymm.config import load_config  # noqa: E402
@@ -66,9 +72,6 @@ class CheckpointLog(logging.Handler):
     def emit(self, record):
         if "published" in record.getMessage():
             self.lines.append(record.getMessage())
-
-
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
 
 
 def main(argv=None) -> int:
@@ -103,8 +106,7 @@ def main(argv=None) -> int:
 
     with_checkpoints, without = config(args.every), config(10**6)
     scratch = tempfile.mkdtemp(prefix="storymm-bench-checkpoint-")
-    saved_env = {k: os.environ.get(k) for k in AWS_VARS}
-    try:
+    with aws_environment(), scratch_folder(scratch):
         source, data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
         synth.synthesize(source, args.stories, seed=0, progress=False)
         prepare(source, data, with_checkpoints, progress=False)
@@ -152,9 +154,6 @@ def main(argv=None) -> int:
             f"{args.mbit_s:g} Mbit/s per connection"
         )
 
-        def rounds(values, unit=""):
-            return ", ".join(f"{v:.2f}{unit}" for v in values)
-
         print("the last run's checkpoints:")
         for line in every_saves:
             print(f"  {line}")
@@ -171,13 +170,6 @@ def main(argv=None) -> int:
             f"end_to_end_ratio={min(whole['none']) / min(whole['every']):.3f}"
         )
         print(f"ratio={every / none:.3f}")
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -27,6 +27,7 @@ only slows a run; one short unmeasured run first takes the process's one-time co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -62,6 +63,36 @@ def commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
+
+
+@contextlib.contextmanager
+def aws_environment():
+    """The AWS variables as they were before, whatever the benchmark set."""
+    saved = {name: os.environ.get(name) for name in AWS_VARS}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def scratch_folder(path: str):
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rounds(values, unit: str = "") -> str:
+    """Each round's figure, for the printout."""
+    return ", ".join(f"{v:.2f}{unit}" for v in values)
 
 
 def as_if_elsewhere(*pids: int) -> None:
@@ -135,11 +166,7 @@ def main(argv=None) -> int:
             "train.sequence.warmup_steps=5",
         ],
     )
-    saved_env = {
-        k: os.environ.get(k)
-        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
-    }
-    try:
+    with aws_environment(), scratch_folder(scratch):
         source, local_data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
         synth.synthesize(source, args.stories, seed=0, progress=False)
         manifest = prepare(source, local_data, config, progress=False)
@@ -195,9 +222,6 @@ def main(argv=None) -> int:
         )
         print(f"S3 run, the train split's last pass: {s3_pass}")
 
-        def rounds(values, unit):
-            return ", ".join(f"{v:.2f}{unit}" for v in values)
-
         # other load only slows a run: the best round of each side counts
         local, remote = max(steady["local"]), max(steady["s3"])
         print(f"steady state, local disk: {local:.2f} steps/s (rounds: {rounds(steady['local'], '')})")
@@ -211,13 +235,6 @@ def main(argv=None) -> int:
             f"end_to_end_ratio={local_s / remote_s:.3f}"
         )
         print(f"ratio={remote / local:.3f}")
-    finally:
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
