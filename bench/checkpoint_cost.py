@@ -1,6 +1,6 @@
 """What checkpoints cost the training steps: a checkpoint every N steps to S3 far away, against none.
 
-    .venv/bin/python bench/checkpoint_cost.py [--every 20] [--latency-ms 50] [--mbit-s 1000] [--steps 100]
+    .venv/bin/python bench/checkpoint_cost.py [--every 20] [--latency-ms 50] [--mbit-s 1000] [--steps 60] [--batch B]
 
 The same training run (the gate config's model, so its checkpoint has the gate config's size:
 model, AdamW moments, scheduler, RNG; the real ``loop.train``, sequence stage) with its run folder
@@ -8,8 +8,9 @@ on a real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1, as in the tests) behi
 (``tests/netlink.py``, its own process: ``--latency-ms`` each way and ``--mbit-s`` per connection;
 server and link at nice 19, as they stand in for machines elsewhere),
 twice per round: with a checkpoint every ``--every`` steps, and with none but the last. Data are read
-from a local folder, so only the checkpoints differ. The batch is small (``--batch``) so that a CPU
-step takes a fraction of a second, as on a GPU node a step is short against an upload.
+from a local folder, so only the checkpoints differ. The batch is the config's (gate: 32); a smaller
+``--batch`` shortens the steps until the interval between checkpoints is no longer than an upload
+(``--batch 4`` on a 2-core CPU), where the next save must wait for the one in flight.
 
 Steps/s are steady-state: steps over wall time of the logged windows after the first (every
 checkpoint but the last falls inside them; start-up and the last checkpoint do not). Prints the
@@ -78,8 +79,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(REPO, "configs/gate.yaml"))
     parser.add_argument("--every", type=int, default=20, help="steps between checkpoints")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
-    parser.add_argument("--batch", type=int, default=4, help="windows per step")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=None, help="windows per step (default: the config's)")
     parser.add_argument("--stories", type=int, default=60)
     parser.add_argument("--latency-ms", type=float, default=50.0, help="added delay per direction")
     parser.add_argument("--mbit-s", type=float, default=1000.0, help="bandwidth per connection and direction")
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         return load_config(
             args.config,
             [
-                f"data.batch_size={args.batch}",
+                *([f"data.batch_size={args.batch}"] if args.batch else []),
                 f"train.sequence.steps={args.steps}",
                 "train.sequence.log_every=10",
                 "train.sequence.warmup_steps=5",
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         )
 
     with_checkpoints, without = config(args.every), config(10**6)
+    batch = with_checkpoints.data.batch_size
     scratch = tempfile.mkdtemp(prefix="storymm-bench-checkpoint-")
     with aws_environment(), scratch_folder(scratch):
         source, data = os.path.join(scratch, "source"), os.path.join(scratch, "data")
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
                         servers[name].append(cpu_seconds(server.pid) + cpu_seconds(link.proc.pid) - before)
                         if name == "every":
                             every_saves = list(saves.lines)
-                        steady[name].append(steady_steps_per_s(run, args.batch))
+                        steady[name].append(steady_steps_per_s(run, batch))
                         latest = checkpoint.latest_uri(run)
                         size = storage.locate(latest).fs.get_file_info(storage.locate(latest).path).size
 
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
             f"{args.threads} torch thread(s), {datetime.date.today().isoformat()}, commit {commit()}"
         )
         print(
-            f"{os.path.relpath(args.config, REPO)} model, sequence stage, batch {args.batch}, {args.steps} steps; "
+            f"{os.path.relpath(args.config, REPO)} model, sequence stage, batch {batch}, {args.steps} steps; "
             f"checkpoint {size / 1e6:.1f} MB to S3 behind +{args.latency_ms:g} ms each way and "
             f"{args.mbit_s:g} Mbit/s per connection"
         )
