@@ -103,6 +103,7 @@ def cmd_train(args) -> int:
         backend=args.backend,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
         init_from=args.init_from,
     )
     print(f"{summary['stage']}: {summary['status']} at step {summary['step']} -> {summary['run']}")
@@ -161,6 +162,7 @@ def cmd_tune(args) -> int:
         grid=parse_grid(args.grid) or None,
         max_concurrent=args.max_concurrent,
         grace_steps=args.grace_steps,
+        gpus_per_trial=args.gpus_per_trial,
     )
     print(results_markdown(summary))
     print(f"results: {args.out}")
@@ -251,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel workers (ray): N, or MIN-MAX for elastic training (Ray Train v2)",
     )
-    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker (default 0: CPU)")
+    train.add_argument(
+        "--cpus-per-worker",
+        type=_positive_int,
+        help="ray: CPUs (and torch threads) per worker; default 1, or 4 with --gpus-per-worker",
+    )
     train.add_argument(
         "--init-from",
         nargs="*",
@@ -325,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="config key and values to sweep (repeatable; all combinations); default model.visual_latent=16,32,64,128",
     )
     tune.add_argument("--max-concurrent", type=_positive_int, default=2, help="trials running at once")
+    tune.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial (default: 1 when the Ray cluster has GPUs, else 0: CPU)",
+    )
     tune.add_argument("--grace-steps", type=_positive_int, help="ASHA grace period in steps (default steps/4)")
     tune.add_argument(
         "--evaluate",

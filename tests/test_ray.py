@@ -97,7 +97,8 @@ class RayHead:
     its port leaves `ray start --block` running with nothing answering.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: int = 0) -> None:
+        self.gpus = gpus  # what the head reports to Ray: with no real GPU, a cluster that claims some
         # Unix socket paths under the temp dir must stay short: not pytest's long tmp paths.
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
         self.ports: dict[str, int] = {}
@@ -146,7 +147,7 @@ class RayHead:
             "--node-ip-address=127.0.0.1",
             f"--port={p['gcs']}",
             "--num-cpus=4",
-            "--num-gpus=0",
+            f"--num-gpus={self.gpus}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={p['dashboard']}",
             f"--ray-client-server-port={p['client']}",
@@ -298,7 +299,9 @@ def _aws_env() -> dict:
     }
 
 
-def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int) -> list[str]:
+def _train_entry(
+    stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
         "python",
         "jobs/train.py",
@@ -321,6 +324,7 @@ def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: 
         f"train.{stage}.log_every={log_every}",
         "--set",
         f"train.{stage}.warmup_steps=2",
+        *extra,
     ]
 
 
@@ -356,9 +360,12 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     started = time.monotonic()
     # the job runs with the runtime env the cluster manifests use, plus this S3 server's variables
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env()), "STORYMM_TORCH_THREADS": "1"}
+    env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env())}
+    env_vars.pop("STORYMM_TORCH_THREADS", None)  # threads then come from the CPUs Ray gives each worker
     out = ray_head.submit(
-        _train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
+        _train_entry(
+            "visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5, extra=("--cpus-per-worker", "2")
+        ),
         env_vars,
         wait=True,
         excludes=runtime_env["excludes"],
@@ -384,6 +391,7 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     assert json.loads(storage.read_text(pointers[-1]))["checkpoint"].endswith("checkpoints/step-00000020.pt")
     attempts = _attempts(run)
     assert [(a["attempt"], a["start_step"], a["world_size"]) for a in attempts] == [(1, 0, 2)]
+    assert attempts[0]["torch_threads"] == [2, 2]  # --cpus-per-worker 2: each worker's allocation
     # credentials never reach what the job wrote
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in storage.read_text(storage.join(run, "run.json"))
@@ -554,3 +562,40 @@ def test_workers_argument_fixed_or_elastic_range():
     for bad in ("0", "2-1", "0-2", "x", "1-"):
         with pytest.raises(ValueError):
             parse_workers(bad)
+
+
+def test_a_cluster_whose_gpus_cuda_cannot_use_stops_train_and_tune_in_one_line(tmp_path):
+    """A Ray cluster that reports a GPU (`ray start --num-gpus=1`; none is usable on this machine):
+    `storymm train --gpus-per-worker 1` and `storymm tune` (which asks for the cluster's GPUs by
+    default) stop with one line from a probe on the GPU slot, before any worker trains on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    head = RayHead(gpus=1).start()
+    try:
+        env = {**head.cli_env(), "RAY_ADDRESS": head.gcs_address}
+        common = ["--data", str(tmp_path / "data"), *TINY]
+        runs = [
+            ("--gpus-per-worker 1", ["train", "--backend", "ray", "--gpus-per-worker", "1", "--stage", "visual_ae"]),
+            (
+                "--gpus-per-trial 1 (the default on a Ray cluster with GPUs",
+                ["tune", "--stage", "visual_ae", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+            ),
+        ]
+        for asked, args in runs:
+            extra = ["--run", str(tmp_path / "run")] if args[0] == "train" else []
+            done = subprocess.run(
+                [str(BIN / "storymm"), *args, *common, *extra],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            errors = [line for line in done.stderr.splitlines() if line.startswith("storymm: error:")]
+            assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-4000:]
+            assert asked in errors[0] and "finds no usable GPU" in errors[0] and "(Ray node" in errors[0], errors[0]
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+    finally:
+        head.stop()

@@ -28,7 +28,7 @@ Design, and why:
   exactly once across ranks, the last global batch split as evenly as it goes; unshuffled, each
   rank's windows are runs of consecutive windows.
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
-  array and a conversion to float.
+  array and a conversion to float (or none: training sends uint8 to the GPU, ``data/transfer.py``).
 - Planning the chunks and loading one chunk are separate steps (``pass_plan``, ``load_chunk``), so
   reading runs ahead in background threads (``storymm.data.prefetch``); a ``continuous`` loader
   (training, validation) goes on reading the next pass while the current one is consumed, so no
@@ -56,6 +56,7 @@ from storymm import storage
 from storymm.data.prefetch import PrefetchStats, nbytes, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+from storymm.data.transfer import pixels_to_float
 from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,10 @@ class ChunkData(NamedTuple):
 
 class WindowLoader:
     """Batches for one rank: ``frames [B,K,3,H,W]``, ``tokens [B,K,L]``, ``target_frame [B,3,H,W]``,
-    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id).
+    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id), and the
+    sentences' non-pad token counts (at least 1) ``token_lengths [B,K]``, ``target_lengths [B]``, which
+    stay on the host (``storymm.data.transfer``). With ``uint8_pixels`` the frames are uint8 (0-255):
+    4x fewer bytes to pin and copy; ``transfer.to_device`` makes them floats on the device.
     With ``tag_vocab > 0`` also ``tags [B,K,max_tags]`` int64: each input frame's hashed
     objects/actions/locations (``hash_tags``; 0 = padding), read from the shards' tag columns.
     With ``with_ids`` also ``window_ids``: ``(story_id, start)`` per window (debug recording).
@@ -293,6 +297,7 @@ class WindowLoader:
         tag_vocab: int = 0,
         max_tags: int = 12,
         prefetch_chunks: int = 2,
+        uint8_pixels: bool = False,
         partitions: int = 1,
         max_batches: int | None = None,
         continuous: bool = False,
@@ -311,6 +316,7 @@ class WindowLoader:
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
         self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
         self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
+        self.uint8_pixels = bool(uint8_pixels)
         self.partitions, self.max_batches, self.continuous = int(partitions), max_batches, continuous
         self.shards = self.dataset.shards(split)
         self.epoch = 0
@@ -562,13 +568,18 @@ class WindowLoader:
 
     def _batch(self, data: ChunkData, rows: np.ndarray, windows: np.ndarray) -> dict:
         """``rows`` [B, K+1] absolute frame rows of ``data``, ``windows`` their [B, 2] plan entries → tensors."""
-        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3)
+        if not self.uint8_pixels:
+            pixels = pixels_to_float(pixels)
         ids = torch.from_numpy(data.tokens[rows])
+        lengths = (ids != self.pad_id).sum(-1).clamp_(min=1)
         batch = {
             "frames": pixels[:, :-1].contiguous(),
             "tokens": ids[:, :-1].contiguous(),
             "target_frame": pixels[:, -1].contiguous(),
             "target_tokens": ids[:, -1].contiguous(),
+            "token_lengths": lengths[:, :-1].contiguous(),
+            "target_lengths": lengths[:, -1].contiguous(),
         }
         if data.tags is not None:  # input frames only: the target's tags would leak the answer
             batch["tags"] = torch.from_numpy(data.tags[rows[:, :-1]])

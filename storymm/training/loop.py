@@ -30,6 +30,7 @@ from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.training import checkpoint
+from storymm.training.phases import Phase
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
 from storymm.training.stages import (
@@ -166,10 +167,25 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
         log.warning("checkpoint without a global data position: resuming at the start of the next epoch")
         position = Position(config.data.batch_size * int(data["world_size"]), step, int(data["epoch"]) + 1)
     if runtime.rank < len(resumed["rng"]):
-        checkpoint.restore_rng(resumed["rng"][runtime.rank])
+        checkpoint.restore_rng(resumed["rng"][runtime.rank], runtime.device)
     else:  # a rank the checkpoint did not have (resumed on more workers): its own seeded stream
         torch.manual_seed(int(np.random.SeedSequence([config.seed, runtime.rank, step]).generate_state(1)[0]))
     return position
+
+
+def _model_and_optimiser(stage: str, config: Config, tokens: TokenizerInfo, resumed, init_from, runtime: Runtime):
+    """The model on the runtime's device, then its optimiser, scheduler and position restored.
+
+    In that order: ``Optimizer.load_state_dict`` puts the moment tensors where the parameters are at
+    that moment, so a state restored while the model is still on the CPU makes the first GPU step
+    after every resume fail with a device mismatch (every SLURM requeue, every Ray restart)."""
+    model = _build_model(stage, config, tokens, resumed, init_from).to(runtime.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stage_cfg = getattr(config.train, stage)
+    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+    scheduler = _scheduler(optimizer, stage_cfg)
+    position = _restore(resumed, optimizer, scheduler, runtime, config)
+    return model, params, optimizer, scheduler, position
 
 
 def _train_loader(
@@ -196,6 +212,7 @@ def _train_loader(
         shuffle_buffer=config.data.shuffle_buffer,
         equalize=True,
         with_ids=config.train.record_windows,
+        uint8_pixels=True,  # 4x fewer bytes to pin and copy: floats on the device (data/transfer.py)
         partitions=position.partitions,
         continuous=True,  # reads the next epoch's first chunks while this one trains
     )
@@ -277,12 +294,14 @@ def train_step(
 ) -> dict:
     """One optimiser step on one batch; returns this rank's loss terms as 0-d device tensors (read
     only at logging steps: a step never waits for the device)."""
+    runtime.phases.enter(Phase.FORWARD_BACKWARD)
     batch = runtime.to_device(batch)
     with runtime.autocast():
         loss, terms = loss_fn(model, batch)
     guard.observe(loss, step)
     optimizer.zero_grad(set_to_none=True)
     runtime.backward(loss)
+    runtime.phases.enter(Phase.OPTIMIZER)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -381,7 +400,7 @@ def _save(
     """Every rank hands in its RNG state; rank 0 snapshots the state and writes it in the background
     (``RunFolder.save_checkpoint``: the steps go on while it uploads). Returns, on rank 0, the newest
     checkpoint published since the previous save, for the backend to report (None elsewhere)."""
-    states = runtime.all_gather_object(checkpoint.rng_state())
+    states = runtime.all_gather_object(checkpoint.rng_state(runtime.device))
     if not runtime.is_main:
         return None
     run.save_checkpoint(
@@ -428,11 +447,11 @@ def train(
     if previous != stage:  # before anything is loaded or logged
         raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
     resumed = run.load_latest()
-    model = _build_model(stage, config, tokens, resumed, list(init_from))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    scheduler = _scheduler(optimizer, stage_cfg)
-    position = _restore(resumed, optimizer, scheduler, runtime, config)
+    model, params, optimizer, scheduler, position = _model_and_optimiser(
+        stage, config, tokens, resumed, list(init_from), runtime
+    )
+    phases = runtime.phases
+    phases.resumed_at(position.step)
     hosts = runtime.all_gather_object(socket.gethostname())  # one per rank: where the run really ran
     if runtime.is_main:
         log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
@@ -473,6 +492,7 @@ def train(
     validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
     def save(status: str) -> None:
+        phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
         uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
         windows.flush()
@@ -482,7 +502,7 @@ def train(
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
         loader.set_epoch(position.epoch, start_window=position.windows)
-        for batch in loader:
+        for batch in phases.iterate(runtime.feed(loader), Phase.DATA):
             windows.take(batch, position)
             terms = train_step(
                 step_model,
@@ -497,7 +517,9 @@ def train(
                 position.step,
             )
             position.advance()
+            phases.step_done(position.step)
             if metrics.due(position.step):
+                phases.enter(Phase.LOGGING)
                 guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
@@ -505,6 +527,7 @@ def train(
             stopping = not finished and runtime.should_stop()
             improved = False
             if validator.due(position.step, finished):
+                phases.enter(Phase.VALIDATION)
                 record, improved = validator.run(runtime.unwrap(model), position.step)
                 metrics.add_validation(record, position.step)
             saving = policy.status_to_save(position.step, stopping, improved)
@@ -526,4 +549,5 @@ def train(
     runtime.report(metrics.last, (run.published_checkpoints() or [None])[-1] if runtime.is_main else None)
     runtime.barrier()
     metrics.close()
+    phases.enter(Phase.FINISHED)
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

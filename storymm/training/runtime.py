@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+
+from storymm.data import transfer
+from storymm.training.devices import requested_by_environment, require_cuda
+from storymm.training.phases import Phase, PhaseClock
 
 
 def effective_precision(mixed_precision: str, device_type: str, cpu_autocast: bool = False) -> str:
@@ -33,12 +37,20 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     mixed_precision: str = "no"
     name: str = "local"
+    #: this rank's phase clock (``phases.py``): the loop marks phases, the collectives below mark theirs
+    phases: PhaseClock = field(default_factory=PhaseClock, repr=False, compare=False)
     # checkpoints are written in the background while training goes on; a runtime whose report at a
     # checkpoint may end the process (Ray Tune's ASHA) waits for each to be published instead
     wait_for_checkpoints: ClassVar[bool] = False
 
     @classmethod
     def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> Runtime:
+        """A GPU (``cuda:LOCAL_RANK``) when torch has one, else the CPU; but never the CPU when the
+        environment names GPUs (``CUDA_VISIBLE_DEVICES``) that torch cannot use: that stops with
+        one line saying why (``devices.require_cuda``)."""
+        asked = requested_by_environment()
+        if asked:
+            require_cuda(asked)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -81,37 +93,39 @@ class Runtime:
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device. On CUDA via pinned (page-locked) host memory, so the copy is
-        asynchronous and overlaps the previous step's kernels; on CPU nothing is copied."""
-        pin = self.device.type == "cuda"
-        return {
-            key: (value.pin_memory() if pin else value).to(self.device, non_blocking=True)
-            if isinstance(value, torch.Tensor)
-            else value
-            for key, value in batch.items()
-        }
+        """Tensors to the device, asynchronously (through pinned memory on CUDA), uint8 pixels made
+        floats there, sentence lengths left on the host (``storymm.data.transfer``); on CPU nothing
+        is copied."""
+        return transfer.to_device(batch, self.device)
+
+    def feed(self, batches):
+        """The loader's batches for the step: on CUDA pinned in a background thread ahead of it."""
+        return transfer.feed(batches, self.device)
 
     # ------------------------------------------------------------------------ collectives
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place across ranks. The loop hands CPU tensors; NCCL only reduces GPU ones."""
         if self.distributed:
-            on_device = tensor.to(self.device)
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-            if on_device is not tensor:
-                tensor.copy_(on_device)
+            with self.phases.within(Phase.COLLECTIVE):
+                on_device = tensor.to(self.device)
+                dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+                if on_device is not tensor:
+                    tensor.copy_(on_device)
         return tensor
 
     def all_gather_object(self, obj) -> list:
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self.phases.within(Phase.COLLECTIVE):
+            dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with self.phases.within(Phase.COLLECTIVE):
+                dist.barrier()
 
     # ------------------------------------------------------------------------- reporting
 

@@ -96,6 +96,7 @@ class Validator:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * size
             windows += size
+            self.runtime.phases.tick()  # a long validation pass is progress, batch by batch
         model.train(was_training)
         torch.set_rng_state(rng)
         totals: dict[str, float] = {}
