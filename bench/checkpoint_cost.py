@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness and slow link the tests use
 
 import torch  # noqa: E402
-from netlink import SlowLink  # noqa: E402
+from netlink import LOOPBACK, SlowLink  # noqa: E402
 from storage_latency import (  # noqa: E402
     as_if_elsewhere,
     aws_environment,
@@ -52,7 +52,6 @@ from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training import checkpoint  # noqa: E402
 from storymm.training.loop import train  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -7,6 +7,7 @@ summary table's detail) and exits non-zero when its check fails. Run through the
     python bench/gpu_check.py expect RUN --step N --status S [--resumed-from M --log FILE]
     python bench/gpu_check.py stop-resume --run RUN --marker FILE [--gpu] -- TRAIN_ARGS...
     python bench/gpu_check.py report REPORT_DIR | bench BENCH_JSON | table RESULTS_TSV [--out FILE]
+    python bench/gpu_check.py predict --run RUN --source SOURCE --out DIR [--gpu]
 """
 
 from __future__ import annotations
@@ -152,10 +153,9 @@ def cmd_stop_resume(args) -> int:
         preexec_fn=ignore_usr1,
     )
     deadline = time.monotonic() + args.wait
-    metrics = Path(args.run, "metrics.jsonl")
-    while time.monotonic() < deadline and proc.poll() is None and not (metrics.exists() and metrics.stat().st_size):
+    while time.monotonic() < deadline and proc.poll() is None and not read_metrics(args.run):
         time.sleep(0.5)
-    if proc.poll() is not None or not metrics.exists():
+    if proc.poll() is not None or not read_metrics(args.run):
         print(Path(log.name).read_text()[-3000:])
         return _result(f"training did not log a step within {args.wait} s (rc {proc.poll()})", False)
     os.killpg(proc.pid, signal.SIGUSR1)  # the session started above: launcher and training process
@@ -187,6 +187,41 @@ def cmd_report(args) -> int:
     keys = [k for k in ("image_l1", "perplexity", "bleu") if isinstance(metrics.get(k), int | float)]
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)
     return _result(f"report.json on {where}: {shown or 'written'}", True)
+
+
+def cmd_predict(args) -> int:
+    """``storymm export`` of the run, then ``storymm predict --model`` of a test story of the source,
+    two frames, on the device and on the CPU: the same frames (within float rounding)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from storymm.data.sources import find_parquet_files
+    from storymm.export import export_model
+    from storymm.predict import predict
+
+    device = _device(args.gpu)
+    out = Path(args.out)
+    export_model(args.run, str(out / "export"))
+    story_id = pq.read_table(find_parquet_files(args.source)["test"][0], columns=["story_id"])[0][0].as_py()
+    story = f"parquet:{args.source}#{story_id}"
+    started = time.perf_counter()
+    here = predict(story, str(out / "device"), model_dir=str(out / "export"), steps=2, device=device)
+    seconds = time.perf_counter() - started
+    cpu = predict(story, str(out / "cpu"), model_dir=str(out / "export"), steps=2, device="cpu")
+
+    def pixels(folder: str, frame: dict) -> np.ndarray:
+        return np.asarray(Image.open(out / folder / frame["image"]).convert("RGB"), dtype=np.float64) / 255
+
+    pairs = list(zip(here["predictions"], cpu["predictions"]))
+    difference = max(float(np.abs(pixels("device", a) - pixels("cpu", b)).mean()) for a, b in pairs)
+    same = sum(a["sentence"] == b["sentence"] for a, b in pairs)
+    ok = here["model"]["device"].startswith(device.type) and len(pairs) == 2 and difference < 0.01
+    return _result(
+        f"predict on {here['model']['device']}: 2 frames in {seconds:.1f} s; against the CPU: mean |pixel| "
+        f"difference {difference:.4f} (< 0.01), {same} of 2 sentences equal",
+        ok,
+    )
 
 
 def cmd_bench(args) -> int:
@@ -253,6 +288,10 @@ def main(argv=None) -> int:
     stop.add_argument("train", nargs=argparse.REMAINDER)
     report = add("report", cmd_report)
     report.add_argument("report")
+    predicting = add("predict", cmd_predict)
+    predicting.add_argument("--run", required=True)
+    predicting.add_argument("--source", required=True)
+    predicting.add_argument("--out", required=True)
     bench = add("bench", cmd_bench)
     bench.add_argument("json")
     table = add("table", cmd_table)

@@ -11,6 +11,7 @@
 # the CUDA RNG state of the rank's own GPU; the host-sync audit of one sequence step (target 0; --cpu:
 # on the meta device); a fresh run of 60 steps, then a resume to 90 (a resume crashed on GPU before
 # issue 25); SIGUSR1 stop and resume under `accelerate launch` with one process; `storymm evaluate`;
+# `storymm export` + `storymm predict` of a test story on the device and on the CPU (the same frames);
 # bench/train_step.py (samples/s, GPU utilisation, time for 5 epochs; target < 60 s on one H100).
 #
 # A machine without a package index: put wheels of what its Python lacks in .whl/ (and a bert-base
@@ -102,6 +103,9 @@ train_then_check() {  # STEPS [RESUMED_FROM]
 evaluate() {
     storymm evaluate --run "$RUN" --data "$DATA" --split "$EVAL_SPLIT" --out "$WORK/report" && check report "$WORK/report"
 }
+export_predict() {
+    check predict "${GPU[@]}" --run "$RUN" --source "$WORK/source" --out "$WORK/predict"
+}
 bench_step() {
     "$PY" bench/train_step.py --configs "$CONFIG" --data "$DATA" --steps "$BENCH_STEPS" \
         --loader-seconds "$LOADER_SECONDS" "${SET_ARGS[@]}" --json "$WORK/bench.json" && check bench "${GPU[@]}" "$WORK/bench.json"
@@ -117,6 +121,7 @@ step "train-$FIRST" train_then_check "$FIRST"
 step "resume-$THEN" train_then_check "$THEN" "$FIRST"
 step accelerate-sigusr1 check stop-resume "${GPU[@]}" --run "$WORK/runs/accelerate" --marker "$WORK/stopped" -- "${TRAIN[@]}"
 step evaluate evaluate
+step export-predict export_predict
 step train-step-bench bench_step
 
 echo

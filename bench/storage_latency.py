@@ -43,7 +43,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))  # the SeaweedFS harness the tests use
 
 import torch  # noqa: E402
-from netlink import SlowLink  # noqa: E402
+from netlink import LOOPBACK, SlowLink  # noqa: E402
 
 from storymm import storage  # noqa: E402
 from storymm.config import load_config  # noqa: E402
@@ -51,7 +51,6 @@ from storymm.data import synth  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training.loop import read_metrics, train  # noqa: E402
 
-LOOPBACK = "127.0.0.1"
 BATCH = 32
 
 

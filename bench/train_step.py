@@ -8,7 +8,7 @@ Three measurements per config, same model, same batch size, same thread count:
   consecutive steps queue as in real training): the best a training step can do here, with no
   data, logging or checkpoint work;
 * storymm: ``storymm.training.loop.train`` (the code every backend runs) streaming real shards,
-  taking steady-state ``samples_per_s`` from its ``metrics.jsonl`` (first logging window dropped);
+  taking steady-state ``samples_per_s`` from its metrics log (first logging window dropped);
 * loader: windows/s the ``WindowLoader`` alone delivers, to show it keeps ahead of the step.
 
 Model FLOPs per sample come from ``torch.utils.flop_counter`` on one forward+backward (matmuls and

@@ -149,6 +149,11 @@ class TrainConfig(_Section):
         False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl"
     )
     autocast_on_cpu: bool = Field(False, description="also autocast on CPU (bf16 only; most CPUs get slower)")
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers rank 0 also logs to: RUN/tensorboard/ event files, the MLflow server "
+        "in MLFLOW_TRACKING_URI (extras storymm[tensorboard], storymm[mlflow])",
+    )
     compile: bool = Field(False, description="torch.compile the model's forward (every backend)")
     compile_backend: str = Field("inductor", description="torch.compile backend ('inductor'; 'eager' to check)")
 

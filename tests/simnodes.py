@@ -141,6 +141,16 @@ class SimNodes:
             print(json.dumps(n))""",
         )
 
+    def logged_steps(self, run: str) -> list[int]:
+        """The steps in an S3 run's metrics log (storymm's reader without torch: quick enough to poll)."""
+        return self.python(
+            "node1",
+            f"""
+            import json
+            from storymm.training.metrics_store import MetricsStore
+            print(json.dumps([m["step"] for m in MetricsStore({run!r}).read()]))""",
+        )
+
     def run_state(self, run: str) -> dict:
         """run.json, metrics and the latest checkpoint's step/status/world size of an S3 run."""
         return self.python(

@@ -21,6 +21,7 @@ from storymm import storage
 from storymm.training import checkpoint
 from storymm.training.checkpoint import CheckpointError, CheckpointWriter
 from storymm.training.loop import read_metrics
+from storymm.training.metrics_store import learned
 
 from small import ROOT, SMALL, small_dataset
 
@@ -83,7 +84,7 @@ def test_saves_run_in_the_background_one_at_a_time_and_latest_moves_after_the_up
     assert returned_after < waited / 2, (returned_after, waited)  # the upload took far longer than submit
     writer.wait()
     assert _latest(client, bucket, "run") == "step-00000002.pt"
-    assert writer.published() == [uri, storage.join(run, "checkpoints/step-00000002.pt")]
+    assert writer.published() == [(1, uri), (2, storage.join(run, "checkpoints/step-00000002.pt"))]
     assert torch.equal(checkpoint.load(uri)["model"]["w"], torch.zeros(500_000))  # the snapshot, not later values
     assert torch.equal(checkpoint.load_latest(run)["model"]["w"], torch.full((500_000,), 2.0))
 
@@ -115,7 +116,7 @@ def test_a_failed_upload_leaves_the_previous_checkpoint_and_stops_the_next_save(
 
 
 def _curve(run: str) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(run)]
+    return [learned(m) for m in read_metrics(run)]
 
 
 SIGKILL_SETS = [
@@ -129,11 +130,12 @@ SIGKILL_ARGS = [("--set", s) for s in SMALL + SIGKILL_SETS]
 
 
 def _logged_steps(client, bucket: str) -> list[int]:
-    try:
-        body = client.get_object(Bucket=bucket, Key="run/metrics.jsonl")["Body"].read().decode()
-    except client.exceptions.NoSuchKey:
-        return []
-    return [json.loads(line)["step"] for line in body.splitlines() if line.strip()]
+    """The steps in the run's metrics log, read straight from the server."""
+    steps = []
+    for entry in client.list_objects_v2(Bucket=bucket, Prefix="run/metrics/").get("Contents", []):
+        body = client.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read().decode()
+        steps += [json.loads(line)["step"] for line in body.splitlines() if line.strip()]
+    return sorted(steps)
 
 
 @pytest.mark.slow

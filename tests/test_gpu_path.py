@@ -312,10 +312,11 @@ def test_gpu_check_script_passes_on_cpu(tmp_path):
         "resume-9",
         "accelerate-sigusr1",
         "evaluate",
+        "export-predict",
         "train-step-bench",
     ]
     for name in steps:
         assert f"| {name} | PASS |" in table, table
-    assert "10 of 10 steps passed" in table
+    assert "11 of 11 steps passed" in table
     assert "| host-syncs | PASS |" in table and "0 host syncs" in table
     assert "resumed from step 6" in table and "stopped at step" in table

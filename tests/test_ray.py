@@ -28,7 +28,7 @@ from storymm.data import synth
 from storymm.data.prepare import prepare
 
 from s3server import free_ports
-from small import SMALL
+from small import SMALL, logged_points, mlflow_points, tensorboard_points
 
 pytestmark = pytest.mark.slow
 
@@ -398,15 +398,26 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     print(f"ray job submit -> SUCCEEDED in {took:.1f}s")
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path, mlflow_server):
+    """A Ray Train worker SIGKILLed mid-run: the group restarts from the last checkpoint, the run
+    logs the uninterrupted curve, and the run is one MLflow run and one TensorBoard run (event files
+    on S3) whose points equal the metrics log, each step once."""
+    from mlflow.tracking import MlflowClient
+
     from storymm.training.loop import read_metrics
+    from storymm.training.metrics_store import learned
 
     bucket, data = s3_data
     run = f"{bucket}/runs/ft"
     steps, every = 40, 10
+    experiment = f"ray-{os.path.basename(bucket)}"
     out = ray_head.submit(
-        _train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
-        _job_env(_aws_env()),
+        [
+            *_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
+            "--set",
+            "train.trackers=[tensorboard,mlflow]",
+        ],
+        _job_env(_aws_env(), MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME=experiment),
         wait=False,
         timeout=60,
     )
@@ -460,12 +471,20 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
         wait=True,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    curve = [{k: v for k, v in m.items() if k != "samples_per_s"} for m in metrics]
-    assert curve == [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(reference)]
+    assert [learned(m) for m in metrics] == [learned(m) for m in read_metrics(reference)]
     print(f"killed a training worker (pid {victim}) at step ~{kill_step}; resumed from {resumed_from}")
+    expected = logged_points(run)
+    assert [s for s, _ in expected["total"]] == list(range(5, steps + 1, 5))
+    assert tensorboard_points(run) == expected
+    client = MlflowClient(mlflow_server.uri)
+    (only,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert json.loads(storage.read_text(storage.join(run, "trackers.json")))["mlflow"]["run_id"] == only.info.run_id
+    assert mlflow_points(mlflow_server.uri, only.info.run_id) == expected
 
 
 def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
+    from storymm.training.loop import read_metrics
+
     data = str(tmp_path / "data")
     prepare(source_stories, data, load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]), progress=False)
     runs, out = str(tmp_path / "runs"), str(tmp_path / "reports")
@@ -505,7 +524,7 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
             json.loads((run_dir / "run.json").read_text())["config"]["model"]["visual_latent"]
             == trial["params"]["model.visual_latent"]
         )
-        logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged = [m["step"] for m in read_metrics(str(run_dir))]
         assert logged[-1] == trial["step"]
         assert trial["stopped_early"] == (trial["step"] < 20)
         if not trial["stopped_early"]:  # finished trials keep their final checkpoint (what --evaluate scores)

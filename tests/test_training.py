@@ -16,6 +16,7 @@ import torch
 from storymm.cli import main as cli_main
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run, train
+from storymm.training.metrics_store import learned
 
 from small import SMALL, small_config, small_dataset
 
@@ -170,7 +171,7 @@ def _train_command(data_uri: str, run: str, steps: int) -> list[str]:
 
 
 def _curve(run: str) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(run)]
+    return [learned(m) for m in read_metrics(run)]
 
 
 @pytest.mark.slow

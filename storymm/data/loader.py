@@ -185,6 +185,33 @@ def hash_tags(objects: list[str], actions: list[str], locations: list[str], voca
     return ids[:max_tags]
 
 
+def tag_array(frames, vocab: int, max_tags: int) -> np.ndarray:
+    """``[len(frames), max_tags]`` int64 hashed tag ids (:func:`hash_tags`), 0-padded; ``frames``
+    holds one ``(objects, actions, locations)`` per frame."""
+    rows = [hash_tags(objects, actions, locations, vocab, max_tags) for objects, actions, locations in frames]
+    out = np.zeros((len(rows), max_tags), dtype=np.int64)
+    for index, ids in enumerate(rows):
+        out[index, : len(ids)] = ids
+    return out
+
+
+def sentence_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Non-pad token counts (at least 1) of padded sentences ``[..., L]``: what the text encoder packs
+    by, kept on the host (``HostLengths`` in ``models/text.py``)."""
+    return (ids != pad_id).sum(-1).clamp_(min=1)
+
+
+def pad_token_ids(rows: list[list[int]], max_tokens: int, pad_id: int, eos_id: int) -> np.ndarray:
+    """``[len(rows), max_tokens]`` int64: each sentence's ids padded with ``pad_id``, or cut to
+    ``max_tokens - 1`` ids plus ``eos_id``."""
+    out = np.full((len(rows), max_tokens), pad_id, dtype=np.int64)
+    for index, ids in enumerate(rows):
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + [eos_id]
+        out[index, : len(ids)] = ids
+    return out
+
+
 @dataclass(frozen=True)
 class StoryRef:
     shard: int  # index into the split's shard list
@@ -547,24 +574,12 @@ class WindowLoader:
     def _tag_ids(self, table) -> np.ndarray:
         """[frames of the table's stories, max_tags] hashed tag ids, 0-padded."""
         columns = [table.column(c).to_pylist() for c in TAG_COLUMNS]
-        rows = [
-            hash_tags(objects, actions, locations, self.tag_vocab, self.max_tags)
-            for story in zip(*columns)
-            for objects, actions, locations in zip(*story)
-        ]
-        out = np.zeros((len(rows), self.max_tags), dtype=np.int64)
-        for index, ids in enumerate(rows):
-            out[index, : len(ids)] = ids
-        return out
+        frames = [frame for story in zip(*columns) for frame in zip(*story)]
+        return tag_array(frames, self.tag_vocab, self.max_tags)
 
     def _pad_tokens(self, stories: list[list[list[int]]]) -> np.ndarray:
         rows = [ids for story in stories for ids in story]
-        out = np.full((len(rows), self.max_tokens), self.pad_id, dtype=np.int64)
-        for index, ids in enumerate(rows):
-            if len(ids) > self.max_tokens:
-                ids = ids[: self.max_tokens - 1] + [self.eos_id]
-            out[index, : len(ids)] = ids
-        return out
+        return pad_token_ids(rows, self.max_tokens, self.pad_id, self.eos_id)
 
     def _batch(self, data: ChunkData, rows: np.ndarray, windows: np.ndarray) -> dict:
         """``rows`` [B, K+1] absolute frame rows of ``data``, ``windows`` their [B, 2] plan entries → tensors."""
@@ -572,7 +587,7 @@ class WindowLoader:
         if not self.uint8_pixels:
             pixels = pixels_to_float(pixels)
         ids = torch.from_numpy(data.tokens[rows])
-        lengths = (ids != self.pad_id).sum(-1).clamp_(min=1)
+        lengths = sentence_lengths(ids, self.pad_id)
         batch = {
             "frames": pixels[:, :-1].contiguous(),
             "tokens": ids[:, :-1].contiguous(),

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 import storymm
 from storymm import storage
@@ -28,6 +27,7 @@ from storymm.config import Config
 from storymm.data.gdi import FrameText, StoryParseError, frame_texts, parse_story
 from storymm.data.sources import SOURCE_SPLITS, open_source
 from storymm.data.tokenizer import TOKENIZER_FILE, SentenceTokenizer, build_tokenizer
+from storymm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def prepare(
     def split_of(outcome: RowOutcome, source_split: str) -> str:
         return assign_split(outcome.story_id, source_split, config.seed, cfg.val_fraction)
 
-    bar = tqdm(total=sum(source.rows.values()), desc="prepare", unit="story", disable=not progress)
+    bar = Progress(sum(source.rows.values()), desc="prepare", unit="story", enabled=progress)
     if backend == "ray":
         from storymm.data.prepare_ray import written_on_ray
 

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -176,6 +177,13 @@ def _yield_cpu() -> None:
         pass
 
 
+class Published(NamedTuple):
+    """A checkpoint that ``latest`` has named: complete, a resume may start from it."""
+
+    step: int
+    uri: str
+
+
 class CheckpointWriter:
     """Writes one run's checkpoints in a background thread, one at a time.
 
@@ -194,7 +202,7 @@ class CheckpointWriter:
         self._step: int | None = None  # of the save in flight
         self._after: list | None = None  # run once it is published; None when none is in flight
         self._error: BaseException | None = None
-        self._published: list[str] = []
+        self._published: list[Published] = []
         self._pinned: dict = {}
 
     def submit(self, state: dict, step: int) -> str:
@@ -234,7 +242,7 @@ class CheckpointWriter:
             for action in after:
                 action()
             with self._lock:
-                self._published.append(uri)
+                self._published.append(Published(step, uri))
         except BaseException as err:  # raised in the training thread by the next submit/wait
             self._error = err
         finally:
@@ -253,8 +261,8 @@ class CheckpointWriter:
                 f"({type(error).__name__}: {error}); 'latest' still names the previous checkpoint"
             ) from error
 
-    def published(self) -> list[str]:
-        """URIs of the checkpoints published since the last call (oldest first); does not wait."""
+    def published(self) -> list[Published]:
+        """The checkpoints published since the last call (oldest first); does not wait."""
         with self._lock:
             done, self._published = self._published, []
         return done

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
-from storymm.training import checkpoint
+from storymm.progress import Progress
+from storymm.training import checkpoint, timing
 from storymm.training.phases import Phase
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
@@ -42,6 +42,7 @@ from storymm.training.stages import (
     window_loader,
     windows_per_step,
 )
+from storymm.training.trackers import Tracker, check_trackers, make_trackers
 from storymm.training.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,10 @@ def train_step(
 
 class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
-    previous log, one line in ``metrics.jsonl`` (rank 0), the progress bar, the backend's report."""
+    previous log, where each rank's time went (``timing.py``), one line in the run's metrics log and in
+    the trackers (rank 0), the progress bar or line, the backend's report. A resumed run rewrites the
+    lines past its checkpoint instead of repeating them (``metrics_store.py``); the trackers learn,
+    once a checkpoint is published, that the steps before it are final (``trackers.py``)."""
 
     def __init__(
         self,
@@ -323,55 +327,114 @@ class MetricsLog:
         samples_per_step: int,
         start: int,
         progress: bool,
+        trackers: list[Tracker] = (),
+        hosts: list[str] = (),
+        sync: timing.GradientSyncTimer | None = None,
+        count_flops: bool = True,
     ):
-        """``samples_per_step``: over all workers."""
-        self.run, self.runtime, self.every, self.total = run, runtime, every, total
-        self.samples_per_step = samples_per_step
-        # a resumed run rewrites the lines past its checkpoint instead of repeating them
-        self.history = [m for m in run.read_metrics() if m["step"] <= start] if runtime.is_main else []
+        """``samples_per_step``: over all workers; ``trackers``: rank 0's; ``hosts``: per rank;
+        ``sync``: the DDP gradient all-reduce timer; ``count_flops``: on this attempt's first step."""
+        self.runtime, self.every, self.total = runtime, every, total
+        self.samples_per_step, self.hosts = samples_per_step, list(hosts)
+        self.store = run.metrics_store() if runtime.is_main else None
+        self.trackers = list(trackers)
+        self.sync, self.clock = sync, None  # the clock starts with the loop (start-up is not a step's)
+        self.times = None
+        self._flops: list[float] | None = [] if count_flops and runtime.is_main else None
+        if self.store is not None:
+            resumed = self.store.open(start) or {}
+            self.times = timing.StepTimes(
+                run.read_record().get("started"),
+                resumed.get(f"{timing.TIMING_PREFIX}productive_s", 0.0),
+                runtime.world_size,
+                timing.peak_flops(runtime.device, runtime.mixed_precision),
+            )
+            for tracker in self.trackers:
+                tracker.open(start, self.store.read)
         self.last: dict = {}
-        self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
+        self.progress = Progress(total, initial=start, desc=stage, enabled=progress and runtime.is_main)
         self._since, self._steps = time.perf_counter(), 0
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
 
+    def counted(self, batches):
+        """The loop's batches (the first logging window starts here); the model FLOPs of this
+        attempt's first step are counted (rank 0)."""
+        if self.clock is None:
+            self.clock = timing.RankClock(self.runtime.phases, self.sync)
+            self._since = time.perf_counter()
+        if self._flops is None or self._flops:
+            return batches
+        return timing.first_step_flops(batches, self._flops)
+
     def step_done(self, position: Position, lr: float, terms: dict) -> bool:
         """True when this step was logged."""
         self._steps += 1
-        self.bar.update(1)
+        self.progress.update(1)
         if not self.due(position.step):
             return False
         names = sorted(terms)
         sums = self.runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
-        elapsed = time.perf_counter() - self._since
+        elapsed, steps = time.perf_counter() - self._since, self._steps
+        seconds = self.runtime.all_gather_object(self.clock.take())  # per rank, since the last logged step
+        self._since, self._steps = time.perf_counter(), 0
         self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
         self.last.update(
             step=position.step,
             epoch=position.epoch,
             lr=lr,
-            samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9),
+            samples_per_s=self.samples_per_step * steps / max(elapsed, 1e-9),
+            time=round(time.time(), 3),
         )
-        self._since, self._steps = time.perf_counter(), 0
-        if self.runtime.is_main:
-            self.history.append(self.last)
-            self.run.write_metrics(self.history)
-            self.bar.set_postfix(loss=f"{self.last['total']:.4f}", sps=f"{self.last['samples_per_s']:.0f}")
+        if self.times is not None:
+            if self._flops and self.times.flops_per_step is None:
+                self.times.flops_per_step = self._flops[0]
+            self.last.update(self.times.line(seconds, self.hosts, steps, elapsed, self.last["time"]))
+        self._record(self.last)
+        self.progress.show(**{"loss": f"{self.last['total']:.4f}", "samples/s": f"{self.last['samples_per_s']:.0f}"})
         self.runtime.report(self.last)
         return True
 
     def add_validation(self, record: dict, step: int) -> None:
         """Validation terms (``val_*``) into the step's line, or a line of their own."""
-        if not self.runtime.is_main:
-            return
-        if self.history and self.history[-1]["step"] == step:
-            self.history[-1].update(record)
-        else:
-            self.history.append(record)
-        self.run.write_metrics(self.history)
+        if self.last.get("step") != step:
+            record = {**record, "time": round(time.time(), 3)}
+        self._record(record)
 
-    def close(self) -> None:
-        self.bar.close()
+    def _record(self, line: dict) -> None:
+        if self.store is None:
+            return
+        step = line["step"]
+        values = {k: v for k, v in line.items() if k != "step"}
+        self.store.record(step, values)
+        wall = values.get("time", self.last.get("time", time.time()))
+        for tracker in self.trackers:
+            tracker.record(step, values, wall)
+
+    def flush(self) -> None:
+        """Every line so far stored (before a checkpoint: no checkpoint covers a step without its line)."""
+        if self.store is not None:
+            self.store.flush()
+
+    def checkpoint_taken(self) -> None:
+        """A checkpoint of this step is being written: the log's segment ends here, so a resume from it
+        cuts at a segment's end."""
+        if self.store is not None:
+            self.store.seal()
+
+    def checkpointed(self, step: int) -> None:
+        """The checkpoint of ``step`` is published (``latest`` names it, after its upload): no resume
+        redoes the steps up to it, so the trackers may keep them."""
+        for tracker in self.trackers:
+            tracker.checkpointed(step)
+
+    def close(self, completed: bool = False) -> None:
+        self.progress.close()
+        if self.store is not None:
+            for tracker in self.trackers:
+                tracker.close(completed)
+            self.store.close()
 
 
 class CheckpointPolicy:
@@ -396,13 +459,13 @@ class CheckpointPolicy:
 
 def _save(
     run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
-) -> str | None:
+) -> None:
     """Every rank hands in its RNG state; rank 0 snapshots the state and writes it in the background
-    (``RunFolder.save_checkpoint``: the steps go on while it uploads). Returns, on rank 0, the newest
-    checkpoint published since the previous save, for the backend to report (None elsewhere)."""
+    (``RunFolder.save_checkpoint``: the steps go on while it uploads; :func:`train` learns when it is
+    published)."""
     states = runtime.all_gather_object(checkpoint.rng_state(runtime.device))
     if not runtime.is_main:
-        return None
+        return
     run.save_checkpoint(
         {
             "stage": stage,
@@ -418,7 +481,6 @@ def _save(
     )
     if runtime.wait_for_checkpoints:
         run.wait_for_checkpoint()
-    return (run.published_checkpoints() or [None])[-1]
 
 
 # ----------------------------------------------------------------------------------- train
@@ -443,6 +505,7 @@ def train(
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
+    check_trackers(config.train.trackers)  # on every rank, before anything runs
     previous = run.read_record()["stage"] if run.exists() else stage
     if previous != stage:  # before anything is loaded or logged
         raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
@@ -467,6 +530,8 @@ def train(
                 "global_batch": position.global_batch,
                 "partitions": position.partitions,
                 "hosts": hosts,
+                # goodput counts from the start of this process (the clock's start), through every restart
+                "started": time.time() - (time.monotonic() - runtime.phases.started),
             }
         )
 
@@ -485,24 +550,54 @@ def train(
     loader = _train_loader(dataset, config, stage, runtime, position)
     loss_fn = batch_loss_fn(stage, config, tokens)
     samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
-    metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
+    trackers = make_trackers(config.train.trackers, run, run.read_record()) if runtime.is_main else []
+    metrics = MetricsLog(
+        run,
+        runtime,
+        stage,
+        stage_cfg.log_every,
+        stage_cfg.steps,
+        samples,
+        position.step,
+        progress,
+        trackers,
+        hosts,
+        timing.GradientSyncTimer.attach_to(model),
+        count_flops=not config.train.compile,
+    )
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
     guard = NonFiniteGuard(runtime, stage, position.step)
     validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
+    unreported: list[str] = []  # rank 0: checkpoints published since the last report to the backend
+
+    def note_published() -> None:
+        """Checkpoints published since the last look (written in the background, ``latest`` moved):
+        only now may the trackers treat the steps they cover as final."""
+        for done in run.published_checkpoints():
+            metrics.checkpointed(done.step)
+            unreported.append(done.uri)
+
+    def report_published() -> None:
+        note_published()
+        runtime.report(metrics.last, unreported[-1] if unreported else None)
+        unreported.clear()
+
     def save(status: str) -> None:
         phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
-        uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        metrics.flush()  # before the checkpoint is taken: none covers a step whose line is not stored
+        _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        metrics.checkpoint_taken()
         windows.flush()
-        runtime.report(metrics.last, uri)
+        report_published()
         policy.saved(position.step)
 
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
         loader.set_epoch(position.epoch, start_window=position.windows)
-        for batch in phases.iterate(runtime.feed(loader), Phase.DATA):
+        for batch in metrics.counted(phases.iterate(runtime.feed(loader), Phase.DATA)):
             windows.take(batch, position)
             terms = train_step(
                 step_model,
@@ -523,6 +618,7 @@ def train(
                 guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
+                note_published()
             finished = position.step >= stage_cfg.steps
             stopping = not finished and runtime.should_stop()
             improved = False
@@ -546,8 +642,8 @@ def train(
     validator.close()
     if runtime.is_main:  # the end of training, also a stop on SLURM's signal, waits for the upload
         run.wait_for_checkpoint()
-    runtime.report(metrics.last, (run.published_checkpoints() or [None])[-1] if runtime.is_main else None)
+    report_published()
     runtime.barrier()
-    metrics.close()
+    metrics.close(completed=status == "completed")
     phases.enter(Phase.FINISHED)
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

@@ -141,13 +141,14 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 def forward_sequence(model, batch: dict) -> dict:
     """The sequence model on a loader batch (with its ``tags`` when the loader yields them, and its
-    sentence lengths, which stay on the host: ``HostLengths``)."""
+    sentence lengths, which stay on the host: ``HostLengths``); a story being continued by ``storymm
+    predict`` has no targets."""
     extra = {"tags": batch["tags"]} if "tags" in batch else {}
     if "token_lengths" in batch:
-        extra.update(
-            input_lengths=HostLengths(batch["token_lengths"]), target_lengths=HostLengths(batch["target_lengths"])
-        )
-    return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+        extra["input_lengths"] = HostLengths(batch["token_lengths"])
+    if "target_lengths" in batch:
+        extra["target_lengths"] = HostLengths(batch["target_lengths"])
+    return model(batch["frames"], batch["tokens"], batch.get("target_tokens"), batch.get("target_frame"), **extra)
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:

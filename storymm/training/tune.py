@@ -1,7 +1,7 @@
 """``storymm tune``: a Ray Tune sweep where every trial is a real (short) training run of one stage.
 
 Each trial runs the shared training loop (``loop.train``) in its own Ray worker process, with its
-own run URI ``<runs>/<trial name>`` (checkpoints, ``metrics.jsonl``, ``run.json``, so a trial can
+own run URI ``<runs>/<trial name>`` (checkpoints, the metrics log, ``run.json``, so a trial can
 be inspected, evaluated or resumed like any other run). Its loss goes to Ray Tune at every logged
 step; an ASHA scheduler stops the trials that fall behind at each rung. The results table (the
 swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
