@@ -50,9 +50,22 @@ from storymm.config import load_config  # noqa: E402
 from storymm.data import synth  # noqa: E402
 from storymm.data.prepare import prepare  # noqa: E402
 from storymm.training import checkpoint  # noqa: E402
-from storymm.training.loop import train  # noqa: E402
+from storymm.training.loop import read_metrics, train  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOG_EVERY = 10
+
+
+def step_path(run: str) -> tuple[float, float]:
+    """From the run's time breakdown (``time/*``, per step, mean over each logged window after the
+    first): seconds of checkpointing on the step path over the steady windows, and their mean step."""
+    metrics = read_metrics(run)
+    checkpointing = steps = seconds = 0.0
+    for previous, current in zip(metrics, metrics[1:]):
+        n = current["step"] - previous["step"]
+        checkpointing += n * current.get("time/checkpoint_s", 0.0)
+        steps, seconds = steps + n, seconds + n * current.get("time/step_s", 0.0)
+    return checkpointing, seconds / max(steps, 1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -97,7 +110,7 @@ def main(argv=None) -> int:
             [
                 *([f"data.batch_size={args.batch}"] if args.batch else []),
                 f"train.sequence.steps={args.steps}",
-                "train.sequence.log_every=10",
+                f"train.sequence.log_every={LOG_EVERY}",
                 "train.sequence.warmup_steps=5",
                 "train.sequence.eval_every=0",  # validation would differ between the sides
                 f"train.sequence.checkpoint_every={every}",
@@ -122,6 +135,7 @@ def main(argv=None) -> int:
                 steady: dict[str, list[float]] = {"none": [], "every": []}
                 whole: dict[str, list[float]] = {"none": [], "every": []}
                 servers: dict[str, list[float]] = {"none": [], "every": []}  # CPU s of the S3 server and link
+                breakdown: dict[str, list[tuple[float, float]]] = {"none": [], "every": []}
                 saves = CheckpointLog()
                 logging.getLogger("storymm.training.checkpoint").addHandler(saves)
                 logging.getLogger("storymm.training.checkpoint").setLevel(logging.INFO)
@@ -142,6 +156,7 @@ def main(argv=None) -> int:
                         if name == "every":
                             every_saves = list(saves.lines)
                         steady[name].append(steady_steps_per_s(run, batch))
+                        breakdown[name].append(step_path(run))
                         latest = checkpoint.latest_uri(run)
                         size = storage.locate(latest).fs.get_file_info(storage.locate(latest).path).size
 
@@ -161,6 +176,14 @@ def main(argv=None) -> int:
         print(
             f"CPU of the S3 server and the slow link (stand-ins for machines elsewhere) per run: no checkpoint "
             f"{rounds(servers['none'], ' s')}, every {args.every} {rounds(servers['every'], ' s')}"
+        )
+        # the checkpoints inside the steady windows: after the first logged step, before the last
+        saves = sum(1 for k in range(args.every, args.steps, args.every) if k >= LOG_EVERY)
+        print(
+            f"on the step path (the time breakdown, steady windows): checkpointing "
+            f"{rounds([c for c, _ in breakdown['every']], ' s')} in all ({saves} checkpoints per run); mean step "
+            f"no checkpoint {rounds([s for _, s in breakdown['none']], ' s')}, every {args.every} "
+            f"{rounds([s for _, s in breakdown['every']], ' s')}"
         )
         none, every = max(steady["none"]), max(steady["every"])
         print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")

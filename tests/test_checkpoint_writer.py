@@ -23,7 +23,7 @@ from storymm.training.checkpoint import CheckpointError, CheckpointWriter
 from storymm.training.loop import read_metrics
 from storymm.training.metrics_store import learned
 
-from small import ROOT, SMALL, small_dataset
+from small import ROOT, SMALL, logged_points, mlflow_points, small_dataset
 
 
 def _latest(client, bucket: str, prefix: str) -> str | None:
@@ -129,6 +129,20 @@ SIGKILL_SETS = [
 SIGKILL_ARGS = [("--set", s) for s in SMALL + SIGKILL_SETS]
 
 
+def _object(client, bucket: str, key: str) -> str | None:
+    """An object's text read straight from the server (not through the slow link); None if absent."""
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def _mlflow_through(client, bucket: str) -> int:
+    """The last step the run's MLflow tracker has sent (``trackers.json``), -1 before any."""
+    text = _object(client, bucket, "run/trackers.json")
+    return int(json.loads(text).get("mlflow", {}).get("through_step", -1)) if text else -1
+
+
 def _logged_steps(client, bucket: str) -> list[int]:
     """The steps in the run's metrics log, read straight from the server."""
     steps = []
@@ -140,42 +154,53 @@ def _logged_steps(client, bucket: str) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_upload_resumes_from_the_previous_one_on_the_exact_curve(
-    s3_env, s3_server, tmp_path
+    s3_env, s3_server, mlflow_server, tmp_path, request
 ):
     """A real `storymm train` with its run on S3 behind a 2 Mbit/s link (a checkpoint takes ~7 s to
-    upload): killed while step 20's checkpoint uploads and steps past 20 are already logged (so the
-    steps went on during the upload), `latest` still names step 10; the rerun resumes from it and
-    ends with the uninterrupted run's curve."""
+    upload) and MLflow tracking: killed while step 20's checkpoint uploads and steps past 20 are
+    already logged (so the steps went on during the upload), `latest` still names step 10 and MLflow
+    holds steps up to 10 only (a step goes to MLflow once a published checkpoint covers it); the rerun
+    resumes from step 10, ends with the uninterrupted run's curve, and MLflow holds each step once."""
     bucket, client = s3_env.removeprefix("s3://"), s3_server.client()
     data = small_dataset(str(tmp_path / "data"), 40, seed=3, frames=(6, 10))
     run, reference = f"s3://{bucket}/run", str(tmp_path / "reference")
 
-    def command(run: str) -> list[str]:
+    def command(run: str, *extra: str) -> list[str]:
         args = [sys.executable, "-m", "storymm.cli", "train", "--config", str(ROOT / "configs/tiny.yaml")]
-        return [*args, "--stage", "sequence", "--data", data, "--run", run, *[a for s in SIGKILL_ARGS for a in s]]
+        sets = [a for s in SIGKILL_ARGS for a in s]
+        return [*args, "--stage", "sequence", "--data", data, "--run", run, *sets, *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads as the reference: the same float sums
     done = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    tracked = ("--set", "train.trackers=[mlflow]")
+    env.update(MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME=request.node.name)
     assert done.returncode == 0, done.stderr[-3000:]
     with SlowLink(s3_server.port, latency_ms=2, mbit_s=2) as link:
         slow_env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}"}
-        proc = subprocess.Popen(command(run), cwd=ROOT, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            command(run, *tracked), cwd=ROOT, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "never saw step 20's checkpoint uploading with steps past it"
             if _latest(client, bucket, "run") == "step-00000010.pt":
                 logged = _logged_steps(client, bucket)
-                if logged and logged[-1] > 20 and not _exists(client, bucket, "run/checkpoints/step-00000020.pt"):
+                uploading = not _exists(client, bucket, "run/checkpoints/step-00000020.pt")
+                if logged and logged[-1] > 20 and uploading and _mlflow_through(client, bucket) == 10:
                     break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         time.sleep(1)  # whatever was on the wire has landed
     assert _latest(client, bucket, "run") == "step-00000010.pt"
+    run_id = json.loads(_object(client, bucket, "run/trackers.json"))["mlflow"]["run_id"]
+    held = mlflow_points(mlflow_server.uri, run_id)
+    assert max(step for points in held.values() for step, _ in points) == 10
 
-    done = subprocess.run(command(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(run, *tracked), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step-00000010.pt" in done.stderr and "sequence: completed at step 30" in done.stdout
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 31))
     assert _curve(run) == _curve(reference)
+    assert mlflow_points(mlflow_server.uri, run_id) == logged_points(run)  # one run, each step once

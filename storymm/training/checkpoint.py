@@ -29,6 +29,7 @@ import pickle
 import re
 import threading
 import time
+import weakref
 import zipfile
 from typing import NamedTuple
 
@@ -184,6 +185,23 @@ class Published(NamedTuple):
     uri: str
 
 
+_WRITERS: weakref.WeakValueDictionary[str, CheckpointWriter] = weakref.WeakValueDictionary()
+_WRITERS_LOCK = threading.Lock()
+
+
+def settle(run_uri: str) -> None:
+    """Finish the save this process has in flight for ``run_uri``, if any (a run that raised and is
+    resumed in the same process reads ``latest`` only after it); its error is only logged, as that
+    attempt is over."""
+    with _WRITERS_LOCK:
+        writer = _WRITERS.get(run_uri)
+    if writer is not None:
+        try:
+            writer.wait()
+        except CheckpointError as err:
+            log.warning("%s", err)
+
+
 class CheckpointWriter:
     """Writes one run's checkpoints in a background thread, one at a time.
 
@@ -203,7 +221,10 @@ class CheckpointWriter:
         self._after: list | None = None  # run once it is published; None when none is in flight
         self._error: BaseException | None = None
         self._published: list[Published] = []
+        self._last_published: int | None = None
         self._pinned: dict = {}
+        with _WRITERS_LOCK:
+            _WRITERS[run_uri] = self
 
     def submit(self, state: dict, step: int) -> str:
         """Snapshot ``state`` now and write it as ``step`` in the background; returns its URI (which
@@ -238,7 +259,7 @@ class CheckpointWriter:
                 timings["write_s"],
             )
             with self._lock:
-                after, self._after = self._after, None
+                after, self._after, self._last_published = self._after, None, step
             for action in after:
                 action()
             with self._lock:
@@ -266,6 +287,18 @@ class CheckpointWriter:
         with self._lock:
             done, self._published = self._published, []
         return done
+
+    def when_published(self, step: int, action) -> None:
+        """Run ``action()`` once ``step``'s checkpoint is published: in the writer's thread when it is
+        being written, at once when it already is; never when writing it failed (the next ``submit``
+        or ``wait`` raises that)."""
+        with self._lock:
+            if self._after is not None and self._step == step:
+                self._after.append(action)
+                return
+            published = self._last_published == step
+        if published:
+            action()
 
     def mark_best(self, step: int, metric: str, value: float) -> None:
         """Point ``best`` at ``step``'s checkpoint: once it is published if it is in flight, else now."""
@@ -380,6 +413,7 @@ def _candidates(run_uri: str) -> list[str]:
 
 def load_latest(run_uri: str, map_location="cpu", purpose: str = "resuming from") -> dict | None:
     """The state of the newest checkpoint that loads, starting from ``latest``; None without one."""
+    settle(run_uri)
     candidates = _candidates(run_uri)
     failures = []
     for uri in candidates:

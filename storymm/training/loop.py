@@ -16,6 +16,7 @@ divide it), so it continues at exactly the next window of the interrupted epoch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -424,8 +425,8 @@ class MetricsLog:
             self.store.seal()
 
     def checkpointed(self, step: int) -> None:
-        """The checkpoint of ``step`` is published (``latest`` names it, after its upload): no resume
-        redoes the steps up to it, so the trackers may keep them."""
+        """The checkpoint of ``step`` is published (``latest`` names it, after its upload; called from the
+        checkpoint writer's thread): no resume redoes the steps up to it, so the trackers may keep them."""
         for tracker in self.trackers:
             tracker.checkpointed(step)
 
@@ -570,19 +571,10 @@ def train(
     guard = NonFiniteGuard(runtime, stage, position.step)
     validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
-    unreported: list[str] = []  # rank 0: checkpoints published since the last report to the backend
-
-    def note_published() -> None:
-        """Checkpoints published since the last look (written in the background, ``latest`` moved):
-        only now may the trackers treat the steps they cover as final."""
-        for done in run.published_checkpoints():
-            metrics.checkpointed(done.step)
-            unreported.append(done.uri)
-
     def report_published() -> None:
-        note_published()
-        runtime.report(metrics.last, unreported[-1] if unreported else None)
-        unreported.clear()
+        """The newest checkpoint published since the last report (rank 0), for the backend."""
+        published = run.published_checkpoints()
+        runtime.report(metrics.last, published[-1].uri if published else None)
 
     def save(status: str) -> None:
         phases.enter(Phase.CHECKPOINT)
@@ -590,6 +582,8 @@ def train(
         metrics.flush()  # before the checkpoint is taken: none covers a step whose line is not stored
         _save(run, runtime, stage, model, optimizer, scheduler, position, status)
         metrics.checkpoint_taken()
+        if runtime.is_main:  # written in the background: the trackers learn it once it is published
+            run.when_checkpoint_published(position.step, functools.partial(metrics.checkpointed, position.step))
         windows.flush()
         report_published()
         policy.saved(position.step)
@@ -618,7 +612,6 @@ def train(
                 guard.check(position.step)
             if metrics.step_done(position, scheduler.get_last_lr()[0], terms):
                 windows.flush()
-                note_published()
             finished = position.step >= stage_cfg.steps
             stopping = not finished and runtime.should_stop()
             improved = False

@@ -144,6 +144,10 @@ class RunFolder:
         if self._writer is not None:
             self._writer.wait()
 
+    def when_checkpoint_published(self, step: int, action) -> None:
+        """Run ``action()`` once the checkpoint of ``step`` is published (maybe in the writer's thread)."""
+        self.checkpoint_writer.when_published(step, action)
+
     def published_checkpoints(self) -> list[checkpoint.Published]:
         """Checkpoints published since the last call, oldest first (does not wait)."""
         return self._writer.published() if self._writer is not None else []
