@@ -108,9 +108,10 @@ def restore_rng(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def save(run_uri: str, state: dict, step: int, timings: dict | None = None) -> str:
-    """Publish ``state`` as ``step-NNNNNNNN.pt``, then move ``latest`` to it; prune old ones.
-    ``timings`` (optional) gets the seconds spent serialising and writing."""
+def save(run_uri: str, state: dict, step: int, timings: dict | None = None, before_publish=None) -> str:
+    """Publish ``state`` as ``step-NNNNNNNN.pt``, then (after ``before_publish()``, if given) move
+    ``latest`` to it; prune old ones. ``timings`` (optional) gets the seconds spent serialising and
+    writing."""
     name = f"step-{step:08d}.pt"
     started = time.perf_counter()
     buffer = io.BytesIO()
@@ -118,6 +119,8 @@ def save(run_uri: str, state: dict, step: int, timings: dict | None = None) -> s
     serialised = time.perf_counter()
     directory = checkpoint_dir(run_uri)
     storage.write_bytes(storage.join(directory, name), buffer.getbuffer())  # no copy of the bytes
+    if before_publish is not None:
+        before_publish()
     storage.write_text(storage.join(directory, LATEST), name + "\n")
     if timings is not None:
         timings.update(serialise_s=serialised - started, write_s=time.perf_counter() - serialised, bytes=buffer.tell())
@@ -226,9 +229,10 @@ class CheckpointWriter:
         with _WRITERS_LOCK:
             _WRITERS[run_uri] = self
 
-    def submit(self, state: dict, step: int) -> str:
+    def submit(self, state: dict, step: int, before_publish=None) -> str:
         """Snapshot ``state`` now and write it as ``step`` in the background; returns its URI (which
-        exists once ``latest`` names it)."""
+        exists once ``latest`` names it). ``before_publish()``, if given, is called in the writer's
+        thread once the file is written, before ``latest`` moves (its error fails the save)."""
         started = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - started
@@ -236,16 +240,18 @@ class CheckpointWriter:
         on_step = {"waited_s": waited, "snapshot_s": time.perf_counter() - started - waited}
         with self._lock:
             self._step, self._after = step, []
-        self._thread = threading.Thread(target=self._write, args=(state, step, ready, on_step), name=self.THREAD_NAME)
+        self._thread = threading.Thread(
+            target=self._write, args=(state, step, ready, on_step, before_publish), name=self.THREAD_NAME
+        )
         self._thread.start()
         return storage.join(checkpoint_dir(self.run_uri), f"step-{step:08d}.pt")
 
-    def _write(self, state: dict, step: int, ready, timings: dict) -> None:
+    def _write(self, state: dict, step: int, ready, timings: dict, before_publish) -> None:
         _yield_cpu()
         try:
             if ready is not None:
                 ready.synchronize()
-            uri = save(self.run_uri, state, step, timings)
+            uri = save(self.run_uri, state, step, timings, before_publish)
             del state
             log.info(
                 "checkpoint step-%08d.pt published (%.1f MB): on the step %.3f s (waited %.3f s for the previous "

@@ -413,10 +413,11 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.record(step, values, wall)
 
-    def flush(self) -> None:
-        """Every line so far stored (before a checkpoint: no checkpoint covers a step without its line)."""
-        if self.store is not None:
-            self.store.flush()
+    def stored_wait(self):
+        """A call that waits until the lines logged so far are stored (rank 0; None elsewhere): the
+        checkpoint writer makes it before it moves ``latest``, so no checkpoint covers a step whose
+        line is not stored, and the step does not wait for the upload."""
+        return self.store.stored_wait() if self.store is not None else None
 
     def checkpoint_taken(self) -> None:
         """A checkpoint of this step is being written: the log's segment ends here, so a resume from it
@@ -459,11 +460,19 @@ class CheckpointPolicy:
 
 
 def _save(
-    run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
+    run: RunFolder,
+    runtime: Runtime,
+    stage: str,
+    model,
+    optimizer,
+    scheduler,
+    position: Position,
+    status: str,
+    before_publish=None,
 ) -> None:
     """Every rank hands in its RNG state; rank 0 snapshots the state and writes it in the background
     (``RunFolder.save_checkpoint``: the steps go on while it uploads; :func:`train` learns when it is
-    published)."""
+    published), calling ``before_publish()`` before ``latest`` moves."""
     states = runtime.all_gather_object(checkpoint.rng_state(runtime.device))
     if not runtime.is_main:
         return
@@ -479,6 +488,7 @@ def _save(
             "status": status,
         },
         position.step,
+        before_publish,
     )
     if runtime.wait_for_checkpoints:
         run.wait_for_checkpoint()
@@ -579,8 +589,7 @@ def train(
     def save(status: str) -> None:
         phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
-        metrics.flush()  # before the checkpoint is taken: none covers a step whose line is not stored
-        _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        _save(run, runtime, stage, model, optimizer, scheduler, position, status, metrics.stored_wait())
         metrics.checkpoint_taken()
         if runtime.is_main:  # written in the background: the trackers learn it once it is published
             run.when_checkpoint_published(position.step, functools.partial(metrics.checkpointed, position.step))

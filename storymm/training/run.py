@@ -134,10 +134,11 @@ class RunFolder:
             self._writer = checkpoint.CheckpointWriter(self.uri)
         return self._writer
 
-    def save_checkpoint(self, state: dict, step: int) -> str:
+    def save_checkpoint(self, state: dict, step: int, before_publish=None) -> str:
         """Snapshot ``state`` now and write it in the background (after the save before it, which it
-        waits for); ``latest`` moves when it is complete. Returns the checkpoint's URI."""
-        return self.checkpoint_writer.submit(state, step)
+        waits for); ``latest`` moves when it is complete and ``before_publish()`` (if given) returned.
+        Returns the checkpoint's URI."""
+        return self.checkpoint_writer.submit(state, step, before_publish)
 
     def wait_for_checkpoint(self) -> None:
         """Block until the checkpoint being written is published (raises if writing it failed)."""
