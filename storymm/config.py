@@ -40,6 +40,12 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(2048, ge=1, description="windows shuffled together")
     prepare_threads: int = Field(0, ge=0, description="0 = one per CPU")
     prefetch_chunks: int = Field(2, ge=0, le=64, description="chunks the loader reads ahead in background; 0 = none")
+    partitions: int = Field(
+        0,
+        ge=0,
+        description="canonical partitions of the training order, fixed when a run starts (a rank reads "
+        "about 1/N of the data when N divides it); 0 = the number of workers the run starts on",
+    )
 
 
 class ModelConfig(_Section):

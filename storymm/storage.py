@@ -239,6 +239,10 @@ def _s3_filesystem_cached(endpoint: str, region: str, credentials_key: int) -> p
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
         connect_timeout=5,
         request_timeout=60,
+        # a write is done by the thread that writes, not by Arrow's IO threads: the checkpoint writer
+        # uploads from its own low-priority thread (training.checkpoint) and the training threads
+        # keep the CPU; a multipart upload then sends its parts one after the other
+        background_writes=False,
     )
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -318,8 +322,8 @@ _UMASK = _current_umask()
 
 
 @_retrying
-def write_bytes(uri: str, data: bytes) -> None:
-    """Publish ``data`` at ``uri`` atomically: readers never see a partial file."""
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
+    """Publish ``data`` (any bytes-like object) at ``uri`` atomically: readers never see a partial file."""
     loc = locate(uri)
     if isinstance(loc.fs, pafs.LocalFileSystem):
         directory = os.path.dirname(loc.path) or "."

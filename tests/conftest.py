@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # so tests can `from s3server imp
 
 from s3server import SeaweedS3Server, point_storage_at  # noqa: E402
 
+pytest_plugins = ["skips"]  # --fail-on-skip (CI)
+
 # ------------------------------------------------------------------------------------- S3
 
 

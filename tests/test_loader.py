@@ -1,7 +1,13 @@
-"""The streaming loader on real shards: shapes, windows, a global order independent of the world size,
-equal steps, every window once in evaluation, resume."""
+"""The streaming loader on real shards: shapes, windows, a global order independent of the world size
+(also with canonical partitions, each rank then reading its share), equal steps, every window once in
+evaluation, resume, reading the next pass ahead."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,3 +130,87 @@ def test_bad_arguments_are_clear(dataset):
     with pytest.raises(DatasetError, match="split 'nope'"):
         _loader(dataset, split="nope")
     assert np.isclose(windows_of(13, 4, "all"), 9) and windows_of(4, 4, "all") == 0
+
+
+def _shard_reads(loader: WindowLoader) -> int:
+    """Shard reads of the loader's pass: each chunk reads every shard holding one of its stories."""
+    return sum(len({story.shard for story in chunk.stories}) for chunk in loader.plan())
+
+
+def test_partitions_keep_one_order_on_every_world_size_and_each_rank_reads_its_share(dataset):
+    """With 4 canonical partitions the global steps are the same on 1, 2, 3, 4 and 6 ranks, a resume
+    mid-epoch on another world size continues at the next step, and when the world size divides the
+    partitions each rank reads only its partitions' shards: all ranks together read each shard once,
+    plus at most one more per partition boundary."""
+    shards = len(dataset.shards("train"))
+    reference = _global_steps(dataset, 1, 12, epoch=2, partitions=4)
+    windows = [w for step in reference for w in step]
+    total = sum(windows_of(n, 4, "all") for s in dataset.shards("train") for n in s["frame_counts"])
+    assert len(reference) == total // 12 and len(windows) == len(set(windows)) == len(reference) * 12
+    assert reference != _global_steps(dataset, 1, 12, epoch=2)  # the order is a function of the partitions
+    for world in (2, 3, 4, 6):
+        assert _global_steps(dataset, world, 12, epoch=2, partitions=4) == reference, world
+    assert _global_steps(dataset, 4, 12, epoch=2, start_window=5 * 12, partitions=4) == reference[5:]
+    assert _global_steps(dataset, 2, 12, epoch=2, start_window=7 * 12, partitions=4) == reference[7:]
+
+    for world in (2, 4):
+        loaders = [
+            _loader(dataset, rank=r, world_size=world, batch_size=12 // world, partitions=4) for r in range(world)
+        ]
+        for loader in loaders:
+            loader.set_epoch(2)
+        reads = [_shard_reads(loader) for loader in loaders]
+        assert sum(reads) <= shards + 4 - 1, (world, reads)
+        assert max(reads) <= shards // world + 4 // world + 1, (world, reads)
+    # one partition: every rank touches most shards (the reason for partitions)
+    single = [_loader(dataset, rank=r, world_size=4, batch_size=3) for r in range(4)]
+    for loader in single:
+        loader.set_epoch(2)
+    assert sum(_shard_reads(loader) for loader in single) > shards + 4
+
+
+def test_partitions_need_whole_global_batches(dataset):
+    with pytest.raises(ValueError, match="partitions"):
+        _loader(dataset, partitions=2, equalize=False)
+
+
+def _wait_for_reads(loader: WindowLoader) -> None:
+    deadline = time.monotonic() + 30
+    while not all(future.done() for _, future in loader._stream.items.pending):
+        assert time.monotonic() < deadline, "the read-ahead did not finish"
+        time.sleep(0.01)
+
+
+def test_a_continuous_loader_reads_the_next_pass_while_this_one_is_consumed(tiny_data_uri, tmp_path):
+    """After epoch 0 the next epoch's first chunks are already read: with every shard deleted, epoch 1
+    still yields its first chunks' batches (the same as a fresh loader's), then names the missing
+    shard. An unshuffled loader (validation) reads the same pass again, up to ``max_batches``."""
+    copy = str(tmp_path / "data")
+    shutil.copytree(tiny_data_uri, copy)
+    kw = dict(shuffle_buffer=10, prefetch_chunks=2, with_ids=True)
+    expected = _loader(PreparedDataset(tiny_data_uri), **kw)
+    expected.set_epoch(1)
+    reference = [batch["window_ids"] for batch in expected]
+    first_two = sum(len(chunk.windows) for chunk in expected.plan()[:2]) // 8  # whole batches of chunks 0-1
+
+    loader = _loader(PreparedDataset(copy), continuous=True, **kw)
+    assert len(list(loader)) > 0
+    _wait_for_reads(loader)
+    shutil.rmtree(os.path.join(copy, "train"))
+    loader.set_epoch(1)
+    got = []
+    with pytest.raises(DatasetError, match="missing"):
+        for batch in loader:
+            got.append(batch["window_ids"])
+    assert 1 <= first_two <= len(got) < len(reference) and got == reference[: len(got)]
+    loader.close()
+
+    shutil.copytree(os.path.join(tiny_data_uri, "train"), os.path.join(copy, "train"))
+    passes = _loader(PreparedDataset(copy), shuffle=False, equalize=False, max_batches=2, continuous=True, **kw)
+    first = [batch["window_ids"] for batch in passes]
+    assert len(first) == 2 and len(passes) == 2
+    _wait_for_reads(passes)
+    shutil.rmtree(os.path.join(copy, "train"))
+    assert [batch["window_ids"] for batch in passes] == first  # read before the shards were gone
+    passes.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("storymm-prefetch")]

@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import os
+import threading
 
 import pytest
 import torch
 
+from storymm import storage
 from storymm.progress import Progress
 from storymm.training import metrics_store, timing
 from storymm.training.background import BackgroundWrites
@@ -110,6 +112,33 @@ def test_background_writes_warn_once_retry_and_raise_at_flush(tmp_path, caplog, 
     writes.flush()
     assert (blocker / "a.txt").read_text() == "a4" and (blocker / "b.txt").read_text() == "b"
     writes.close()
+
+
+def test_a_flush_through_a_mark_waits_for_those_versions_only(tmp_path, monkeypatch):
+    """What a checkpoint's writer does before moving ``latest``: wait for the log lines put before the
+    step's mark (that file, in that version or newer), not for what is put after it, which may be
+    stuck; a plain flush waits for everything."""
+    stuck = threading.Event()
+    write_bytes = storage.write_bytes
+
+    def slow_for_b(uri, data):
+        if uri.endswith("b.jsonl"):
+            stuck.wait(10)
+        write_bytes(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", slow_for_b)
+    writes = BackgroundWrites("test", str(tmp_path))
+    writes.put(str(tmp_path / "a.jsonl"), b"1\n")
+    mark = writes.mark()
+    writes.put(str(tmp_path / "a.jsonl"), b"1\n2\n")  # a newer version of a marked file counts too
+    writes.put(str(tmp_path / "b.jsonl"), b"3\n")
+    writes.flush(timeout=5, through=mark)
+    assert (tmp_path / "a.jsonl").read_text() in ("1\n", "1\n2\n") and not (tmp_path / "b.jsonl").exists()
+    with pytest.raises(TimeoutError):
+        writes.flush(timeout=0.3)
+    stuck.set()
+    writes.close()
+    assert (tmp_path / "a.jsonl").read_text() == "1\n2\n" and (tmp_path / "b.jsonl").read_text() == "3\n"
 
 
 class _Terminal(io.StringIO):

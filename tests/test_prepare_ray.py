@@ -1,5 +1,6 @@
-"""`storymm prepare --backend ray --workers 2` (a real local Ray, tasks per row-group slice) writes
-byte-for-byte what the local prepare writes: the same shards, checksums, manifest and summary."""
+"""`storymm prepare --backend ray --workers 2` (a real local Ray, tasks per row-group slice and per
+shard) writes byte-for-byte what the local prepare writes: the same shards, checksums, manifest and
+summary; the shards are written by Ray tasks, never by the driver."""
 
 from __future__ import annotations
 
@@ -34,13 +35,27 @@ def _source(root: Path) -> None:
             pq.write_table(table, root / split / f"part-{index:05d}.parquet", row_group_size=8)
 
 
-def _prepare(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+# `storymm prepare` in a driver process that cannot write a shard: storage.write_bytes refuses
+# every `part-*.parquet` there (Ray's worker processes are started fresh, without this guard).
+NO_SHARDS_IN_DRIVER = """
+import sys
+from storymm import storage
+write_bytes = storage.write_bytes
+def guarded(uri, data):
+    if "/part-" in str(uri):
+        raise RuntimeError(f"the driver wrote a shard: {uri}")
+    return write_bytes(uri, data)
+storage.write_bytes = guarded
+from storymm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _prepare(source: Path, out: Path, *extra: str, driver: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     command = [
-        sys.executable,
-        "-m",
-        "storymm.cli",
+        *(driver or [sys.executable, "-m", "storymm.cli"]),
         "prepare",
         "--source",
         str(source),
@@ -68,13 +83,25 @@ def _files(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_ray_prepare_is_byte_identical_to_local(tmp_path):
+def test_ray_prepare_is_byte_identical_to_local_and_its_driver_writes_no_shard(tmp_path):
     _source(tmp_path / "source")
     local = _prepare(tmp_path / "source", tmp_path / "local")
-    ray = _prepare(tmp_path / "source", tmp_path / "ray", "--backend", "ray", "--workers", "2")
+    ray = _prepare(
+        tmp_path / "source",
+        tmp_path / "ray",
+        "--backend",
+        "ray",
+        "--workers",
+        "2",
+        driver=[sys.executable, "-c", NO_SHARDS_IN_DRIVER],
+    )
+    with pytest.raises(AssertionError, match="the driver wrote a shard"):  # the guard works
+        _prepare(tmp_path / "source", tmp_path / "guarded", driver=[sys.executable, "-c", NO_SHARDS_IN_DRIVER])
 
     groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in (tmp_path / "source").rglob("*.parquet"))
     assert groups >= 6 and f"prepare on Ray: {groups} slices" in ray.stderr  # one task per row group here
+    shards = sum(1 for _ in (tmp_path / "ray").rglob("part-*.parquet"))
+    assert shards >= 4 and f"prepare on Ray: {shards} shards written by Ray tasks" in ray.stderr
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     manifest = json.loads((tmp_path / "ray/manifest.json").read_text())
     assert manifest == json.loads((tmp_path / "local/manifest.json").read_text())

@@ -50,7 +50,7 @@ def test_windows_are_sample_exact_across_2_1_2_ranks(data_uri, tmp_path):
     assert train(one, "text_ae", data_uri, elastic, Runtime(), progress=False)["step"] == 13
     _launch(data_uri, elastic, [*base, "train.text_ae.steps=24"])  # and on two again, to the end
 
-    assert read_run(elastic)["global_batch"] == 16
+    assert read_run(elastic)["global_batch"] == 16 and read_run(elastic)["partitions"] == 2  # each rank reads 1/2
     expected, got = _global_steps(reference), _global_steps(elastic)
     assert len(expected) == len(got) == 24
     sizes = [[len(rank) for rank in entry["windows"]] for entry in read_windows(elastic)]
@@ -143,5 +143,6 @@ def test_checkpoint_from_before_the_global_order_resumes_at_the_next_epoch(data_
         "epoch": 1,
         "windows": 8,
         "global_batch": 8,
+        "partitions": 1,
         "world_size": 1,
     }

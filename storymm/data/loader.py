@@ -1,34 +1,39 @@
 """Stream prepared shards as batches of (K input frames → next frame) windows, for one rank of N.
 
 Design, and why:
-- **One global order per epoch, whatever the world size.** The epoch's sequence of windows is a
-  seeded function of (seed, epoch) alone: a permuted shard order, cut into chunks of whole shards
-  holding at least ``shuffle_buffer`` windows, each chunk's windows permuted. Global step g takes
-  the next ``G = batch_size * world_size`` windows of that sequence (the *global batch*) and rank r
-  takes its slice ``[r*B, (r+1)*B)`` of them. So a position in the epoch is one number, the windows
-  already consumed, and a run stopped on N ranks resumes on M ranks at exactly the next window as
-  long as the global batch G stays the same (the training loop keeps it fixed; see ``loop.py``).
-  The anchor for this is MosaicML Streaming's elastic determinism.
+- **One global order per epoch, whatever the world size.** The epoch's sequence of global batches
+  is a seeded function of (seed, epoch) and the run's fixed global batch ``G`` and **partitions**
+  ``P`` alone. The epoch's stories, in a permuted shard order, give a sequence of windows; it is cut
+  into P contiguous ranges, partition p getting exactly ``steps * slots_p`` windows, where ``slots_p``
+  = ``floor((p+1)G/P) - floor(pG/P)`` are the slots it fills in every global batch (the remainder,
+  fewer than G windows, is dropped at the end). Each partition streams its range in chunks of whole
+  shards holding at least ``shuffle_buffer / P`` windows, each chunk's windows permuted; global step g
+  takes the next ``slots_p`` windows of every partition's stream, partition by partition. Rank r of
+  N takes slots ``[r*B, (r+1)*B)`` (``B = G/N``). So a position in the epoch is one number, the
+  windows already consumed, and a run stopped on N ranks resumes on M ranks at exactly the next
+  window as long as G and P stay the same (the training loop keeps both fixed; see ``loop.py``).
+  This is MosaicML Streaming's elastic determinism with its canonical nodes as the partitions.
+- **Each rank reads its share.** When N divides P, rank r's slots are exactly those of partitions
+  ``[r*P/N, (r+1)*P/N)``: it reads only their shards, about 1/N of the split per epoch (plus the
+  shards cut by a partition boundary, which two partitions read). When it does not, ranks share a
+  partition and each reads that partition's shards. With P = 1 (a run started on one process, or
+  any run from before partitions) the order is exactly the one storymm always used.
 - The plan (which windows, in which order, which stories each rank must read) comes from the
   manifest alone, without reading pixels: every rank knows every step's windows, all ranks run the
   same number of steps (DDP needs it), and resuming skips whole chunks without reading them.
-- Memory stays bounded: one chunk (``shuffle_buffer`` windows plus at most one shard) at a time,
-  and of it only the stories holding this rank's windows.
-- **I/O per rank.** A rank reads each shard holding a story with at least one of its windows
-  (the shard's columns, as ``read_shard`` does) and decodes only the stories it needs (``take``).
-  Windows are shuffled inside a chunk, so a rank's windows are spread over most of its stories:
-  with m windows per story a rank needs about ``1 - (1 - 1/N)^m`` of them, and at small N every
-  rank reads nearly the whole split per epoch (the earlier split of stories between ranks read
-  1/N, but its order depended on N). With ``windows: first`` (m = 1) it decodes 1/N. That is the
-  price of the exactness above; ``bench/loader_io.py`` measures it (``docs/data-order.md``).
-- Evaluation (``equalize=False``) uses the same slicing: every window is yielded exactly once
-  across ranks, the last global batch split as evenly as it goes; unshuffled, each rank's windows
-  are runs of consecutive windows, so a rank decodes about 1/N of the stories (reading the shards
-  that hold them, which is most shards unless a shard holds fewer than N batches of windows).
+- Memory stays bounded: a rank holds one chunk per partition it owns (``shuffle_buffer / N``
+  windows in all, each chunk at least its part of one shard) plus the chunks read ahead, and of
+  them only the stories holding this rank's windows.
+- Evaluation (``equalize=False``, one partition) uses the same slicing: every window is yielded
+  exactly once across ranks, the last global batch split as evenly as it goes; unshuffled, each
+  rank's windows are runs of consecutive windows.
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
   array and a conversion to float (or none: training sends uint8 to the GPU, ``data/transfer.py``).
-- Planning the chunks and loading one chunk are separate steps (``plan``, ``load_chunk``), so a
-  chunk's reading can overlap the training on the previous one.
+- Planning the chunks and loading one chunk are separate steps (``pass_plan``, ``load_chunk``), so
+  reading runs ahead in background threads (``storymm.data.prefetch``); a ``continuous`` loader
+  (training, validation) goes on reading the next pass while the current one is consumed, so no
+  epoch or validation pass starts by waiting for storage (the next epoch's order is known: it is a
+  function of seed and epoch).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from storymm import storage
-from storymm.data.prefetch import PrefetchStats, prefetch_map
+from storymm.data.prefetch import PrefetchStats, nbytes, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
 from storymm.data.transfer import pixels_to_float
@@ -232,11 +237,36 @@ def _frames_array(column, height: int, width: int) -> np.ndarray:
 
 
 class ChunkPlan(NamedTuple):
-    """This rank's share of one chunk: the stories to read (shard by shard, in chunk order) and
-    its windows in the epoch's order, as ``[n, 2]`` (index into ``stories``, window start)."""
+    """This rank's share of one chunk (a run of whole shards of one partition's stream): the stories
+    to read (shard by shard, in story order) and its windows in the order the rank consumes them, as
+    ``[n, 2]`` (index into ``stories``, window start)."""
 
     stories: list[StoryRef]
     windows: np.ndarray
+
+
+class PassPlan(NamedTuple):
+    """This rank's pass from a position: its chunks in the order they are first needed and, for every
+    window it consumes, in order, the chunk it comes from (``chunk``) and its row in that chunk's
+    ``windows`` (``row``)."""
+
+    chunks: list[ChunkPlan]
+    chunk: np.ndarray
+    row: np.ndarray
+
+
+class EpochOrder(NamedTuple):
+    """One epoch's global order, from the manifest alone: the stories in the epoch's shard order,
+    per window of that story order its story and start, the partitions' streams (window indices in
+    the order each partition yields them), where each stream's chunks start, and the whole global
+    batches in the epoch (``steps``)."""
+
+    stories: list[StoryRef]
+    story: np.ndarray
+    start: np.ndarray
+    streams: list[np.ndarray]
+    chunk_starts: list[np.ndarray]
+    steps: int
 
 
 class ChunkData(NamedTuple):
@@ -266,6 +296,12 @@ class WindowLoader:
     (training) yields only whole global batches, so every rank runs the same number of steps and
     the epoch's remainder (< one global batch) is dropped; ``False`` (evaluation) yields every window
     of the split exactly once across ranks, the last batch possibly short (or absent).
+
+    ``partitions`` (training): the canonical partitions of the global order (fixed for a run; see the
+    module docstring); a rank reads about ``1/world_size`` of the shards when ``world_size`` divides it.
+    ``max_batches``: a pass stops after that many batches (validation). ``continuous``: after a pass,
+    keep reading the next one (the next epoch, or the same windows again when not shuffled) in the
+    background, so it starts without waiting for storage; ``close()`` stops that.
     """
 
     def __init__(
@@ -289,12 +325,17 @@ class WindowLoader:
         max_tags: int = 12,
         prefetch_chunks: int = 2,
         uint8_pixels: bool = False,
+        partitions: int = 1,
+        max_batches: int | None = None,
+        continuous: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in world of {world_size}")
         if windows not in ("all", "first"):
             raise ValueError(f"windows must be 'all' or 'first', not {windows!r}")
+        if partitions < 1 or (partitions > 1 and not equalize):
+            raise ValueError(f"partitions must be >= 1, and 1 without equalize (evaluation), got {partitions}")
         self.split, self.batch_size, self.context = split, batch_size, context_frames
         self.max_tokens, self.mode, self.rank, self.world_size = max_tokens, windows, rank, world_size
         self.shuffle, self.seed, self.shuffle_buffer, self.equalize = shuffle, seed, shuffle_buffer, equalize
@@ -303,9 +344,13 @@ class WindowLoader:
         self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
         self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
         self.uint8_pixels = bool(uint8_pixels)
+        self.partitions, self.max_batches, self.continuous = int(partitions), max_batches, continuous
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_window = 0
+        self._orders: dict[int, EpochOrder] = {}  # the last few epochs' orders and passes, planned once
+        self._passes: dict[tuple[int, int], PassPlan] = {}
+        self._stream: _Stream | None = None  # chunks being read, possibly ahead into the next pass
         tokenizer_info = self.dataset.manifest["tokenizer"]
         self.pad_id, self.eos_id = tokenizer_info["pad_id"], tokenizer_info["eos_id"]
 
@@ -322,14 +367,21 @@ class WindowLoader:
             raise ValueError(f"start_window must be >= 0, got {start_window}")
         self.epoch, self.start_window = epoch, start_window
 
-    def _rng(self, *salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, *salt])
+    def _pass_key(self) -> tuple[int, int]:
+        """(epoch of the order, start window) of the current pass; unshuffled, every epoch is one order."""
+        return (self.epoch if self.shuffle else 0, self.start_window)
 
-    def _epoch_stories(self) -> list[StoryRef]:
+    def _next_pass(self, key: tuple[int, int]) -> tuple[int, int]:
+        return (key[0] + 1, 0) if self.shuffle else (0, 0)
+
+    def _rng(self, epoch: int, *salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, *salt])
+
+    def _epoch_stories(self, epoch: int | None = None) -> list[StoryRef]:
         """Every story with at least one window, in this epoch's (seeded) shard order."""
         order = list(range(len(self.shards)))
         if self.shuffle:
-            order = list(self._rng(0).permutation(len(self.shards)))
+            order = list(self._rng(self.epoch if epoch is None else epoch, 0).permutation(len(self.shards)))
         return [
             StoryRef(shard, row, frames)
             for shard in order
@@ -341,9 +393,66 @@ class WindowLoader:
         """Windows in the epoch's global sequence (all ranks together, before dropping a remainder)."""
         return sum(windows_of(s.frames, self.context, self.mode) for s in self._epoch_stories())
 
-    def _rank_positions(self, total: int) -> np.ndarray:
-        """Positions in the epoch's global sequence that this rank yields, in order, from ``start_window``."""
-        remaining = max(0, total - self.start_window)
+    def _slot_bounds(self) -> np.ndarray:
+        """Partition p fills slots ``[bounds[p], bounds[p+1])`` of every global batch."""
+        return (np.arange(self.partitions + 1, dtype=np.int64) * self.global_batch) // self.partitions
+
+    def _chunk_bounds(self, shard: np.ndarray, low: int, high: int) -> list[tuple[int, int]]:
+        """Cut windows ``[low, high)`` of the story order into chunks of whole shards (the first and
+        last possibly partial) holding at least ``shuffle_buffer / partitions`` windows."""
+        if high <= low:
+            return []
+        buffer = max(1, -(-self.shuffle_buffer // self.partitions))
+        ends = [*(low + 1 + np.flatnonzero(shard[low + 1 : high] != shard[low : high - 1])).tolist(), high]
+        chunks, begin = [], low
+        for end in ends:
+            if end - begin >= buffer:
+                chunks.append((begin, end))
+                begin = end
+        if begin < high:
+            chunks.append((begin, high))
+        return chunks
+
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        """The global order of ``epoch`` (the same on every rank and world size): its stories in a
+        seeded shard order; their windows cut into the partitions' contiguous ranges (partition p
+        gets ``steps * slots_p`` windows, so each has exactly enough for its slots of every step; the
+        last also holds the remainder that is dropped); each range cut into chunks of whole shards,
+        and each chunk's windows permuted (``default_rng([seed, epoch, 1, p, chunk])``: with one
+        partition, the salt single-process runs always used)."""
+        if epoch in self._orders:
+            return self._orders[epoch]
+        stories = self._epoch_stories(epoch)
+        counts = np.fromiter(
+            (windows_of(s.frames, self.context, self.mode) for s in stories), dtype=np.int64, count=len(stories)
+        )
+        total = int(counts.sum())
+        story = np.repeat(np.arange(len(stories), dtype=np.int64), counts)
+        start = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        shard = np.fromiter((s.shard for s in stories), dtype=np.int64, count=len(stories))[story]
+        steps = total // self.global_batch
+        bounds = self._slot_bounds()
+        streams, chunk_starts = [], []
+        for p in range(self.partitions):
+            low = steps * int(bounds[p])
+            high = total if p == self.partitions - 1 else steps * int(bounds[p + 1])
+            pieces, starts = [np.empty(0, dtype=np.int64)], []
+            for k, (begin, end) in enumerate(self._chunk_bounds(shard, low, high)):
+                windows = np.arange(begin, end, dtype=np.int64)
+                if self.shuffle:
+                    windows = windows[self._rng(epoch, 1, p, k).permutation(end - begin)]
+                pieces.append(windows)
+                starts.append(begin - low)
+            streams.append(np.concatenate(pieces))
+            chunk_starts.append(np.asarray(starts, dtype=np.int64))
+        order = EpochOrder(stories, story, start, streams, chunk_starts, steps)
+        self._orders = {k: v for k, v in self._orders.items() if k >= epoch - 1} | {epoch: order}
+        return order
+
+    def _rank_positions(self, total: int, start_window: int) -> np.ndarray:
+        """With one partition: the positions in the epoch's global sequence that this rank yields, in
+        order, from ``start_window``."""
+        remaining = max(0, total - start_window)
         size, world = self.global_batch, self.world_size
         full = remaining // size
         mine = self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
@@ -351,59 +460,76 @@ class WindowLoader:
         last = remaining - full * size
         if last and not self.equalize:  # the last, partial global batch: split as evenly as it goes
             positions.append(full * size + np.arange(self.rank * last // world, (self.rank + 1) * last // world))
-        return self.start_window + np.concatenate(positions)
+        return start_window + np.concatenate(positions)
+
+    def _stream_positions(self, order: EpochOrder, start_window: int) -> tuple[np.ndarray, np.ndarray]:
+        """(partition, position in its stream) of every window this rank yields from ``start_window``,
+        in order: step by step, its slots ``[rank*B, (rank+1)*B)`` of each global batch."""
+        if self.partitions == 1:
+            positions = self._rank_positions(len(order.streams[0]), start_window)
+            return np.zeros_like(positions), positions
+        size, bounds = self.global_batch, self._slot_bounds()
+        slots = self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        part = np.searchsorted(bounds, slots, side="right") - 1
+        per_step = np.diff(bounds)[part]
+        steps = np.arange(start_window // size, order.steps, dtype=np.int64)[:, None]
+        positions = (steps * per_step + (slots - bounds[part])).ravel()
+        keep = (steps * size + slots).ravel() >= start_window  # a start inside a step (never in training)
+        return np.broadcast_to(part, (len(steps), len(slots))).ravel()[keep], positions[keep]
+
+    def pass_plan(self, key: tuple[int, int] | None = None) -> PassPlan:
+        """This rank's pass from the current position (or ``key``: epoch of the order, start window):
+        which chunks it loads, in the order it first needs them, each with only the stories its
+        windows come from. Reads nothing."""
+        key = key or self._pass_key()
+        if key in self._passes:
+            return self._passes[key]
+        order = self.epoch_order(key[0])
+        part, positions = self._stream_positions(order, key[1])
+        if self.max_batches is not None:
+            limit = self.max_batches * self.batch_size
+            part, positions = part[:limit], positions[:limit]
+        window, chunk = np.empty_like(positions), np.empty_like(positions)
+        first_chunk = np.cumsum([0] + [len(starts) for starts in order.chunk_starts])
+        for p in np.unique(part).tolist():
+            mine = part == p
+            window[mine] = order.streams[p][positions[mine]]
+            chunk[mine] = first_chunk[p] + np.searchsorted(order.chunk_starts[p], positions[mine], side="right") - 1
+        needed, first_use = np.unique(chunk, return_index=True)
+        by_need = needed[np.argsort(first_use)]  # chunks in the order the rank first needs them
+        index = np.zeros(int(first_chunk[-1]), dtype=np.int64)
+        index[by_need] = np.arange(len(by_need))
+        chunk = index[chunk]
+        sequence = np.argsort(chunk, kind="stable")  # each chunk's windows, in the order they are consumed
+        sizes = np.bincount(chunk, minlength=len(by_need))
+        offsets = np.cumsum(sizes) - sizes
+        row = np.empty_like(chunk)
+        row[sequence] = np.arange(len(chunk)) - np.repeat(offsets, sizes)
+        plans = []
+        for c in range(len(by_need)):
+            windows = window[sequence[offsets[c] : offsets[c] + sizes[c]]]
+            stories, story_index = np.unique(order.story[windows], return_inverse=True)  # sorted: shard by shard
+            plans.append(
+                ChunkPlan(
+                    [order.stories[i] for i in stories.tolist()],
+                    np.stack([story_index.ravel(), order.start[windows]], axis=1),
+                )
+            )
+        plan = PassPlan(plans, chunk, row)
+        self._passes = {k: v for k, v in self._passes.items() if k[0] >= key[0] - 1} | {key: plan}
+        return plan
+
+    def plan(self) -> list[ChunkPlan]:
+        """This rank's chunks from the current position (``pass_plan().chunks``)."""
+        return self.pass_plan().chunks
 
     def __len__(self) -> int:
-        """Batches this rank yields from the current position to the end of the epoch."""
+        """Batches this rank yields from the current position to the end of the pass."""
         return math.ceil(self.num_windows() / self.batch_size)
 
     def num_windows(self) -> int:
-        """Windows this rank yields from the current position to the end of the epoch."""
-        return len(self._rank_positions(self.windows_in_epoch()))
-
-    def _chunks(self, stories: list[StoryRef]) -> list[list[StoryRef]]:
-        """Group consecutive stories into chunks of whole shards holding >= shuffle_buffer windows."""
-        chunks, current, windows, last_shard = [], [], 0, None
-        for story in stories:
-            if story.shard != last_shard and windows >= self.shuffle_buffer and current:
-                chunks.append(current)
-                current, windows = [], 0
-            current.append(story)
-            windows += windows_of(story.frames, self.context, self.mode)
-            last_shard = story.shard
-        if current:
-            chunks.append(current)
-        return chunks
-
-    def _chunk_windows(self, chunk_index: int, chunk: list[StoryRef]) -> np.ndarray:
-        """[n, 2]: (story position in chunk, window start), in this epoch's order. The salt
-        (1, 0, chunk) is the one single-process runs always used, so their order is unchanged."""
-        pairs = [
-            (position, start)
-            for position, story in enumerate(chunk)
-            for start in range(windows_of(story.frames, self.context, self.mode))
-        ]
-        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        if self.shuffle and len(pairs):
-            pairs = pairs[self._rng(1, 0, chunk_index).permutation(len(pairs))]
-        return pairs
-
-    def plan(self) -> list[ChunkPlan]:
-        """This rank's chunks from the current position on: only chunks holding some of its
-        windows, each with only the stories those windows come from. Reads nothing."""
-        chunks = self._chunks(self._epoch_stories())
-        total = sum(windows_of(s.frames, self.context, self.mode) for chunk in chunks for s in chunk)
-        positions = self._rank_positions(total)
-        plans, offset = [], 0
-        for chunk_index, chunk in enumerate(chunks):
-            size = sum(windows_of(s.frames, self.context, self.mode) for s in chunk)
-            low, high = np.searchsorted(positions, [offset, offset + size])
-            if high > low:
-                pairs = self._chunk_windows(chunk_index, chunk)[positions[low:high] - offset]
-                needed, index = np.unique(pairs[:, 0], return_inverse=True)  # sorted: chunk order kept
-                plans.append(ChunkPlan([chunk[i] for i in needed], np.stack([index.ravel(), pairs[:, 1]], axis=1)))
-            offset += size
-        return plans
+        """Windows this rank yields from the current position to the end of the pass."""
+        return len(self.pass_plan().chunk)
 
     # ------------------------------------------------------------------------------- loading
 
@@ -480,46 +606,113 @@ class WindowLoader:
             batch["target_sentences"] = [data.sentences[row[-1]][1] for row in rows]
         return batch
 
+    def begin(self) -> None:
+        """Start reading the current pass's first chunks in the background now (while a model is
+        built, or the validation split while training runs)."""
+        if self.pass_plan().chunks:
+            self._stream_at(self._pass_key())
+
+    def _stream_at(self, key: tuple[int, int]) -> _Stream:
+        if self._stream is None or self._stream.next_pass != key:
+            self.close()
+            self._stream = _Stream(self, key)
+        return self._stream
+
+    def _chunk_items(self, key: tuple[int, int]) -> Iterator[tuple[tuple[int, int], int, ChunkPlan]]:
+        """The chunks to load, pass after pass (one pass unless ``continuous``), as (pass, index, plan)."""
+        while True:
+            chunks = self.pass_plan(key).chunks  # planned in the consumer's thread, as prefetch pulls items
+            if not chunks:
+                return
+            for index, chunk in enumerate(chunks):
+                yield key, index, chunk
+            if not self.continuous:
+                return
+            key = self._next_pass(key)
+
+    def close(self) -> None:
+        """Stop reading ahead (background threads end); the next pass starts afresh."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def __iter__(self) -> Iterator[dict]:
         """This rank's slices of the global batches, from the current position: chunks are planned
         first, then loaded ``prefetch_chunks`` ahead in background threads (``load_chunk``, see
-        ``storymm.data.prefetch``) and cut into batches of ``batch_size``."""
-        plans = self.plan()
-        self.prefetch_stats = PrefetchStats()
-        loaded = prefetch_map(
-            self.load_chunk, plans, self.prefetch_chunks, describe=self._describe_chunk, stats=self.prefetch_stats
-        )
-        yield from self._batches(loaded)
+        ``storymm.data.prefetch``; with ``continuous`` on into the next pass) and cut into batches."""
+        key = self._pass_key()
+        plan = self.pass_plan()
+        stream = self._stream_at(key) if plan.chunks else None
+        if stream is not None:
+            stream.stats.new_pass()
+            self.prefetch_stats = stream.stats
+        done = False
+        try:
+            yield from self._batches(plan, stream, key)
+            done = True
+        finally:
+            if stream is not None and done and self.continuous:
+                stream.next_pass = self._next_pass(key)
+            else:  # a pass abandoned mid-way, or nothing to read ahead for
+                self.close()
         log.info("%s rank %d epoch %d read: %s", self.split, self.rank, self.epoch, self.prefetch_stats.summary())
 
-    def _describe_chunk(self, plan: ChunkPlan) -> str:
+    def _describe_chunk(self, item: tuple[tuple[int, int], int, ChunkPlan]) -> str:
+        (epoch, _), _, plan = item
         paths = [self.shards[shard]["path"] for shard in dict.fromkeys(story.shard for story in plan.stories)]
-        return f"a chunk of {self.split} (epoch {self.epoch}, rank {self.rank}: {', '.join(paths)})"
+        return f"a chunk of {self.split} (epoch {epoch}, rank {self.rank}: {', '.join(paths)})"
 
-    def _batches(self, chunks) -> Iterator[dict]:
+    def _batches(self, plan: PassPlan, stream: _Stream | None, key: tuple[int, int]) -> Iterator[dict]:
+        """Cut the pass into batches of ``batch_size`` windows. A batch may take windows from several
+        loaded chunks (several partitions, or a chunk boundary), so chunks are held until their last
+        window is consumed."""
         steps = np.arange(self.context + 1, dtype=np.int64)
-        carry: list[dict] = []  # the partial batch left at the end of the previous chunk
-        carried = 0
-        for plan, data in chunks:
-            windows = plan.windows
-            rows = (data.offsets[windows[:, 0]] + windows[:, 1])[:, None] + steps[None, :]
-            start = 0
-            if carried:
-                take = min(self.batch_size - carried, len(rows))
-                carry.append(self._batch(data, rows[:take], windows[:take]))
-                carried, start = carried + take, take
-                if carried == self.batch_size:
-                    yield _concat_batches(carry)
-                    carry, carried = [], 0
-            while len(rows) - start >= self.batch_size:
-                end = start + self.batch_size
-                yield self._batch(data, rows[start:end], windows[start:end])
-                start = end
-            if start < len(rows):
-                carry.append(self._batch(data, rows[start:], windows[start:]))
-                carried += len(rows) - start
-        if carried:  # only without equalize: the rank's share of the last, partial global batch
-            yield _concat_batches(carry)
+        total = len(plan.chunk)
+        last_use = np.zeros(len(plan.chunks), dtype=np.int64)
+        last_use[plan.chunk] = np.arange(total)  # the last assignment wins: each chunk's last window
+        held: dict[int, tuple[ChunkData, int]] = {}
+        for low in range(0, total, self.batch_size):
+            high = min(low + self.batch_size, total)
+            chunks, rows_in = plan.chunk[low:high], plan.row[low:high]
+            while stream.loaded <= chunks.max():  # chunks come in the order they are first needed
+                (got, index, _), data = next(stream.items)
+                if (got, index) != (key, stream.loaded):
+                    raise RuntimeError(f"loader out of step: chunk {index} of pass {got} in pass {key}")
+                held[index] = (data, nbytes(data))
+                stream.loaded += 1
+            cuts = [0, *(np.flatnonzero(np.diff(chunks)) + 1).tolist(), len(chunks)]
+            parts = []
+            for begin, end in zip(cuts, cuts[1:]):
+                chunk = int(chunks[begin])
+                data, windows = held[chunk][0], plan.chunks[chunk].windows[rows_in[begin:end]]
+                rows = (data.offsets[windows[:, 0]] + windows[:, 1])[:, None] + steps[None, :]
+                parts.append(self._batch(data, rows, windows))
+            for chunk in np.unique(chunks).tolist():
+                if last_use[chunk] < high:  # its last window is in this batch
+                    stream.stats.release(held.pop(chunk)[1])
+            yield parts[0] if len(parts) == 1 else _concat_batches(parts)
+        if stream is not None:
+            stream.loaded = 0  # the next pass's chunks come next
+
+
+class _Stream:
+    """The chunks a loader is reading: a prefetch over :meth:`WindowLoader._chunk_items` from a pass
+    on, and the pass whose first chunk it yields next (``next_pass``)."""
+
+    def __init__(self, loader: WindowLoader, key: tuple[int, int]):
+        self.next_pass, self.loaded = key, 0
+        self.stats = PrefetchStats()
+        self.items = prefetch_map(
+            lambda item: loader.load_chunk(item[2]),
+            loader._chunk_items(key),
+            loader.prefetch_chunks,
+            describe=loader._describe_chunk,
+            stats=self.stats,
+            consumer_releases=True,
+        )
+
+    def close(self) -> None:
+        self.items.close()
 
 
 def _concat_batches(parts: list[dict]) -> dict:

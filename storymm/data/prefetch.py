@@ -8,8 +8,11 @@ threads, so the consumer only waits when storage is slower than the step on aver
 Guarantees:
 - Order: results come out in the order of ``items``, whatever order the loads finish in, so the
   loader's batches (and hence training) are identical with and without prefetch.
-- Bound: at most ``depth`` loads run or wait unconsumed at any time, plus the item the consumer holds:
-  memory is ``(depth + 1)`` chunks at most. ``items`` is consumed lazily, ``depth`` ahead.
+- Bound: at most ``depth`` loads run or wait unconsumed at any time, plus what the consumer holds:
+  memory is ``(depth + 1)`` chunks at most when it holds one at a time. ``items`` is consumed
+  lazily, ``depth`` ahead. A consumer that keeps several results (the loader with several
+  partitions per rank) passes ``consumer_releases=True`` and calls ``stats.release`` for each one
+  it drops, so the statistics still count what is really held.
 - Errors: a failed load re-raises its own exception (type kept, so callers' handling still works)
   in the consumer, at that item's turn, with a note naming the item.
 - Shutdown: closing or abandoning the iterator cancels loads not yet started and waits for the
@@ -24,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -47,6 +50,27 @@ class PrefetchStats:
     peak_bytes: int = 0
     _held: int = 0
     _held_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def hold(self, size: int) -> None:
+        """A loaded item (``size`` bytes) is now held, by the prefetch or by the consumer."""
+        with self._lock:
+            self._held += 1
+            self._held_bytes += size
+            self.peak_items = max(self.peak_items, self._held)
+            self.peak_bytes = max(self.peak_bytes, self._held_bytes)
+
+    def release(self, size: int) -> None:
+        """The consumer dropped an item of ``size`` bytes."""
+        with self._lock:
+            self._held -= 1
+            self._held_bytes -= size
+
+    def new_pass(self) -> None:
+        """Start counting a new pass: waits and items from zero, peaks from what is held now."""
+        with self._lock:
+            self.items, self.wait_s = 0, 0.0
+            self.peak_items, self.peak_bytes = self._held, self._held_bytes
 
     def summary(self) -> str:
         return (
@@ -75,75 +99,101 @@ def prefetch_map(
     *,
     describe: Callable[[T], str] = repr,
     stats: PrefetchStats | None = None,
-) -> Iterator[tuple[T, R]]:
+    consumer_releases: bool = False,
+) -> Prefetcher:
     """Yield ``(item, load(item))`` in order, loading up to ``depth`` items ahead in background threads.
 
+    The first ``depth`` loads start at once, before the first ``next()``: a caller can start reading
+    early (the next epoch while this one trains, the validation split before it is due).
     ``describe(item)`` names an item in error notes; ``stats`` (optional) is filled in as the pass goes.
+    A result counts as held until the consumer asks for the next one, or with ``consumer_releases``
+    until it calls ``stats.release(nbytes(result))``.
     """
     if depth < 0:
         raise ValueError(f"prefetch depth must be >= 0, got {depth}")
-    stats = stats if stats is not None else PrefetchStats()
-    if depth == 0:
-        yield from _synchronous(load, items, describe, stats)
-        return
-    lock = threading.Lock()
+    return Prefetcher(load, items, depth, describe, stats if stats is not None else PrefetchStats(), consumer_releases)
 
-    def tracked(item):
-        result = load(item)
-        size = nbytes(result)
-        with lock:
-            stats._held += 1
-            stats._held_bytes += size
-            stats.peak_items = max(stats.peak_items, stats._held)
-            stats.peak_bytes = max(stats.peak_bytes, stats._held_bytes)
-        return result, size
 
-    source = iter(items)
-    pending: deque[tuple[T, Future]] = deque()
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX)
-    try:
+def _load_tracked(load, stats: PrefetchStats, item):
+    result = load(item)
+    size = nbytes(result)
+    stats.hold(size)
+    return result, size
 
-        def submit_next() -> None:
-            for item in source:
-                pending.append((item, pool.submit(tracked, item)))
-                return
 
+class Prefetcher(Iterator):
+    """The iterator :func:`prefetch_map` returns; ``close()`` (or dropping it) cancels what has not
+    started and waits for the running loads."""
+
+    def __init__(self, load, items, depth: int, describe, stats: PrefetchStats, consumer_releases: bool):
+        self.load, self.source, self.depth, self.describe = load, iter(items), depth, describe
+        self.stats, self.consumer_releases = stats, consumer_releases
+        self.pending: deque[tuple[object, Future]] = deque()
+        self.held_size: int | None = None  # the result the consumer holds, released at its next request
+        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=THREAD_PREFIX) if depth else None
         for _ in range(depth):
-            submit_next()
-        while pending:
-            item, future = pending.popleft()
-            started = time.perf_counter()
-            try:
-                result, size = future.result()
-            except BaseException as err:
-                err.add_note(f"while loading {describe(item)} in the background (prefetch)")
-                raise
-            stats.wait_s += time.perf_counter() - started
-            stats.items += 1
-            submit_next()  # keep `depth` loads going while the consumer works on this one
-            try:
-                yield item, result
-            finally:
-                with lock:
-                    stats._held -= 1
-                    stats._held_bytes -= size
-                del result
-    finally:
-        for _, future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+            self._submit_next()
 
+    def _submit_next(self) -> None:
+        for item in self.source:  # the task holds no reference to self, so a dropped iterator is collected
+            self.pending.append((item, self.pool.submit(_load_tracked, self.load, self.stats, item)))
+            return
 
-def _synchronous(load, items, describe, stats: PrefetchStats):
-    for item in items:
+    def _release_held(self) -> None:
+        if self.held_size is not None:
+            self.stats.release(self.held_size)
+            self.held_size = None
+
+    def __next__(self):
+        self._release_held()
+        if self.pool is None:
+            return self._next_synchronous()
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        item, future = self.pending.popleft()
         started = time.perf_counter()
         try:
-            result = load(item)
+            result, size = future.result()
         except BaseException as err:
-            err.add_note(f"while loading {describe(item)}")
+            err.add_note(f"while loading {self.describe(item)} in the background (prefetch)")
+            self.close()
             raise
-        stats.wait_s += time.perf_counter() - started
-        stats.items += 1
+        self.stats.wait_s += time.perf_counter() - started
+        self.stats.items += 1
+        self._submit_next()  # keep `depth` loads going while the consumer works on this one
+        if not self.consumer_releases:
+            self.held_size = size
+        return item, result
+
+    def _next_synchronous(self):
+        item = next(self.source)  # StopIteration ends the pass
+        started = time.perf_counter()
+        try:
+            result = self.load(item)
+        except BaseException as err:
+            err.add_note(f"while loading {self.describe(item)}")
+            raise
+        self.stats.wait_s += time.perf_counter() - started
+        self.stats.items += 1
         size = nbytes(result)
-        stats.peak_items, stats.peak_bytes = 1, max(stats.peak_bytes, size)
-        yield item, result
+        self.stats.hold(size)
+        if not self.consumer_releases:
+            self.held_size = size
+        return item, result
+
+    def close(self) -> None:
+        self._release_held()
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is None:
+            return
+        for _, future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        # collected by a garbage collection that one of its own threads ran: it cannot wait for itself
+        inside = threading.current_thread().name.startswith(THREAD_PREFIX)
+        pool.shutdown(wait=not inside, cancel_futures=True)
+        self.source = iter(())
+
+    def __del__(self):
+        self.close()

@@ -64,7 +64,6 @@ class RowOutcome:
     texts: list[FrameText] = field(default_factory=list)
     frame_index: list[int] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
-    token_ids: list[list[int]] | None = None  # filled by workers that tokenize (prepare --backend ray)
 
 
 def decode_frame(image: object, width: int, height: int) -> bytes:
@@ -137,6 +136,44 @@ def assign_split(story_id: str, source_split: str, seed: int, val_fraction: floa
 # ------------------------------------------------------------------------------------ writing
 
 
+def shard_record(outcome: RowOutcome, source_split: str, token_ids: list[list[int]]) -> dict:
+    """The shard row of a kept story (``shard_schema``'s columns)."""
+    return {
+        "story_id": outcome.story_id,
+        "source_split": source_split,
+        "frame_index": outcome.frame_index,
+        "frames": outcome.frames,
+        "sentences": [t.sentence for t in outcome.texts],
+        "token_ids": token_ids,
+        "objects": [t.objects for t in outcome.texts],
+        "actions": [t.actions for t in outcome.texts],
+        "locations": [t.locations for t in outcome.texts],
+    }
+
+
+def shard_path(split: str, index: int) -> str:
+    return f"{split}/part-{index:05d}.parquet"
+
+
+def write_shard(data_uri: str, split: str, index: int, records: list[dict], schema: pa.Schema) -> dict:
+    """Encode ``records`` as shard ``index`` of ``split``, publish it; return its manifest entry.
+    The bytes depend only on the records, so whoever writes a shard writes the same file."""
+    table = pa.Table.from_pylist(records, schema=schema)
+    sink = io.BytesIO()
+    # Small row groups let a reader stream a shard without holding all of it.
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(32, len(records))))
+    data = sink.getvalue()
+    relative = shard_path(split, index)
+    storage.write_bytes(storage.join(data_uri, relative), data)
+    return {
+        "path": relative,
+        "rows": len(records),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "frame_counts": [len(r["frames"]) for r in records],
+    }
+
+
 class ShardWriter:
     """Buffers kept stories of one split and publishes fixed-size parquet shards."""
 
@@ -153,23 +190,31 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
-        sink = io.BytesIO()
-        # Small row groups let a reader stream a shard without holding all of it.
-        pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(32, len(self.buffer))))
-        data = sink.getvalue()
-        relative = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        storage.write_bytes(storage.join(self.data_uri, relative), data)
-        self.shards.append(
-            {
-                "path": relative,
-                "rows": len(self.buffer),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "frame_counts": [len(r["frames"]) for r in self.buffer],
-            }
-        )
+        self.shards.append(write_shard(self.data_uri, self.split, len(self.shards), self.buffer, self.schema))
         self.buffer = []
+
+
+class Accounting:
+    """Where every source row went, counted in source order (the order decides which copy of a
+    duplicated story id is kept): rows per source split, rejections and dropped frames by reason."""
+
+    def __init__(self):
+        self.rejected: Counter = Counter()
+        self.dropped: Counter = Counter()
+        self.source_rows: Counter = Counter()
+        self.seen_ids: set[str] = set()
+
+    def admit(self, source_split: str, outcome: RowOutcome) -> bool:
+        """Count the next row of the source; True when its story is kept."""
+        self.source_rows[source_split] += 1
+        if outcome.reason is None and outcome.story_id in self.seen_ids:
+            outcome.reason = "duplicate_story_id"
+        if outcome.reason is not None:
+            self.rejected[outcome.reason] += 1
+            return False
+        self.seen_ids.add(outcome.story_id)
+        self.dropped.update(outcome.dropped)
+        return True
 
 
 def _clear_previous(data_uri: str) -> None:
@@ -208,9 +253,10 @@ def prepare(
 ) -> dict:
     """Read ``source_spec``, write shards and ``manifest.json`` under ``data_uri``; return the manifest.
 
-    ``backend="ray"`` decodes, resizes and tokenizes on a Ray cluster (``workers`` tasks at a time,
-    see ``prepare_ray``); this process still does the accounting and writes the shards in source
-    order, so the output is byte-identical to the local backend's.
+    ``backend="ray"`` decodes, resizes, tokenizes and writes the shards on a Ray cluster (``workers``
+    tasks at a time, see ``prepare_ray``); this process only does the accounting, in source order,
+    which fixes each kept story's shard and row, so the output is byte-identical to the local
+    backend's.
     """
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown prepare backend {backend!r} (choose local or ray)")
@@ -227,58 +273,39 @@ def prepare(
     storage.write_text(storage.join(data_uri, TOKENIZER_FILE), tokenizer.to_json())
 
     schema = shard_schema(height, width)
-    writers = {split: ShardWriter(data_uri, split, schema, cfg.rows_per_shard) for split in OUTPUT_SPLITS}
-    rejected: Counter = Counter()
-    dropped: Counter = Counter()
-    source_rows: Counter = Counter()
-    seen_ids: set[str] = set()
+    accounting = Accounting()
     threads = cfg.prepare_threads or os.cpu_count() or 1
     check = dict(min_frames=min_frames, width=width, height=height)
-    if backend == "ray":
-        from storymm.data.prepare_ray import checked_on_ray
 
-        checked = checked_on_ray(source, check, tokenizer, workers or 1)
-    else:
-        checked = _checked_locally(source, lambda row: check_row(row, **check), threads)
+    def split_of(outcome: RowOutcome, source_split: str) -> str:
+        return assign_split(outcome.story_id, source_split, config.seed, cfg.val_fraction)
 
     bar = Progress(sum(source.rows.values()), desc="prepare", unit="story", enabled=progress)
-    for source_split, outcomes in checked:
-        kept = []
-        for outcome in outcomes:
-            source_rows[source_split] += 1
-            if outcome.reason is None and outcome.story_id in seen_ids:
-                outcome.reason = "duplicate_story_id"
-            if outcome.reason is not None:
-                rejected[outcome.reason] += 1
-                continue
-            seen_ids.add(outcome.story_id)
-            dropped.update(outcome.dropped)
-            kept.append(outcome)
-        sentences = [text.sentence for outcome in kept if outcome.token_ids is None for text in outcome.texts]
-        token_ids = iter(tokenizer.encode_batch(sentences)) if sentences else iter(())
-        for outcome in kept:
-            split = assign_split(outcome.story_id, source_split, config.seed, cfg.val_fraction)
-            writers[split].add(
-                {
-                    "story_id": outcome.story_id,
-                    "source_split": source_split,
-                    "frame_index": outcome.frame_index,
-                    "frames": outcome.frames,
-                    "sentences": [t.sentence for t in outcome.texts],
-                    "token_ids": (
-                        outcome.token_ids if outcome.token_ids is not None else [next(token_ids) for _ in outcome.texts]
-                    ),
-                    "objects": [t.objects for t in outcome.texts],
-                    "actions": [t.actions for t in outcome.texts],
-                    "locations": [t.locations for t in outcome.texts],
-                }
-            )
-        bar.update(len(outcomes))
-    bar.close()
-    for writer in writers.values():
-        writer.flush()
+    if backend == "ray":
+        from storymm.data.prepare_ray import written_on_ray
 
-    kept_stories = {split: sum(s["rows"] for s in w.shards) for split, w in writers.items()}
+        size = (height, width)
+        shards = written_on_ray(
+            source, data_uri, check, tokenizer, workers or 1, size, cfg.rows_per_shard, accounting, split_of, bar
+        )
+    else:
+        writers = {split: ShardWriter(data_uri, split, schema, cfg.rows_per_shard) for split in OUTPUT_SPLITS}
+        for source_split, outcomes in _checked_locally(source, lambda row: check_row(row, **check), threads):
+            kept = [outcome for outcome in outcomes if accounting.admit(source_split, outcome)]
+            sentences = [text.sentence for outcome in kept for text in outcome.texts]
+            token_ids = iter(tokenizer.encode_batch(sentences)) if sentences else iter(())
+            for outcome in kept:
+                ids = [next(token_ids) for _ in outcome.texts]
+                writers[split_of(outcome, source_split)].add(shard_record(outcome, source_split, ids))
+            bar.update(len(outcomes))
+        for writer in writers.values():
+            writer.flush()
+        shards = {split: writer.shards for split, writer in writers.items()}
+    bar.close()
+    shards = {split: shards.get(split, []) for split in OUTPUT_SPLITS}
+    rejected, dropped, source_rows = accounting.rejected, accounting.dropped, accounting.source_rows
+
+    kept_stories = {split: sum(s["rows"] for s in entries) for split, entries in shards.items()}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"storymm {storymm.__version__}",
@@ -300,10 +327,10 @@ def prepare(
         "source_rows": sum(source_rows.values()),
         "source_rows_by_split": dict(source_rows),
         "kept_stories": kept_stories,
-        "kept_frames": {split: sum(sum(s["frame_counts"]) for s in w.shards) for split, w in writers.items()},
+        "kept_frames": {split: sum(sum(s["frame_counts"]) for s in entries) for split, entries in shards.items()},
         "rejected": dict(sorted(rejected.items())),
         "dropped_frames": dict(sorted(dropped.items())),
-        "shards": {split: w.shards for split, w in writers.items()},
+        "shards": shards,
     }
     accounted = sum(kept_stories.values()) + sum(rejected.values())
     if accounted != manifest["source_rows"]:  # the promise prepare makes; fail loudly, never publish

@@ -8,9 +8,9 @@ version, so a slow store costs fewer PUTs, never a queue that grows.
 
 A write that fails (after ``storage``'s own retries) stays pending and is retried: one warning when
 writes start failing, one line when they work again. :meth:`flush` is the point where failure
-becomes the caller's: it waits for everything put so far and raises the last error if a file could
-not be written (the loop flushes before every checkpoint, so a checkpoint never covers a step whose
-log line is not stored).
+becomes the caller's: it waits for everything put so far (or for what :meth:`mark` noted) and raises
+the last error if a file could not be written (a checkpoint's ``latest`` moves only after the log
+lines it covers are stored: the checkpoint writer flushes through the mark the step took).
 
 Writers are registered by the folder they write to: a new writer for a folder first finishes the
 one an earlier attempt in this process left behind (a run that raised and is resumed in the same
@@ -58,6 +58,9 @@ class BackgroundWrites:
         self._busy = False
         self._error: Exception | None = None
         self._attempts = 0  # write attempts that ended, for flush's "tried again since"
+        self._puts = 0
+        self._versions: dict[str, int] = {}  # per file, the version last put (the count of puts then)
+        self._written: dict[str, int] = {}  # per file, the version last written
 
     def put(self, uri: str, data: bytes) -> None:
         with self._lock:
@@ -65,19 +68,33 @@ class BackgroundWrites:
                 raise RuntimeError(f"{self.what}: writes after close")
             self._pending.pop(uri, None)  # re-queued at the end: written after what was put before it
             self._pending[uri] = data
+            self._puts += 1
+            self._versions[uri] = self._puts
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"storymm-writes-{self.what}", daemon=True)
                 self._thread.start()
             self._lock.notify_all()
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything put so far is written; raise the error of a write that still fails
-        after one more attempt, or ``TimeoutError``."""
+    def mark(self) -> dict[str, int]:
+        """What is put and not yet written, for ``flush(through=...)``: each file's version now."""
+        with self._lock:
+            return {uri: self._versions[uri] for uri in self._pending}
+
+    def flush(self, timeout: float | None = None, through: dict[str, int] | None = None) -> None:
+        """Wait until everything put so far is written (with ``through``, a :meth:`mark`: until those
+        files are written in that version or a newer one, whatever is put meanwhile); raise the error
+        of a write that still fails after one more attempt, or ``TimeoutError``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def waiting() -> bool:
+            if through is None:
+                return bool(self._pending or self._busy)
+            return any(self._written.get(uri, 0) < version for uri, version in through.items())
+
         with self._lock:
             start = self._attempts
             self._lock.notify_all()  # a worker waiting to retry tries now
-            while self._pending or self._busy:
+            while waiting():
                 if self._error is not None and self._attempts > start and not self._busy:
                     raise self._error
                 left = None if deadline is None else deadline - time.monotonic()
@@ -104,6 +121,7 @@ class BackgroundWrites:
                 if not self._pending:
                     return
                 uri, data = next(iter(self._pending.items()))
+                version = self._versions[uri]
                 self._busy = True
             try:
                 storage.write_bytes(uri, data)
@@ -114,6 +132,7 @@ class BackgroundWrites:
                 self._busy = False
                 self._attempts += 1
                 if error is None:
+                    self._written[uri] = version
                     if self._pending.get(uri) is data:  # not put again meanwhile
                         del self._pending[uri]
                     if self._error is not None:

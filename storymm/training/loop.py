@@ -16,6 +16,7 @@ divide it), so it continues at exactly the next window of the interrupted epoch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import socket
@@ -94,12 +95,14 @@ def load_autoencoders(model, init_from: list[str]) -> list[str]:
 @dataclass
 class Position:
     """Where training stands: the optimiser step and the global data position (epoch, windows of
-    its global sequence consumed), with the run's global batch (windows per step, all workers)."""
+    its global sequence consumed), with the run's global batch (windows per step, all workers) and
+    partitions of the order (``data/loader.py``), both fixed when the run starts."""
 
     global_batch: int
     step: int = 0
     epoch: int = 0
     windows: int = 0
+    partitions: int = 1
 
     def advance(self) -> None:
         self.step += 1
@@ -113,6 +116,7 @@ class Position:
             "epoch": self.epoch,
             "windows": self.windows,
             "global_batch": self.global_batch,
+            "partitions": self.partitions,
             "world_size": world_size,
         }
 
@@ -148,12 +152,17 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
     fresh start with a per-rank seed (dropout differs between ranks)."""
     if resumed is None:
         torch.manual_seed(config.seed + runtime.rank)
-        return Position(global_batch=config.data.batch_size * runtime.world_size)
+        global_batch = config.data.batch_size * runtime.world_size
+        # more partitions than windows per step would leave some without a slot: at most G
+        partitions = min(config.data.partitions or runtime.world_size, global_batch)
+        return Position(global_batch=global_batch, partitions=partitions)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     data, step = resumed["data_position"], int(resumed["step"])
-    if "windows" in data:
-        position = Position(int(data["global_batch"]), step, int(data["epoch"]), int(data["windows"]))
+    if "windows" in data:  # checkpoints from before partitions trained on one (the same order)
+        position = Position(
+            int(data["global_batch"]), step, int(data["epoch"]), int(data["windows"]), int(data.get("partitions", 1))
+        )
     else:
         # a checkpoint from before the global order: its order depended on the world size, so the
         # position cannot be carried over; start the next epoch, as such runs always did on resume
@@ -206,12 +215,25 @@ def _train_loader(
         equalize=True,
         with_ids=config.train.record_windows,
         uint8_pixels=True,  # 4x fewer bytes to pin and copy: floats on the device (data/transfer.py)
+        partitions=position.partitions,
+        continuous=True,  # reads the next epoch's first chunks while this one trains
     )
+    if position.partitions % runtime.world_size and runtime.is_main:
+        log.info(
+            "%d workers share the run's %d data partitions: each reads more than 1/%d of the data "
+            "(a number of workers that divides %d reads 1/N)",
+            runtime.world_size,
+            position.partitions,
+            runtime.world_size,
+            position.partitions,
+        )
     if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
             f"not one full global batch of {position.global_batch} windows ({batch_size} per worker, "
             f"{runtime.world_size} workers): use more data or a smaller data.batch_size"
         )
+    loader.set_epoch(position.epoch, start_window=position.windows)
+    loader.begin()  # the first chunks load while the model is prepared
     return loader
 
 
@@ -293,8 +315,8 @@ class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
     previous log, where each rank's time went (``timing.py``), one line in the run's metrics log and in
     the trackers (rank 0), the progress bar or line, the backend's report. A resumed run rewrites the
-    lines past its checkpoint instead of repeating them (``metrics_store.py``); the trackers learn at
-    every checkpoint that the steps before it are final (``trackers.py``)."""
+    lines past its checkpoint instead of repeating them (``metrics_store.py``); the trackers learn,
+    once a checkpoint is published, that the steps before it are final (``trackers.py``)."""
 
     def __init__(
         self,
@@ -391,17 +413,23 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.record(step, values, wall)
 
-    def flush(self) -> None:
-        """Every line so far stored (before a checkpoint: no checkpoint covers a step without its line)."""
-        if self.store is not None:
-            self.store.flush()
+    def stored_wait(self):
+        """A call that waits until the lines logged so far are stored (rank 0; None elsewhere): the
+        checkpoint writer makes it before it moves ``latest``, so no checkpoint covers a step whose
+        line is not stored, and the step does not wait for the upload."""
+        return self.store.stored_wait() if self.store is not None else None
 
-    def checkpointed(self, step: int) -> None:
-        """The checkpoint of ``step`` is written: a new segment starts, the trackers may keep what precedes."""
+    def checkpoint_taken(self) -> None:
+        """A checkpoint of this step is being written: the log's segment ends here, so a resume from it
+        cuts at a segment's end."""
         if self.store is not None:
             self.store.seal()
-            for tracker in self.trackers:
-                tracker.checkpointed(step)
+
+    def checkpointed(self, step: int) -> None:
+        """The checkpoint of ``step`` is published (``latest`` names it, after its upload; called from the
+        checkpoint writer's thread): no resume redoes the steps up to it, so the trackers may keep them."""
+        for tracker in self.trackers:
+            tracker.checkpointed(step)
 
     def close(self, completed: bool = False) -> None:
         self.progress.close()
@@ -432,27 +460,38 @@ class CheckpointPolicy:
 
 
 def _save(
-    run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
-) -> str | None:
-    """Every rank hands in its RNG state; rank 0 writes the checkpoint; all wait for it."""
+    run: RunFolder,
+    runtime: Runtime,
+    stage: str,
+    model,
+    optimizer,
+    scheduler,
+    position: Position,
+    status: str,
+    before_publish=None,
+) -> None:
+    """Every rank hands in its RNG state; rank 0 snapshots the state and writes it in the background
+    (``RunFolder.save_checkpoint``: the steps go on while it uploads; :func:`train` learns when it is
+    published), calling ``before_publish()`` before ``latest`` moves."""
     states = runtime.all_gather_object(checkpoint.rng_state(runtime.device))
-    uri = None
-    if runtime.is_main:
-        uri = run.save_checkpoint(
-            {
-                "stage": stage,
-                "model": runtime.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": states,
-                "step": position.step,
-                "data_position": position.data_position(runtime.world_size),
-                "status": status,
-            },
-            position.step,
-        )
-    runtime.barrier()
-    return uri
+    if not runtime.is_main:
+        return
+    run.save_checkpoint(
+        {
+            "stage": stage,
+            "model": runtime.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": states,
+            "step": position.step,
+            "data_position": position.data_position(runtime.world_size),
+            "status": status,
+        },
+        position.step,
+        before_publish,
+    )
+    if runtime.wait_for_checkpoints:
+        run.wait_for_checkpoint()
 
 
 # ----------------------------------------------------------------------------------- train
@@ -500,6 +539,7 @@ def train(
                 "backend": runtime.name,
                 "world_size": runtime.world_size,
                 "global_batch": position.global_batch,
+                "partitions": position.partitions,
                 "hosts": hosts,
                 # goodput counts from the start of this process (the clock's start), through every restart
                 "started": time.time() - (time.monotonic() - runtime.phases.started),
@@ -541,14 +581,20 @@ def train(
     guard = NonFiniteGuard(runtime, stage, position.step)
     validator = Validator(config, stage, dataset, runtime, run, loss_fn)
 
+    def report_published() -> None:
+        """The newest checkpoint published since the last report (rank 0), for the backend."""
+        published = run.published_checkpoints()
+        runtime.report(metrics.last, published[-1].uri if published else None)
+
     def save(status: str) -> None:
         phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
-        metrics.flush()
-        uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
-        metrics.checkpointed(position.step)
+        _save(run, runtime, stage, model, optimizer, scheduler, position, status, metrics.stored_wait())
+        metrics.checkpoint_taken()
+        if runtime.is_main:  # written in the background: the trackers learn it once it is published
+            run.when_checkpoint_published(position.step, functools.partial(metrics.checkpointed, position.step))
         windows.flush()
-        runtime.report(metrics.last, uri)
+        report_published()
         policy.saved(position.step)
 
     status = "completed"
@@ -594,6 +640,12 @@ def train(
             position.next_epoch()
     if policy.saved_at != position.step:
         save(status)
+    loader.close()
+    validator.close()
+    if runtime.is_main:  # the end of training, also a stop on SLURM's signal, waits for the upload
+        run.wait_for_checkpoint()
+    report_published()
+    runtime.barrier()
     metrics.close(completed=status == "completed")
     phases.enter(Phase.FINISHED)
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

@@ -20,6 +20,7 @@ rank 0 logged it) and, at validation steps, ``val_*``; :func:`learned` drops wha
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,13 @@ class MetricsStore:
     def flush(self) -> None:
         if self._writes is not None:
             self._writes.flush()
+
+    def stored_wait(self):
+        """A call that waits until the lines recorded so far are stored (those files in those versions
+        or newer; it raises if they cannot be written), for another thread to make later."""
+        if self._writes is None:
+            return lambda: None
+        return functools.partial(self._writes.flush, through=self._writes.mark())
 
     def close(self) -> None:
         if self._writes is not None:

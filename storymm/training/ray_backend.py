@@ -29,6 +29,7 @@ import torch
 
 from storymm import storage
 from storymm.config import Config, config_from_dict
+from storymm.training import checkpoint
 from storymm.training.devices import GpuUnavailable, require_cuda, threads_per_process
 from storymm.training.loop import TrainingError
 from storymm.training.run import RunFolder
@@ -182,13 +183,15 @@ class RayRuntime(Runtime):
         if checkpoint_uri is None or not self.is_main:
             ray.train.report(clean)
             return
+        # the checkpoint was published (it is written in the background), possibly some steps ago
+        step = checkpoint.step_of(checkpoint_uri)
         with tempfile.TemporaryDirectory(prefix="storymm-ray-ckpt-") as folder:
             with open(os.path.join(folder, POINTER_FILE), "w") as handle:
-                json.dump({"checkpoint": storage.redact(checkpoint_uri), "step": clean.get("step")}, handle)
+                json.dump({"checkpoint": storage.redact(checkpoint_uri), "step": step}, handle)
             ray.train.report(
                 clean,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint-step-{int(clean.get('step', 0)):08d}",
+                checkpoint_dir_name=f"checkpoint-step-{step:08d}",
             )
 
 

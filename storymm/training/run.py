@@ -6,7 +6,8 @@
     <run>/trackers.json   the experiment trackers' ids for this run (one MLflow run through every resume)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
     <run>/reports.jsonl   one line per evaluation report written of this run (``storymm export`` cites the latest)
-    <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
+    <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``),
+                          written in the background by the folder's ``CheckpointWriter``
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
 file names themselves.
@@ -38,6 +39,7 @@ class RunFolder:
 
     def __init__(self, uri: str):
         self.uri = str(uri)
+        self._writer: checkpoint.CheckpointWriter | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({self.shown!r})"
@@ -126,8 +128,30 @@ class RunFolder:
     def load_latest(self, purpose: str = "resuming from") -> dict | None:
         return checkpoint.load_latest(self.uri, purpose=purpose)
 
-    def save_checkpoint(self, state: dict, step: int) -> str:
-        return checkpoint.save(self.uri, state, step)
+    @property
+    def checkpoint_writer(self) -> checkpoint.CheckpointWriter:
+        if self._writer is None:
+            self._writer = checkpoint.CheckpointWriter(self.uri)
+        return self._writer
+
+    def save_checkpoint(self, state: dict, step: int, before_publish=None) -> str:
+        """Snapshot ``state`` now and write it in the background (after the save before it, which it
+        waits for); ``latest`` moves when it is complete and ``before_publish()`` (if given) returned.
+        Returns the checkpoint's URI."""
+        return self.checkpoint_writer.submit(state, step, before_publish)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint being written is published (raises if writing it failed)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def when_checkpoint_published(self, step: int, action) -> None:
+        """Run ``action()`` once the checkpoint of ``step`` is published (maybe in the writer's thread)."""
+        self.checkpoint_writer.when_published(step, action)
+
+    def published_checkpoints(self) -> list[checkpoint.Published]:
+        """Checkpoints published since the last call, oldest first (does not wait)."""
+        return self._writer.published() if self._writer is not None else []
 
     def load_best(self, purpose: str = "loading") -> dict | None:
         """The checkpoint with the best validation score (``train.<stage>.eval_every``), if any."""
@@ -138,7 +162,8 @@ class RunFolder:
         return checkpoint.read_best(self.uri)
 
     def mark_best(self, step: int, metric: str, value: float) -> None:
-        checkpoint.mark_best(self.uri, step, metric, value)
+        """Point ``best`` at ``step``'s checkpoint (once it is published, if it is being written)."""
+        self.checkpoint_writer.mark_best(step, metric, value)
 
 
 def read_run(run_uri: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ class Runtime:
     name: str = "local"
     #: this rank's phase clock (``phases.py``): the loop marks phases, the collectives below mark theirs
     phases: PhaseClock = field(default_factory=PhaseClock, repr=False, compare=False)
+    # checkpoints are written in the background while training goes on; a runtime whose report at a
+    # checkpoint may end the process (Ray Tune's ASHA) waits for each to be published instead
+    wait_for_checkpoints: ClassVar[bool] = False
 
     @classmethod
     def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> Runtime:
@@ -126,7 +130,8 @@ class Runtime:
     # ------------------------------------------------------------------------- reporting
 
     def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
-        """Hook for backends with their own metric/checkpoint tracking (Ray Train)."""
+        """Hook for backends with their own metric/checkpoint tracking (Ray Train). ``checkpoint_uri``
+        is a checkpoint published (complete, ``latest``) since the previous report, if any."""
 
     def should_stop(self) -> bool:
         """True when the scheduler asked us to stop (e.g. SLURM's warning signal): checkpoint and exit."""

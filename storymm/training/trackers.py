@@ -72,7 +72,8 @@ class Tracker:
         """New values for ``step`` (a new logged step, or validation terms of the last one)."""
 
     def checkpointed(self, step: int) -> None:
-        """Everything up to ``step`` is covered by a checkpoint: no resume redoes it."""
+        """Everything up to ``step`` is covered by a published checkpoint: no resume redoes it. Called
+        from the checkpoint writer's thread, which publishes checkpoints in the background."""
 
     def close(self, completed: bool) -> None:
         """End of this attempt (``completed``: the run reached its last step)."""

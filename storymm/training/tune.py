@@ -98,6 +98,8 @@ def scored_stage(stage: str) -> str:
 class TuneRuntime(Runtime):
     """One process per trial; the loss of each logged step goes to Ray Tune (and ASHA)."""
 
+    wait_for_checkpoints = True  # ASHA may stop the trial at the report of a checkpoint's step
+
     def __init__(self, checkpoint_every: int = 0, final_step: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self._last_step = -1

@@ -11,7 +11,9 @@ checkpoints that step and :func:`checkpoint.mark_best` points ``best`` at it
 
 Cheap by construction: at most ``train.<stage>.val_batches`` batches (0 = the whole split), read in a
 fixed order, in eval mode without gradients; the RNG state is restored afterwards, so a run's training
-curve is the same with and without validation.
+curve is the same with and without validation. The loader reads the next pass's chunks in the
+background from the start of training and after each pass (``continuous``), so a validation pass
+does not begin by waiting for storage.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Validator:
         self.loader = None
         if self.every == 0:
             return
+        per_rank = math.ceil(stage_cfg.val_batches / runtime.world_size) if stage_cfg.val_batches else None
         try:
             loader = window_loader(
                 dataset,
@@ -54,6 +57,8 @@ class Validator:
                 tags=stage == "sequence",
                 shuffle=False,
                 equalize=False,
+                max_batches=per_rank,
+                continuous=True,
             )
         except DatasetError as err:
             log.info("no validation: %s", err)
@@ -62,10 +67,14 @@ class Validator:
             log.info("no validation: the %r split is empty", SPLIT)
             return
         self.loader = loader
-        per_rank = math.ceil(stage_cfg.val_batches / runtime.world_size) if stage_cfg.val_batches else None
-        self.max_batches = per_rank
+        loader.begin()  # read the first pass while training runs
         best = run.read_best()
         self.best = best["value"] if best and best.get("metric") == self.key else math.inf
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        if self.loader is not None:
+            self.loader.close()
 
     def due(self, step: int, finished: bool) -> bool:
         return self.loader is not None and (step % self.every == 0 or finished)
@@ -79,9 +88,7 @@ class Validator:
         model.eval()
         sums: dict[str, float] = {}
         windows = 0
-        for index, batch in enumerate(self.loader):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
+        for batch in self.loader:  # at most val_batches (the loader stops), the next pass read ahead
             batch = self.runtime.to_device(batch)
             with self.runtime.autocast():
                 _, terms = self.loss_fn(model, batch)
