@@ -75,17 +75,21 @@ class HangPolicy:
             enabled=explicit != 0,
         )
 
-    def limit(self, snap: PhaseSnapshot, step_durations: list[float]) -> tuple[float, str]:
-        """(seconds, the rule that set them) for the phase ``snap`` is in."""
+    def base(self, step_durations: list[float]) -> tuple[float, str]:
+        """(seconds, rule) for the ordinary phases of a step."""
         measured = step_durations[WARMUP_STEPS:]
         if self.timeout_s is not None:
-            base, rule = self.timeout_s, "train.hang_timeout_s"
-        elif len(measured) >= MEASURED_STEPS:
+            return self.timeout_s, "train.hang_timeout_s"
+        if len(measured) >= MEASURED_STEPS:
             median = statistics.median(measured)
-            base = max(self.floor_s, STEP_MULTIPLE * median)
-            rule = f"max(train.hang_floor_s, {STEP_MULTIPLE} x median step {median:.3g} s)"
-        else:
-            base, rule = self.grace_s, "train.hang_grace_s (step times not measured yet)"
+            return max(self.floor_s, STEP_MULTIPLE * median), (
+                f"max(train.hang_floor_s, {STEP_MULTIPLE} x median step {median:.3g} s)"
+            )
+        return self.grace_s, "train.hang_grace_s (step times not measured yet)"
+
+    def limit(self, snap: PhaseSnapshot, step_durations: list[float]) -> tuple[float, str]:
+        """(seconds, the rule that set them) for the phase ``snap`` is in."""
+        base, rule = self.base(step_durations)
         long = snap.phase in LONG_PHASES or snap.outer in LONG_PHASES or snap.steps_done == 0
         if long and base <= self.grace_s:
             first = "first step" if snap.steps_done == 0 else (snap.outer or snap.phase).value
@@ -181,6 +185,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._limit, self._rule = policy.grace_s, ""
+        self._base = policy.timeout_s or policy.grace_s  # the ordinary phases' limit: sets the heartbeat rate
         self._paused_until = 0.0  # monotonic: progress is measured from here after a whole-process pause
 
     def __enter__(self) -> Watchdog:
@@ -200,10 +205,12 @@ class Watchdog:
 
     @property
     def heartbeat_interval_s(self) -> float:
-        return min(HEARTBEAT_MAX_S, max(HEARTBEAT_MIN_S, self._limit / 5))
+        """A fifth of the ordinary limit (not a slow phase's: a peer that waits on this rank during
+        its validation or checkpoint has the ordinary limit, and must find this heartbeat fresh)."""
+        return min(HEARTBEAT_MAX_S, max(HEARTBEAT_MIN_S, self._base / 5))
 
-    def heartbeat(self) -> dict:
-        snap = self.clock.snapshot()
+    def _where(self, snap: PhaseSnapshot) -> dict:
+        """Who and where this rank is: the fields a heartbeat and an incident share."""
         return {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -215,23 +222,30 @@ class Watchdog:
             "outer": snap.outer.value if snap.outer else None,
             "stalled_s": round(self._stalled(snap), 3),
             "limit_s": self._limit,
-            "interval_s": self.heartbeat_interval_s,
-            "time": time.time(),
         }
+
+    def heartbeat(self) -> dict:
+        return {**self._where(self.clock.snapshot()), "interval_s": self.heartbeat_interval_s, "time": time.time()}
 
     def _beat(self) -> None:
         """Writes from this thread itself: a write that blocks (storage unreachable) only delays the
-        next heartbeat, which is what the other ranks should see."""
-        failing = False
+        next heartbeat, which is what the other ranks should see. Due every ``heartbeat_interval_s``
+        (it shrinks once steps are measured) and when the first step is done (start-up is over)."""
+        failing, written_at, started = False, None, False
         while not self._stop.is_set():
-            try:
-                self.run.write_heartbeat(self.rank, self.heartbeat())
-                failing = False
-            except Exception as err:  # noqa: BLE001 - storage trouble must not end the thread
-                if not failing:
-                    log.warning("watchdog: rank %d could not write its heartbeat: %s", self.rank, err)
-                failing = True
-            self._stop.wait(self.heartbeat_interval_s)
+            now, snap = time.monotonic(), self.clock.snapshot()
+            first_step = not started and snap.steps_done > 0
+            if written_at is None or now - written_at >= self.heartbeat_interval_s or first_step:
+                started = started or snap.steps_done > 0
+                try:
+                    self.run.write_heartbeat(self.rank, self.heartbeat())
+                    failing = False
+                except Exception as err:  # noqa: BLE001 - storage trouble must not end the thread
+                    if not failing:
+                        log.warning("watchdog: rank %d could not write its heartbeat: %s", self.rank, err)
+                    failing = True
+                written_at = now
+            self._stop.wait(min(HEARTBEAT_MIN_S, self.heartbeat_interval_s))
 
     def _stalled(self, snap: PhaseSnapshot) -> float:
         return snap.now - max(snap.progress_at, self._paused_until)
@@ -239,7 +253,7 @@ class Watchdog:
     def _watch(self) -> None:
         woke = self.clock.snapshot().now
         while True:
-            poll = min(5.0, max(0.2, self._limit / 20))
+            poll = min(5.0, max(0.2, self._base / 20))
             if self._stop.wait(poll):
                 return
             snap = self.clock.snapshot()
@@ -248,7 +262,9 @@ class Watchdog:
                 log.warning("watchdog: this process was paused for %.0f s; not counted as a hang", paused)
                 self._paused_until = snap.now
             woke = snap.now
-            self._limit, self._rule = self.policy.limit(snap, self.clock.step_durations())
+            durations = self.clock.step_durations()
+            self._limit, self._rule = self.policy.limit(snap, durations)
+            self._base = self.policy.base(durations)[0]
             if self._stalled(snap) > self._limit:
                 self.fire(snap)
 
@@ -263,16 +279,7 @@ class Watchdog:
         return {
             "kind": "hang",
             "run": self.run.shown,
-            "attempt": self.attempt,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "host": self.host,
-            "pid": self.pid,
-            "step": snap.step,
-            "phase": snap.phase.value,
-            "outer": snap.outer.value if snap.outer else None,
-            "stalled_s": round(self._stalled(snap), 1),
-            "limit_s": self._limit,
+            **self._where(snap),
             "limit_rule": self._rule,
             "phase_totals_s": {k: round(v, 3) for k, v in self.clock.totals().items()},
             "heartbeats_read": beats is not None,
