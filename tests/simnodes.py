@@ -21,22 +21,21 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from runs import which
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "slurm" / "local"
 PYTHON = str(Path(sys.executable))
+RAY = str(Path(PYTHON).parent / "ray")
 NEEDED = ("ip", "nsenter", "unshare", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
 
 
 def skip_unless_possible() -> None:
     """Skip loudly, naming what is missing: these tests need root and the real tools."""
     if os.geteuid() != 0:
         pytest.skip("SKIPPED TWO-NODE TEST: simulated nodes need root (network/PID/mount namespaces)")
-    missing = [b for b in NEEDED if _which(b) is None]
+    missing = [b for b in NEEDED if which(b) is None]
     if missing:
         pytest.skip(f"SKIPPED TWO-NODE TEST: missing {', '.join(missing)} (slurm-wlm, iproute2, util-linux)")
     if not (Path(sys.executable).parent / "weed").exists() and not shutil.which("weed"):
@@ -142,24 +141,161 @@ class SimNodes:
         )
 
     def run_state(self, run: str) -> dict:
-        """run.json, metrics and the latest checkpoint's step/status/world size of an S3 run."""
+        """run.json, metrics, windows, attempts, incidents and the latest checkpoint's step/status/world
+        size of an S3 run."""
         return self.python(
             "node1",
             f"""
             import json
             from storymm.training import checkpoint
-            from storymm.training.loop import read_metrics, read_run
-            run = {run!r}
-            latest = checkpoint.latest_uri(run)
+            from storymm.training.run import RunFolder
+            run = RunFolder({run!r})
+            latest = checkpoint.latest_uri(run.uri)
             state = checkpoint.load(latest) if latest else None
             print(json.dumps({{
-                "run": read_run(run), "metrics": read_metrics(run),
+                "run": run.read_record(), "metrics": run.read_metrics(), "windows": run.read_windows(),
+                "attempts": run.read_attempts(), "incidents": run.read_incidents(),
                 "latest": None if state is None else {{"step": int(state["step"]), "status": state["status"],
                            "world_size": int(state["data_position"]["world_size"])}}}}))""",
         )
 
-    def node(self, action: str, node: str) -> None:
-        subprocess.run([str(LOCAL / "node"), action, node], env=self.env, check=True, timeout=60, capture_output=True)
+    def progress(self, run: str) -> dict:
+        """Where an S3 run stands now: the checkpoint ``latest`` names, the last logged step, the heartbeats."""
+        return self.python(
+            "node1",
+            f"""
+            import json
+            from storymm.training import checkpoint
+            from storymm.training.run import RunFolder
+            run = RunFolder({run!r})
+            latest, metrics = checkpoint.latest_uri(run.uri), run.read_metrics()
+            print(json.dumps({{"checkpoint": int(latest.rsplit("-", 1)[1][:8]) if latest else None,
+                               "logged": metrics[-1]["step"] if metrics else 0,
+                               "heartbeats": run.read_heartbeats()}}))""",
+        )
+
+    def wait_past_checkpoint(self, run: str, logged: int, timeout: float = 180) -> dict:
+        """Until an S3 run has a checkpoint and has logged step ``logged`` (polled inside node1 every
+        0.2 s, so a fault can be injected right then); returns {"checkpoint", "logged"}."""
+        found = self.python(
+            "node1",
+            f"""
+            import json, time, boto3
+            s3, (bucket, _, prefix) = boto3.client("s3"), {run!r}.removeprefix("s3://").partition("/")
+            def text(key):
+                try:
+                    return s3.get_object(Bucket=bucket, Key=prefix + "/" + key)["Body"].read().decode()
+                except s3.exceptions.NoSuchKey:
+                    return None
+            deadline, found = time.monotonic() + {timeout}, None
+            while found is None and time.monotonic() < deadline:
+                latest, lines = text("checkpoints/latest"), (text("metrics.jsonl") or "").splitlines()
+                step = json.loads(lines[-1])["step"] if lines else 0
+                if latest and step >= {logged}:
+                    found = {{"checkpoint": int(latest.strip()[5:13]), "logged": step}}
+                time.sleep(0.2)
+            print(json.dumps(found))""",
+            timeout=timeout + 60,
+        )
+        if found is None:
+            pytest.fail(f"{run}: no checkpoint and step {logged} logged within {timeout:.0f}s")
+        return found
+
+    # ------------------------------------------------------------------ Ray on the nodes
+
+    def ray_up(self, **env: str) -> SimNodes:
+        """``slurm/local/ray-up.sh``: the head on node1, node2.. joined (``env``: e.g. health checks)."""
+        started = time.monotonic()
+        out = subprocess.run(
+            [str(LOCAL / "ray-up.sh")], env={**self.env, **env}, cwd=REPO, capture_output=True, text=True, timeout=180
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        self.env["RAY_DASHBOARD"] = f"http://{self.ip('node1')}:8265"
+        print(f"Ray head on node1 + the other nodes joined in {time.monotonic() - started:.1f}s")
+        return self
+
+    def ray_join(self, node: str) -> None:
+        subprocess.run(
+            [str(LOCAL / "ray-up.sh"), "--join", node], env=self.env, cwd=REPO, check=True, capture_output=True
+        )
+
+    def ray_submit(self, args: list[str], wait: bool, **env: str) -> str:
+        """``ray job submit`` of ``python jobs/train.py ARGS`` from node1, with the runtime env of the
+        cluster manifests, the nodes' S3 variables and one thread per worker; its output."""
+        runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+        aws = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+        env_vars = {**runtime_env["env_vars"], "STORYMM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        env_vars.update({k: self.env[k] for k in aws}, **env)
+        out = self.on(
+            "node1",
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            self.env["RAY_DASHBOARD"],
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps({"env_vars": env_vars, "excludes": runtime_env["excludes"]}),
+            *([] if wait else ["--no-wait"]),
+            "--",
+            "python",
+            "jobs/train.py",
+            *args,
+            timeout=400,
+            check=False,
+            env={"RAY_AUTH_MODE": "disabled"},
+        )
+        assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    def ray_job_status(self, job: str) -> str:
+        return self.python(
+            "node1",
+            f"""
+            import json, urllib.request
+            with urllib.request.urlopen("{self.env["RAY_DASHBOARD"]}/api/jobs/{job}", timeout=10) as r:
+                print(json.dumps(json.loads(r.read())["status"]))""",
+        )
+
+    def ray_job_logs(self, job: str) -> str:
+        address = self.env["RAY_DASHBOARD"]
+        out = self.on(
+            "node1", RAY, "job", "logs", "--address", address, job, check=False, env={"RAY_AUTH_MODE": "disabled"}
+        )
+        return out.stdout
+
+    def ray_worker_deaths(self) -> list[float]:
+        """When Ray saw training workers end (seconds since the epoch), from its state API."""
+        return self.python(
+            "node1",
+            f"""
+            import json
+            from ray.util.state import list_actors
+            actors = list_actors(address="{self.env["RAY_DASHBOARD"]}", detail=True, limit=1000,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+            print(json.dumps(sorted(a.end_time_ms / 1000 for a in actors if a.end_time_ms)))""",
+        )
+
+    def ray_node_alive(self, node: str) -> bool:
+        """Whether Ray's GCS still counts ``node`` as alive."""
+        return self.python(
+            "node1",
+            f"""
+            import json, ray
+            ray.init(address="{self.ip("node1")}:6379", logging_level="ERROR", log_to_driver=False)
+            print(json.dumps(any(n["Alive"] for n in ray.nodes() if n["NodeManagerAddress"] == "{self.ip(node)}")))""",
+        )
+
+    # ------------------------------------------------------------------ faults
+
+    def node(self, action: str, node: str) -> str:
+        """``slurm/local/node ACTION NODE`` (a fault, or power on); its output."""
+        out = subprocess.run(
+            [str(LOCAL / "node"), action, node], env=self.env, timeout=60, capture_output=True, text=True
+        )
+        assert out.returncode == 0, f"node {action} {node}: {out.stdout}{out.stderr}"
+        return out.stdout
 
     def s3_text(self, uri: str) -> str | None:
         """An object's text on the nodes' S3 server, or None (boto3 only: quick enough to poll)."""
@@ -173,6 +309,23 @@ class SimNodes:
             except Exception:
                 print("null")""",
         )
+
+
+class FaultMatrix:
+    """Rows of docs/faults.md's table, printed at the end of a module and appended as JSON lines to
+    ``$STORYMM_FAULT_MATRIX_OUT`` when that is set."""
+
+    def __init__(self, backend: str):
+        self.backend, self.rows = backend, []
+
+    def add(self, fault: str, **measured) -> None:
+        row = {"backend": self.backend, "fault": fault, **measured}
+        self.rows.append(row)
+        print("fault matrix:", json.dumps(row))
+        out = os.environ.get("STORYMM_FAULT_MATRIX_OUT")
+        if out:
+            with open(out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
