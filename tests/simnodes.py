@@ -265,16 +265,25 @@ class SimNodes:
         )
         return out.stdout
 
+    def ray_job_stop(self, job: str) -> None:
+        address = self.env["RAY_DASHBOARD"]
+        self.on("node1", RAY, "job", "stop", "--address", address, job, check=False, env={"RAY_AUTH_MODE": "disabled"})
+
     def ray_worker_deaths(self) -> list[float]:
-        """When Ray saw training workers end (seconds since the epoch), from its state API."""
+        """When Ray saw training workers or nodes end (seconds since the epoch), from its state API."""
         return self.python(
             "node1",
             f"""
             import json
-            from ray.util.state import list_actors
-            actors = list_actors(address="{self.env["RAY_DASHBOARD"]}", detail=True, limit=1000,
-                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
-            print(json.dumps(sorted(a.end_time_ms / 1000 for a in actors if a.end_time_ms)))""",
+            from ray.util.state import list_actors, list_nodes, list_workers
+            address = "{self.env["RAY_DASHBOARD"]}"
+            actors = list_actors(address=address, detail=True, limit=1000)
+            trainers = {{(a.node_id, a.pid) for a in actors if a.class_name == "RayTrainWorker" and a.state == "DEAD"}}
+            ends = [w.end_time_ms for w in list_workers(address=address, detail=True, limit=10000)
+                    if (w.node_id, w.pid) in trainers and w.end_time_ms]
+            nodes = list_nodes(address=address, detail=True)
+            ends += [n.end_time_ms for n in nodes if n.state == "DEAD" and n.end_time_ms]
+            print(json.dumps(sorted(t / 1000 for t in ends)))""",
         )
 
     def ray_node_alive(self, node: str) -> bool:
@@ -309,6 +318,52 @@ class SimNodes:
             except Exception:
                 print("null")""",
         )
+
+
+class RunWatch:
+    """Every value of an S3 run's ``checkpoints/latest`` and of its last logged step, with the time it
+    was first seen, polled every 0.2 s inside node1 until :meth:`stop`: which checkpoint was the
+    latest, and how far the run had got, at any moment (attempts overwrite both)."""
+
+    CODE = """
+        import json, select, sys, time, boto3
+        s3, (bucket, _, prefix) = boto3.client("s3"), sys.argv[1].removeprefix("s3://").partition("/")
+        def text(key):
+            try:
+                return s3.get_object(Bucket=bucket, Key=prefix + "/" + key)["Body"].read().decode()
+            except s3.exceptions.NoSuchKey:
+                return ""
+        last = {}
+        while not (select.select([sys.stdin], [], [], 0.2)[0] and not sys.stdin.readline()):  # until stdin closes
+            latest, lines = text("checkpoints/latest").strip(), text("metrics.jsonl").splitlines()
+            now = {"latest": int(latest[5:13]) if latest else None}
+            now["logged"] = json.loads(lines[-1])["step"] if lines else 0
+            for kind, value in now.items():
+                if last.get(kind) != value:
+                    print(time.time(), kind, value, flush=True)
+            last = now"""
+
+    def __init__(self, cluster: SimNodes, run: str):
+        self.proc = subprocess.Popen(
+            [str(LOCAL / "on"), "node1", PYTHON, "-c", textwrap.dedent(self.CODE), run],
+            env=cluster.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.seen: list[tuple[float, str, int | None]] = []
+
+    def stop(self) -> list[tuple[float, str, int | None]]:
+        out, _ = self.proc.communicate(timeout=30)  # closes stdin: the watcher ends
+        for line in out.splitlines():
+            when, kind, value = line.split()
+            self.seen.append((float(when), kind, None if value == "None" else int(value)))
+        return self.seen
+
+    def at(self, when: float, kind: str) -> int | None:
+        """The ``latest`` checkpoint's step or the last ``logged`` step at ``when``."""
+        values = [value for seen, k, value in self.seen if k == kind and seen <= when]
+        return values[-1] if values else None
 
 
 class FaultMatrix:

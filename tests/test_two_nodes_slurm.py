@@ -237,6 +237,7 @@ def test_frozen_rank_is_named_and_the_job_restarts_on_both_nodes(cluster, s3_dat
     hang = next(x for x in out["log"].splitlines() if x.startswith("storymm: hang: rank 0 on node1"))
     assert "waiting for rank 1 on node2 (silent" in hang, hang
     assert "rank 0 on node1: 85 hung" in out["decision"]
+    assert "srun: error: node1: task 0: Exited with exit code 1" in out["log"]  # the failed step
     (incident,) = out["state"]["incidents"]
     assert (incident["rank"], incident["host"], incident["attempt"]) == (0, "node1", 1)
     assert incident["stalled_s"] >= HANG_TIMEOUT and incident["limit_rule"] == "train.hang_timeout_s"
@@ -286,6 +287,7 @@ def test_lost_node_continues_on_node1_alone(cluster, s3_data, tmp_path, uninterr
     finally:
         cluster.node(restore, "node2")
     assert "continuing on node1 (restart 1 of 3" in out["decision"]
+    assert "srun: error: Node failure on node2" in out["log"]  # SLURM's verdict ended the failed step
     assert out["state"]["attempts"][1]["hosts"] == ["node1"]
     assert out["state"]["latest"]["world_size"] == 1
     _windows_equal(out["state"], uninterrupted)
