@@ -11,7 +11,7 @@ only ever slows a run down, so on a shared machine that is the least disturbed e
 backends train the same stage on the same prepared data with the same config and one torch thread
 (what a Ray CPU worker gets).
 
-Steady state: steps/s comes from the run's ``metrics.jsonl`` (each logged window's
+Steady state: steps/s comes from the run's metrics log (each logged window's
 ``samples_per_s``, i.e. steps in the window over the window's wall time), leaving out the first
 ``--skip`` windows (warm-up: worker start-up, first allocations, the first shards read). Ray's
 start-up (worker group, process group) is therefore excluded, but ``ray.train.report`` at every

@@ -3,7 +3,7 @@ in-process (the reference), under Accelerate with 1 and 2 processes and under Ra
 workers, all in one run, plus the all-reduce volume per step that a multi-node projection needs.
 
 Each variant is a real ``storymm train`` (or ``accelerate launch jobs/train.py``) process tree; the
-rate is the mean ``samples_per_s`` the loop logs to ``metrics.jsonl`` (global samples per second,
+rate is the mean ``samples_per_s`` the loop logs to the run's metrics log (global samples per second,
 first logging window dropped so start-up and worker-group creation are excluded). Every process is
 pinned to one torch thread so 2 processes on 2 cores compare fairly with 1 process on 1 core.
 
@@ -85,7 +85,10 @@ def command(variant: str, data: str, run: str, steps: int, log_every: int) -> tu
 
 
 def steady_rate(run: str) -> tuple[float, int]:
-    lines = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines() if x.strip()]
+    sys.path.insert(0, str(ROOT))
+    from storymm.training.run import read_metrics
+
+    lines = read_metrics(run)
     rates = [m["samples_per_s"] for m in lines][1:]
     world = json.loads(Path(run, "run.json").read_text())["world_size"]
     return sum(rates) / len(rates), world

@@ -4,9 +4,11 @@ against the step it feeds, all measured in one run.
 Three measurements per config, same model, same batch size, same thread count:
 
 * reference: a plain single-process loop (forward, backward, AdamW step) over one batch held in
-  memory: the best a training step can do here, with no data, logging or checkpoint work;
+  memory (on the GPU: timed between two synchronisations, none inside the loop, so kernels of
+  consecutive steps queue as in real training): the best a training step can do here, with no
+  data, logging or checkpoint work;
 * storymm: ``storymm.training.loop.train`` (the code every backend runs) streaming real shards,
-  taking steady-state ``samples_per_s`` from its ``metrics.jsonl`` (first logging window dropped);
+  taking steady-state ``samples_per_s`` from its metrics log (first logging window dropped);
 * loader: windows/s the ``WindowLoader`` alone delivers, to show it keeps ahead of the step.
 
 Model FLOPs per sample come from ``torch.utils.flop_counter`` on one forward+backward (matmuls and
@@ -15,6 +17,7 @@ convolutions; element-wise work is not counted), so achieved FLOP/s = FLOPs/samp
     python bench/train_step.py                       # tiny and gate (seed-parity 60x125) configs
     python bench/train_step.py --configs configs/tiny.yaml --steps 60
     python bench/train_step.py --configs configs/gate.yaml --stories 3552 --steps 200 [--compile]   # on a GPU
+    python bench/train_step.py --configs configs/gate.yaml --data DATA_URI --steps 200   # a prepared dataset
 
 On a GPU (picked up automatically: cuda, the config's bf16 autocast, pinned non-blocking copies)
 it also samples GPU utilisation with ``nvidia-smi`` while the storymm loop runs, and reports the
@@ -75,8 +78,10 @@ def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    def synchronize():
         if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(runtime.device)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,10 +91,19 @@ def reference_rate(config, dataset, steps: int) -> tuple[float, float]:
     flops_per_sample = counter.get_total_flops() / config.data.batch_size
     for _ in range(3):
         step()
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     return steps * config.data.batch_size / (time.perf_counter() - start), flops_per_sample
+
+
+def gpu_uuid(device: int | None = None) -> str:
+    """``nvidia-smi -i`` id of torch's current GPU: its UUID, since torch's index counts only the
+    ``CUDA_VISIBLE_DEVICES`` GPUs (index 0 may be the node's GPU 3) while nvidia-smi counts all."""
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 class GpuUtilisation:
@@ -106,7 +120,7 @@ class GpuUtilisation:
                     "-lms",
                     "200",
                     "-i",
-                    str(torch.cuda.current_device()),
+                    gpu_uuid(),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -159,11 +173,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--stories", type=int, default=120)
     parser.add_argument("--compile", action="store_true", help="train.compile: true for the storymm loop")
+    parser.add_argument("--data", help="a dataset prepared with the (one) config: no synthesis, no prepare")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--loader-seconds", type=float, default=5.0, help="how long the loader alone is timed")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="storymm-bench-step-")
     source = os.path.join(scratch, "source")
-    synth.synthesize(source, args.stories, seed=0, progress=False)
+    if args.data is None:
+        synth.synthesize(source, args.stories, seed=0, progress=False)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -172,14 +190,15 @@ def main(argv=None) -> int:
     results = []
     for path in args.configs.split(","):
         name = os.path.splitext(os.path.basename(path))[0]
-        config = load_config(path, ["train.compile=true"] if args.compile else [])
-        data_uri = os.path.join(scratch, f"data-{name}")
-        prepare(source, data_uri, config, progress=False)
+        config = load_config(path, args.overrides + (["train.compile=true"] if args.compile else []))
+        data_uri = args.data or os.path.join(scratch, f"data-{name}")
+        if args.data is None:
+            prepare(source, data_uri, config, progress=False)
         dataset = PreparedDataset(data_uri)
         ref, flops = reference_rate(config, dataset, args.steps)
         ours, utilisation = storymm_rate(config, data_uri, os.path.join(scratch, f"run-{name}"), args.steps)
         epoch_windows = len(_loader(dataset, config)) * config.data.batch_size
-        feed = loader_rate(config, dataset, seconds=5.0)
+        feed = loader_rate(config, dataset, seconds=args.loader_seconds)
         row = {
             "config": name,
             "image": f"{config.data.image_height}x{config.data.image_width}",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel training of the gate model under SLURM: one `accelerate launch` per node (srun, one
-# task per node) starting one process per GPU, or per CPU slot when the nodes have no GPU.
+# task per node) starting one process per GPU, or per CPU slot when the job asks for no GPU. A job
+# that asks for GPUs torch cannot use (driver too old for its CUDA build) stops with one line.
 #
 #   sbatch slurm/train_gate.sh DATA_URI RUN_URI [extra `storymm train` args...]
 #   DATA_URI=s3://storymm/data/sr RUN_URI=s3://storymm/runs/gate-seq sbatch --nodes=4 slurm/train_gate.sh
@@ -12,6 +13,7 @@
 #   INIT_FROM                space-separated visual_ae/text_ae run URIs for the sequence stage
 #   STORYMM_TRAIN_ARGS       extra `storymm train` arguments, e.g. "--set train.sequence.steps=5000"
 #   STORYMM_PROCS_PER_NODE   processes per node when there is no GPU (default 1)
+#   STORYMM_TORCH_THREADS    torch threads per process (default: --cpus-per-task / processes per node)
 #   MAIN_PORT                rendezvous port (default 20000 + job id % 20000; + 1 per restart)
 #   ACCELERATE               the accelerate executable (default: .venv/bin/accelerate, else PATH)
 #   STORYMM_MAX_RESTARTS     relaunches after a failed step within one run of the job (default 3)
@@ -72,14 +74,15 @@ BASE_PORT=${MAIN_PORT:-$(( 20000 + JOB_ID % 20000 ))}
 MAX_RESTARTS=${STORYMM_MAX_RESTARTS:-3}
 MIN_NODES=${STORYMM_MIN_NODES:-1}
 PROBE_TIMEOUT=${STORYMM_PROBE_TIMEOUT:-30}
-CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
 if (( GPUS_PER_NODE > 0 )); then
-    # GRES can be configured without a usable CUDA device (or torch without CUDA): fall back to CPU.
-    usable=$("${ACCELERATE%/accelerate}/python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null \
-             || python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    (( usable < GPUS_PER_NODE )) && GPUS_PER_NODE=$usable
+    # GPUs were asked for: use them, or stop here with one line saying why torch cannot (e.g. a driver
+    # older than the CUDA build of torch needs) and what to install; never train on the CPU instead.
+    if [[ -x ${ACCELERATE%/accelerate}/python ]]; then PYTHON=${ACCELERATE%/accelerate}/python; else PYTHON=python3; fi
+    "$PYTHON" -m storymm.training.devices --require "$GPUS_PER_NODE" \
+        --asked "SLURM_GPUS_ON_NODE=$GPUS_PER_NODE (sbatch --gpus-per-node)" >/dev/null || exit 2
 fi
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 if (( GPUS_PER_NODE > 0 )); then
     PROCS_PER_NODE=$GPUS_PER_NODE
     unset ACCELERATE_USE_CPU
@@ -87,8 +90,9 @@ else
     PROCS_PER_NODE=${STORYMM_PROCS_PER_NODE:-1}
     # `--cpu` would silently start ONE process; ACCELERATE_USE_CPU + --multi_gpu starts them all (gloo).
     export ACCELERATE_USE_CPU=true
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK / PROCS_PER_NODE > 0 ? CPUS_PER_TASK / PROCS_PER_NODE : 1 ))}
 fi
+# The task's CPUs shared by the node's processes (accelerate launch would give GPU processes 1 thread).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK / PROCS_PER_NODE > 0 ? CPUS_PER_TASK / PROCS_PER_NODE : 1 ))}
 TRAIN=(--config "$CONFIG" --backend accelerate --stage "$STAGE" --data "$DATA_URI" --run "$RUN_URI")
 [[ -n ${INIT_FROM:-} ]] && TRAIN+=(--init-from $INIT_FROM)
 # shellcheck disable=SC2206 # word splitting of STORYMM_TRAIN_ARGS is intended

@@ -104,6 +104,7 @@ def cmd_train(args) -> int:
         backend=args.backend,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
         init_from=args.init_from,
     )
     print(f"{summary['stage']}: {summary['status']} at step {summary['step']} -> {summary['run']}")
@@ -126,6 +127,43 @@ def cmd_evaluate(args) -> int:
         print(format_summary(report))
         if args.out:
             print(f"report: {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from storymm.predict import predict
+
+    result = predict(
+        args.story,
+        args.out,
+        run=args.run,
+        model_dir=args.model,
+        checkpoint=args.checkpoint,
+        steps=args.steps,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    model = result["model"]
+    print(
+        f"{result['story']}: {len(result['predictions'])} frame(s) predicted after its last {len(result['inputs'])} "
+        f"by {model['origin']} (step {model['step']}, on {model['device']}):"
+    )
+    for frame in result["predictions"]:
+        print(f"  {frame['image']}: {frame['sentence']}")
+    print(f"page: {result['files']['index.html']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from storymm import storage
+    from storymm.export import export_model
+
+    export = export_model(args.run, args.out, checkpoint=args.checkpoint)
+    print(
+        f"exported {export['run']} ({export['checkpoint']} checkpoint, step {export['step']}, "
+        f"{export['parameters']:,} parameters) -> {storage.redact(args.out)}"
+    )
+    print(f"use it: storymm predict --model {storage.redact(args.out)} --story FOLDER --out OUT")
     return 0
 
 
@@ -162,6 +200,7 @@ def cmd_tune(args) -> int:
         grid=parse_grid(args.grid) or None,
         max_concurrent=args.max_concurrent,
         grace_steps=args.grace_steps,
+        gpus_per_trial=args.gpus_per_trial,
     )
     print(results_markdown(summary))
     print(f"results: {args.out}")
@@ -252,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel workers (ray): N, or MIN-MAX for elastic training (Ray Train v2)",
     )
-    train.add_argument("--gpus-per-worker", type=float, default=0.0)
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker (default 0: CPU)")
+    train.add_argument(
+        "--cpus-per-worker",
+        type=_positive_int,
+        help="ray: CPUs (and torch threads) per worker; default 1, or 4 with --gpus-per-worker",
+    )
     train.add_argument(
         "--init-from",
         nargs="*",
@@ -277,6 +321,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the latest checkpoint, or the best by validation loss (train.sequence.eval_every)",
     )
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="continue a story of your own (images + sentences.txt) with a trained model",
+        description="Reads the last K frames of STORY (a folder of images in name order with sentences.txt, "
+        "one sentence per image, or parquet:URI#story_id) and writes OUT/next-1.png ... next-N.png, "
+        "OUT/story.json and OUT/index.html.",
+    )
+    which = predict.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="sequence run URI (its dataset must be readable: the tokenizer lives there)")
+    which.add_argument("--model", help="export folder (storymm export): needs no run, no data")
+    predict.add_argument("--story", required=True, help="folder or URI of images + sentences.txt, or parquet:URI#id")
+    predict.add_argument("--out", required=True, help="folder or URI for the PNGs, story.json and index.html")
+    predict.add_argument("--steps", type=_positive_int, default=1, help="frames to predict, each fed back as input")
+    predict.add_argument(
+        "--checkpoint", choices=["latest", "best"], help="with --run: the latest checkpoint (default) or the best"
+    )
+    predict.add_argument("--temperature", type=_temperature, help="sampling temperature (default: greedy)")
+    predict.add_argument("--top-p", type=_top_p, help="nucleus sampling mass, in (0, 1]")
+    predict.set_defaults(handler=cmd_predict)
+
+    export = commands.add_parser(
+        "export", help="write a sequence run's model as safetensors + config + tokenizer + card, usable alone"
+    )
+    export.add_argument("--run", required=True, help="sequence run URI")
+    export.add_argument("--out", required=True, help="export folder or URI")
+    export.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
+    export.set_defaults(handler=cmd_export)
 
     pipeline = commands.add_parser("pipeline", help="synthesise if needed, prepare, train 3 stages, evaluate")
     pipeline.add_argument("--work", default=DEFAULT_WORK, help=f"work folder or URI (default {DEFAULT_WORK})")
@@ -326,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="config key and values to sweep (repeatable; all combinations); default model.visual_latent=16,32,64,128",
     )
     tune.add_argument("--max-concurrent", type=_positive_int, default=2, help="trials running at once")
+    tune.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial (default: 1 when the Ray cluster has GPUs, else 0: CPU)",
+    )
     tune.add_argument("--grace-steps", type=_positive_int, help="ASHA grace period in steps (default steps/4)")
     tune.add_argument(
         "--evaluate",

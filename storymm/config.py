@@ -156,6 +156,11 @@ class TrainConfig(_Section):
         description="least time allowed for what is legitimately slow: start-up and the first step (process group, "
         "model, data, compilation), a checkpoint, a validation pass",
     )
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers rank 0 also logs to: RUN/tensorboard/ event files, the MLflow server "
+        "in MLFLOW_TRACKING_URI (extras storymm[tensorboard], storymm[mlflow])",
+    )
     compile: bool = Field(False, description="torch.compile the model's forward (every backend)")
     compile_backend: str = Field("inductor", description="torch.compile backend ('inductor'; 'eager' to check)")
 

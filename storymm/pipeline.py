@@ -100,4 +100,8 @@ def run_pipeline(
     say(format_summary(report))
     page = storage.join(report_uri, "report.html")
     say(f"report: {storage.redact(page)}  ({time.perf_counter() - started:.0f} s in all)")
+    say(
+        f"use the model: storymm export --run {storage.redact(stage_runs['sequence'])} --out MODEL_DIR, then "
+        "storymm predict --model MODEL_DIR --story FOLDER --out OUT (README: Use a trained model)"
+    )
     return {"report": report, "report_uri": report_uri, "runs": stage_runs, "data": data}

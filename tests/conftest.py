@@ -41,6 +41,17 @@ def s3_env(s3_server, monkeypatch):
     storage._s3_filesystem_cached.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, artifacts on ``s3_server``) for the whole
+    session: it takes ~17 s to start here. ``.uri`` is its tracking URI."""
+    pytest.importorskip("mlflow", reason="the mlflow tracker tests need storymm[mlflow] (make setup installs it)")
+    from mlflowserver import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_server) as server:
+        yield server
+
+
 # ------------------------------------------------------------------------------- data
 
 

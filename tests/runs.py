@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 
-THROUGHPUT = ("samples_per_s",)  # wall-clock: differs between any two runs
+from storymm.training.metrics_store import learned
 
 
 def curve(metrics: list[dict]) -> list[dict]:
-    """Every logged term at every logged step, but the throughput."""
-    return [{k: v for k, v in m.items() if k not in THROUGHPUT} for m in metrics]
+    """Every logged term at every logged step, but those that measure time (throughput, timestamps,
+    the time breakdown): what a resumed and an uninterrupted run share."""
+    return [learned(m) for m in metrics]
 
 
 def totals(metrics: list[dict]) -> list[tuple[int, float]]:

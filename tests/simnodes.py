@@ -140,6 +140,16 @@ class SimNodes:
             print(json.dumps(n))""",
         )
 
+    def logged_steps(self, run: str) -> list[int]:
+        """The steps in an S3 run's metrics log (storymm's reader without torch: quick enough to poll)."""
+        return self.python(
+            "node1",
+            f"""
+            import json
+            from storymm.training.metrics_store import MetricsStore
+            print(json.dumps([m["step"] for m in MetricsStore({run!r}).read()]))""",
+        )
+
     def run_state(self, run: str) -> dict:
         """run.json, metrics, windows, attempts, incidents and the latest checkpoint's step/status/world
         size of an S3 run."""
@@ -181,16 +191,17 @@ class SimNodes:
             "node1",
             f"""
             import json, time, boto3
+            from storymm.training.metrics_store import MetricsStore
             s3, (bucket, _, prefix) = boto3.client("s3"), {run!r}.removeprefix("s3://").partition("/")
             def text(key):
                 try:
                     return s3.get_object(Bucket=bucket, Key=prefix + "/" + key)["Body"].read().decode()
                 except s3.exceptions.NoSuchKey:
                     return None
-            deadline, found = time.monotonic() + {timeout}, None
+            deadline, found, metrics = time.monotonic() + {timeout}, None, MetricsStore({run!r})
             while found is None and time.monotonic() < deadline:
-                latest, lines = text("checkpoints/latest"), (text("metrics.jsonl") or "").splitlines()
-                step = json.loads(lines[-1])["step"] if lines else 0
+                latest, lines = text("checkpoints/latest"), metrics.read()
+                step = lines[-1]["step"] if lines else 0
                 if latest and step >= {logged}:
                     found = {{"checkpoint": int(latest.strip()[5:13]), "logged": step}}
                 time.sleep(0.2)
@@ -327,7 +338,9 @@ class RunWatch:
 
     CODE = """
         import json, select, sys, time, boto3
+        from storymm.training.metrics_store import MetricsStore
         s3, (bucket, _, prefix) = boto3.client("s3"), sys.argv[1].removeprefix("s3://").partition("/")
+        metrics = MetricsStore(sys.argv[1])
         def text(key):
             try:
                 return s3.get_object(Bucket=bucket, Key=prefix + "/" + key)["Body"].read().decode()
@@ -335,9 +348,9 @@ class RunWatch:
                 return ""
         last = {}
         while not (select.select([sys.stdin], [], [], 0.2)[0] and not sys.stdin.readline()):  # until stdin closes
-            latest, lines = text("checkpoints/latest").strip(), text("metrics.jsonl").splitlines()
+            latest, lines = text("checkpoints/latest").strip(), metrics.read()
             now = {"latest": int(latest[5:13]) if latest else None}
-            now["logged"] = json.loads(lines[-1])["step"] if lines else 0
+            now["logged"] = lines[-1]["step"] if lines else 0
             for kind, value in now.items():
                 if last.get(kind) != value:
                     print(time.time(), kind, value, flush=True)
@@ -346,7 +359,7 @@ class RunWatch:
     def __init__(self, cluster: SimNodes, run: str):
         self.proc = subprocess.Popen(
             [str(LOCAL / "on"), "node1", PYTHON, "-c", textwrap.dedent(self.CODE), run],
-            env=cluster.env,
+            env={**cluster.env, "PYTHONPATH": str(REPO)},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -70,3 +70,51 @@ def accelerate_launch(processes: int = 2, port: int | None = None, python: str =
         "--dynamo_backend",
         "no",
     ]
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def logged_points(run: str) -> dict[str, list[tuple[int, float]]]:
+    """Per key, the (step, value) points of the run's metrics log that trackers must hold."""
+    from storymm.training.loop import read_metrics
+    from storymm.training.trackers import numeric_values
+
+    points: dict[str, list[tuple[int, float]]] = {}
+    for line in read_metrics(run):
+        for key, value in numeric_values(line).items():
+            points.setdefault(key, []).append((line["step"], value))
+    return points
+
+
+def tensorboard_points(run: str) -> dict[str, list[tuple[int, float]]]:
+    """What a local TensorBoard reader (the tensorboard package's ``EventAccumulator``, as
+    ``tensorboard --logdir`` uses) finds under ``<run>/tensorboard`` (copied from S3 first if remote)."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+    from tensorboard.util import tensor_util
+
+    from storymm.training.run import RunFolder
+
+    folder = RunFolder(run).tensorboard_uri()
+    with tempfile.TemporaryDirectory() as local:
+        for uri in storage.list_files(folder):
+            Path(local, storage.basename(uri)).write_bytes(storage.read_bytes(uri))
+        events = EventAccumulator(local, size_guidance={TENSORS: 0})
+        events.Reload()
+        return {
+            tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+            for tag in events.Tags()[TENSORS]
+        }
+
+
+def mlflow_points(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every point the MLflow server holds for ``run_id``, per metric, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+    }

@@ -15,6 +15,7 @@ import yaml
 
 from storymm.cli import build_parser
 from storymm.config import load_config
+from storymm.training.ray_backend import worker_resources
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -123,7 +124,7 @@ def test_rayjob_for_gate_training(rayjob, runtime_env):
     assert "rayStartParams" in head
     assert head["rayStartParams"].get("num-cpus") == "0"
     images = [c["image"] for c in head["template"]["spec"]["containers"]]
-    gpus = 0
+    gpus, pod_cpus = 0, []
     for group in cluster["workerGroupSpecs"]:
         assert group["groupName"] and "rayStartParams" in group
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -131,10 +132,15 @@ def test_rayjob_for_gate_training(rayjob, runtime_env):
         images += [c["image"] for c in containers]
         per_pod = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in containers)
         gpus += per_pod * group["replicas"]
+        if per_pod:
+            pod_cpus.append(sum(float(c["resources"]["limits"]["cpu"]) for c in containers))
     images += [c["image"] for c in spec["submitterPodTemplate"]["spec"]["containers"]]
     assert all(version in image for image in images), (version, images)
     # the job's demand fits what the cluster provides
     assert args.workers * args.gpus_per_worker <= gpus and args.gpus_per_worker > 0
+    # and a GPU worker's CPUs (--cpus-per-worker, default GPU_WORKER_CPUS) fit in a GPU pod
+    cpus = worker_resources(args.gpus_per_worker, args.cpus_per_worker)["CPU"]
+    assert pod_cpus and all(cpus <= per_pod for per_pod in pod_cpus), (cpus, pod_cpus)
     # credentials come from a secret, never inline
     for container in head["template"]["spec"]["containers"]:
         assert all("value" not in e for e in container.get("env", []) if e["name"].startswith("AWS_"))

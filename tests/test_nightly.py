@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -26,6 +25,7 @@ from storymm.evaluation.report import report_url, write_report
 from storymm.training import checkpoint
 from storymm.training.loop import train
 
+from browser import colourful, non_white, screenshot, table_header
 from s3server import point_storage_at
 from small import SMALL as SMALL_MODEL
 from small import small_config as shared_small_config
@@ -268,53 +268,6 @@ def test_presigned_url_serves_the_report(world):
 
 
 # ------------------------------------------------------------------------------- Chromium
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def screenshot(page: Path, png: Path, height: int) -> np.ndarray:  # noqa: F821
-    import numpy as np
-    from PIL import Image
-
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y --no-install-recommends chromium)")
-    profile = png.parent / f"{png.stem}-profile"
-    done = subprocess.run(
-        [
-            binary,
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--hide-scrollbars",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            f"--screenshot={png}",
-            f"--window-size=1200,{height}",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert png.exists(), f"chromium wrote no screenshot (rc {done.returncode}):\n{done.stderr[-3000:]}"
-    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
-
-
-def colourful(pixels) -> float:
-    """Fraction of clearly coloured pixels (channel spread > 60): plots and frames, not text/tables."""
-    return float(((pixels.max(axis=-1) - pixels.min(axis=-1)) > 60).mean())
-
-
-def non_white(pixels) -> float:
-    return float((pixels.min(axis=-1) < 200).mean())
-
-
-def table_header(pixels) -> float:
-    """Fraction of pixels in the table headers' background colour (#f2f2f2 in the pages' CSS)."""
-    return float((pixels == 242).all(axis=-1).mean())
 
 
 @pytest.mark.slow

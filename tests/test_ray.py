@@ -30,7 +30,7 @@ from storymm.data.prepare import prepare
 from storymm.training.run import RunFolder
 
 from s3server import free_ports
-from small import SMALL
+from small import SMALL, logged_points, mlflow_points, tensorboard_points
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,8 @@ class RayHead:
     its port leaves `ray start --block` running with nothing answering.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: int = 0) -> None:
+        self.gpus = gpus  # what the head reports to Ray: with no real GPU, a cluster that claims some
         # Unix socket paths under the temp dir must stay short: not pytest's long tmp paths.
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
         self.ports: dict[str, int] = {}
@@ -148,7 +149,7 @@ class RayHead:
             "--node-ip-address=127.0.0.1",
             f"--port={p['gcs']}",
             "--num-cpus=4",
-            "--num-gpus=0",
+            f"--num-gpus={self.gpus}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={p['dashboard']}",
             f"--ray-client-server-port={p['client']}",
@@ -300,7 +301,9 @@ def _aws_env() -> dict:
     }
 
 
-def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int) -> list[str]:
+def _train_entry(
+    stage: str, data: str, run: str, steps: int, checkpoint_every: int, log_every: int, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
         "python",
         "jobs/train.py",
@@ -323,6 +326,7 @@ def _train_entry(stage: str, data: str, run: str, steps: int, checkpoint_every: 
         f"train.{stage}.log_every={log_every}",
         "--set",
         f"train.{stage}.warmup_steps=2",
+        *extra,
     ]
 
 
@@ -346,9 +350,12 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     started = time.monotonic()
     # the job runs with the runtime env the cluster manifests use, plus this S3 server's variables
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env()), "STORYMM_TORCH_THREADS": "1"}
+    env_vars = {**runtime_env["env_vars"], **_job_env(_aws_env())}
+    env_vars.pop("STORYMM_TORCH_THREADS", None)  # threads then come from the CPUs Ray gives each worker
     out = ray_head.submit(
-        _train_entry("visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5),
+        _train_entry(
+            "visual_ae", data, run, steps=20, checkpoint_every=10, log_every=5, extra=("--cpus-per-worker", "2")
+        ),
         env_vars,
         wait=True,
         excludes=runtime_env["excludes"],
@@ -375,21 +382,33 @@ def test_ray_job_submit_trains_with_two_workers_on_s3(ray_head, s3_data):
     attempts = RunFolder(run).read_attempts()
     assert [(a["attempt"], a["start_step"], a["world_size"], a["backend"]) for a in attempts] == [(1, 0, 2, "ray")]
     assert len(set(attempts[0]["node_ids"])) == 1  # both workers on this machine's one Ray node
+    assert attempts[0]["torch_threads"] == [2, 2]  # --cpus-per-worker 2: each worker's allocation
     # credentials never reach what the job wrote
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in storage.read_text(storage.join(run, "run.json"))
     print(f"ray job submit -> SUCCEEDED in {took:.1f}s")
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path, mlflow_server):
+    """A Ray Train worker SIGKILLed mid-run: the group restarts from the last checkpoint, the run
+    logs the uninterrupted curve, and the run is one MLflow run and one TensorBoard run (event files
+    on S3) whose points equal the metrics log, each step once."""
+    from mlflow.tracking import MlflowClient
+
     from storymm.training.loop import read_metrics
+    from storymm.training.metrics_store import learned
 
     bucket, data = s3_data
     run = f"{bucket}/runs/ft"
     steps, every = 40, 10
+    experiment = f"ray-{os.path.basename(bucket)}"
     out = ray_head.submit(
-        _train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
-        _job_env(_aws_env()),
+        [
+            *_train_entry("visual_ae", data, run, steps=steps, checkpoint_every=every, log_every=5),
+            "--set",
+            "train.trackers=[tensorboard,mlflow]",
+        ],
+        _job_env(_aws_env(), MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME=experiment),
         wait=False,
         timeout=60,
     )
@@ -444,12 +463,20 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, s3_data, tmp_path)
         wait=True,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    curve = [{k: v for k, v in m.items() if k != "samples_per_s"} for m in metrics]
-    assert curve == [{k: v for k, v in m.items() if k != "samples_per_s"} for m in read_metrics(reference)]
+    assert [learned(m) for m in metrics] == [learned(m) for m in read_metrics(reference)]
     print(f"killed a training worker (pid {victim}) at step ~{kill_step}; resumed from {resumed_from}")
+    expected = logged_points(run)
+    assert [s for s, _ in expected["total"]] == list(range(5, steps + 1, 5))
+    assert tensorboard_points(run) == expected
+    client = MlflowClient(mlflow_server.uri)
+    (only,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert json.loads(storage.read_text(storage.join(run, "trackers.json")))["mlflow"]["run_id"] == only.info.run_id
+    assert mlflow_points(mlflow_server.uri, only.info.run_id) == expected
 
 
 def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
+    from storymm.training.loop import read_metrics
+
     data = str(tmp_path / "data")
     prepare(source_stories, data, load_config("configs/tiny.yaml", ["data.rows_per_shard=5"]), progress=False)
     runs, out = str(tmp_path / "runs"), str(tmp_path / "reports")
@@ -489,7 +516,7 @@ def test_tune_two_trials_with_asha(ray_head, tmp_path, source_stories):
             json.loads((run_dir / "run.json").read_text())["config"]["model"]["visual_latent"]
             == trial["params"]["model.visual_latent"]
         )
-        logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged = [m["step"] for m in read_metrics(str(run_dir))]
         assert logged[-1] == trial["step"]
         assert trial["stopped_early"] == (trial["step"] < 20)
         if not trial["stopped_early"]:  # finished trials keep their final checkpoint (what --evaluate scores)
@@ -546,3 +573,40 @@ def test_workers_argument_fixed_or_elastic_range():
     for bad in ("0", "2-1", "0-2", "x", "1-"):
         with pytest.raises(ValueError):
             parse_workers(bad)
+
+
+def test_a_cluster_whose_gpus_cuda_cannot_use_stops_train_and_tune_in_one_line(tmp_path):
+    """A Ray cluster that reports a GPU (`ray start --num-gpus=1`; none is usable on this machine):
+    `storymm train --gpus-per-worker 1` and `storymm tune` (which asks for the cluster's GPUs by
+    default) stop with one line from a probe on the GPU slot, before any worker trains on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    head = RayHead(gpus=1).start()
+    try:
+        env = {**head.cli_env(), "RAY_ADDRESS": head.gcs_address}
+        common = ["--data", str(tmp_path / "data"), *TINY]
+        runs = [
+            ("--gpus-per-worker 1", ["train", "--backend", "ray", "--gpus-per-worker", "1", "--stage", "visual_ae"]),
+            (
+                "--gpus-per-trial 1 (the default on a Ray cluster with GPUs",
+                ["tune", "--stage", "visual_ae", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+            ),
+        ]
+        for asked, args in runs:
+            extra = ["--run", str(tmp_path / "run")] if args[0] == "train" else []
+            done = subprocess.run(
+                [str(BIN / "storymm"), *args, *common, *extra],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            errors = [line for line in done.stderr.splitlines() if line.startswith("storymm: error:")]
+            assert done.returncode == 2 and len(errors) == 1, done.stdout[-2000:] + done.stderr[-4000:]
+            assert asked in errors[0] and "finds no usable GPU" in errors[0] and "(Ray node" in errors[0], errors[0]
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+    finally:
+        head.stop()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from storymm import storage
-from storymm.evaluation.report import render_table, write_report
+from storymm.evaluation.report import loss_terms, render_table, write_report
 
 XSS = "<script>alert(1)</script>"
 
@@ -113,6 +113,19 @@ def test_write_report_all_files(tmp_path):
 
     md = storage.read_text(uris["report.md"])
     assert "| image_l1 |" in md and "(samples.png)" in md and "(loss_curves.png)" in md
+
+
+def test_loss_curves_pair_each_term_with_its_validation_curve_and_leave_timing_out():
+    """Small multiples: one panel per term, its train and val curves together; throughput, time and
+    the time breakdown are not loss terms."""
+    steps = [
+        {"step": 10, "total": 2.0, "l1": 0.5, "lr": 1e-3, "samples_per_s": 50.0, "time": 1.7e9, "time/data_s": 0.1},
+        {"step": 20, "total": 1.5, "l1": 0.4, "val_total": 1.8, "val_l1": 0.45, "val_windows": 64},
+    ]
+    terms = loss_terms(steps)
+    assert sorted(terms) == ["l1", "total"]
+    assert terms["total"] == {"train": ([10.0, 20.0], [2.0, 1.5]), "val": ([20.0], [1.8])}
+    assert terms["l1"]["val"] == ([20.0], [0.45])
 
 
 def test_everything_from_data_is_escaped(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from storymm import storage
 from storymm.data.loader import PreparedDataset, WindowLoader
+from storymm.training.run import read_metrics
 
 from small import SMALL
 
@@ -103,7 +104,7 @@ def test_synth_prepare_train_evaluate_on_s3(s3_env, s3_server):
     )
     checkpoints = [storage.basename(u) for u in storage.list_files(storage.join(runs, "seq", "checkpoints"))]
     assert checkpoints == ["best", "latest", "step-00000002.pt", "step-00000004.pt"]  # best: by val loss
-    assert storage.exists(storage.join(runs, "seq", "metrics.jsonl"))
+    assert [m["step"] for m in read_metrics(storage.join(runs, "seq"))][-1] == 4
 
     report_uri = storage.join(s3_env, "reports", "seq")
     outputs.append(

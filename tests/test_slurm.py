@@ -110,6 +110,7 @@ def _submit(env: dict, tmp: Path, data: str, run: str, steps: int) -> tuple[str,
         STORYMM_PROCS_PER_NODE="2",
         OMP_NUM_THREADS="1",
         MAIN_PORT=str(free_port()),
+        STORYMM_PROGRESS_SECONDS="2",  # a plain progress line every 2 s (the default, 30, outlasts this job)
         STORYMM_TRAIN_ARGS=" ".join(f"--set {s}" for s in [*TRAIN_SETS, f"train.sequence.steps={steps}"]),
     )
     # The script's defaults ask for GPUs and 32 CPUs; this machine has neither.
@@ -160,6 +161,10 @@ def test_sbatch_train_gate_completes_with_two_processes(completed_job):
     assert "1 node(s) x 2 process(es) (CPU)" in text
     # two real ranks of one group (the traps: `--cpu` runs one process, no CPU flag runs two jobs)
     assert "accelerate rank 0/2" in text and "accelerate rank 1/2" in text
+    # a log file gets plain progress lines (step, loss, samples/s, ETA), never a bar's carriage returns
+    assert "\r" not in text
+    progress = [line.split("storymm.progress: ")[1] for line in text.splitlines() if "storymm.progress: " in line]
+    assert progress[-1].startswith("sequence: step 40/40 (100%), loss ") and "samples/s" in progress[-1]
     record = read_run(run)
     assert record["world_size"] == 2 and record["backend"] == "accelerate" and record["stage"] == "sequence"
     assert [m["step"] for m in read_metrics(run)] == list(range(5, 41, 5))

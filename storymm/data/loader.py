@@ -26,7 +26,7 @@ Design, and why:
   are runs of consecutive windows, so a rank decodes about 1/N of the stories (reading the shards
   that hold them, which is most shards unless a shard holds fewer than N batches of windows).
 - Pixels were decoded and resized by prepare: a batch is one fancy-index gather from a uint8
-  array and a conversion to float.
+  array and a conversion to float (or none: training sends uint8 to the GPU, ``data/transfer.py``).
 - Planning the chunks and loading one chunk are separate steps (``plan``, ``load_chunk``), so a
   chunk's reading can overlap the training on the previous one.
 """
@@ -51,6 +51,7 @@ from storymm import storage
 from storymm.data.prefetch import PrefetchStats, prefetch_map
 from storymm.data.prepare import MANIFEST_FILE, SCHEMA_VERSION
 from storymm.data.tokenizer import SentenceTokenizer
+from storymm.data.transfer import pixels_to_float
 from storymm.errors import StorymmError
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,33 @@ def hash_tags(objects: list[str], actions: list[str], locations: list[str], voca
     return ids[:max_tags]
 
 
+def tag_array(frames, vocab: int, max_tags: int) -> np.ndarray:
+    """``[len(frames), max_tags]`` int64 hashed tag ids (:func:`hash_tags`), 0-padded; ``frames``
+    holds one ``(objects, actions, locations)`` per frame."""
+    rows = [hash_tags(objects, actions, locations, vocab, max_tags) for objects, actions, locations in frames]
+    out = np.zeros((len(rows), max_tags), dtype=np.int64)
+    for index, ids in enumerate(rows):
+        out[index, : len(ids)] = ids
+    return out
+
+
+def sentence_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Non-pad token counts (at least 1) of padded sentences ``[..., L]``: what the text encoder packs
+    by, kept on the host (``HostLengths`` in ``models/text.py``)."""
+    return (ids != pad_id).sum(-1).clamp_(min=1)
+
+
+def pad_token_ids(rows: list[list[int]], max_tokens: int, pad_id: int, eos_id: int) -> np.ndarray:
+    """``[len(rows), max_tokens]`` int64: each sentence's ids padded with ``pad_id``, or cut to
+    ``max_tokens - 1`` ids plus ``eos_id``."""
+    out = np.full((len(rows), max_tokens), pad_id, dtype=np.int64)
+    for index, ids in enumerate(rows):
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + [eos_id]
+        out[index, : len(ids)] = ids
+    return out
+
+
 @dataclass(frozen=True)
 class StoryRef:
     shard: int  # index into the split's shard list
@@ -226,7 +254,10 @@ class ChunkData(NamedTuple):
 
 class WindowLoader:
     """Batches for one rank: ``frames [B,K,3,H,W]``, ``tokens [B,K,L]``, ``target_frame [B,3,H,W]``,
-    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id).
+    ``target_tokens [B,L]`` (floats in [0,1], token ids padded with the tokenizer's pad id), and the
+    sentences' non-pad token counts (at least 1) ``token_lengths [B,K]``, ``target_lengths [B]``, which
+    stay on the host (``storymm.data.transfer``). With ``uint8_pixels`` the frames are uint8 (0-255):
+    4x fewer bytes to pin and copy; ``transfer.to_device`` makes them floats on the device.
     With ``tag_vocab > 0`` also ``tags [B,K,max_tags]`` int64: each input frame's hashed
     objects/actions/locations (``hash_tags``; 0 = padding), read from the shards' tag columns.
     With ``with_ids`` also ``window_ids``: ``(story_id, start)`` per window (debug recording).
@@ -257,6 +288,7 @@ class WindowLoader:
         tag_vocab: int = 0,
         max_tags: int = 12,
         prefetch_chunks: int = 2,
+        uint8_pixels: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if not 0 <= rank < world_size:
@@ -270,6 +302,7 @@ class WindowLoader:
         self.tag_vocab, self.max_tags = int(tag_vocab), int(max_tags)
         self.prefetch_chunks = int(prefetch_chunks)  # chunks read ahead in background threads (storymm.data.prefetch)
         self.prefetch_stats = PrefetchStats()  # of the latest pass: consumer wait, peak chunks/bytes held
+        self.uint8_pixels = bool(uint8_pixels)
         self.shards = self.dataset.shards(split)
         self.epoch = 0
         self.start_window = 0
@@ -415,34 +448,27 @@ class WindowLoader:
     def _tag_ids(self, table) -> np.ndarray:
         """[frames of the table's stories, max_tags] hashed tag ids, 0-padded."""
         columns = [table.column(c).to_pylist() for c in TAG_COLUMNS]
-        rows = [
-            hash_tags(objects, actions, locations, self.tag_vocab, self.max_tags)
-            for story in zip(*columns)
-            for objects, actions, locations in zip(*story)
-        ]
-        out = np.zeros((len(rows), self.max_tags), dtype=np.int64)
-        for index, ids in enumerate(rows):
-            out[index, : len(ids)] = ids
-        return out
+        frames = [frame for story in zip(*columns) for frame in zip(*story)]
+        return tag_array(frames, self.tag_vocab, self.max_tags)
 
     def _pad_tokens(self, stories: list[list[list[int]]]) -> np.ndarray:
         rows = [ids for story in stories for ids in story]
-        out = np.full((len(rows), self.max_tokens), self.pad_id, dtype=np.int64)
-        for index, ids in enumerate(rows):
-            if len(ids) > self.max_tokens:
-                ids = ids[: self.max_tokens - 1] + [self.eos_id]
-            out[index, : len(ids)] = ids
-        return out
+        return pad_token_ids(rows, self.max_tokens, self.pad_id, self.eos_id)
 
     def _batch(self, data: ChunkData, rows: np.ndarray, windows: np.ndarray) -> dict:
         """``rows`` [B, K+1] absolute frame rows of ``data``, ``windows`` their [B, 2] plan entries → tensors."""
-        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        pixels = torch.from_numpy(data.frames[rows]).permute(0, 1, 4, 2, 3)
+        if not self.uint8_pixels:
+            pixels = pixels_to_float(pixels)
         ids = torch.from_numpy(data.tokens[rows])
+        lengths = sentence_lengths(ids, self.pad_id)
         batch = {
             "frames": pixels[:, :-1].contiguous(),
             "tokens": ids[:, :-1].contiguous(),
             "target_frame": pixels[:, -1].contiguous(),
             "target_tokens": ids[:, -1].contiguous(),
+            "token_lengths": lengths[:, :-1].contiguous(),
+            "target_lengths": lengths[:, -1].contiguous(),
         }
         if data.tags is not None:  # input frames only: the target's tags would leak the answer
             batch["tags"] = torch.from_numpy(data.tags[rows[:, :-1]])

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 import storymm
 from storymm import storage
@@ -28,6 +27,7 @@ from storymm.config import Config
 from storymm.data.gdi import FrameText, StoryParseError, frame_texts, parse_story
 from storymm.data.sources import SOURCE_SPLITS, open_source
 from storymm.data.tokenizer import TOKENIZER_FILE, SentenceTokenizer, build_tokenizer
+from storymm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def prepare(
     else:
         checked = _checked_locally(source, lambda row: check_row(row, **check), threads)
 
-    bar = tqdm(total=sum(source.rows.values()), desc="prepare", unit="story", disable=not progress)
+    bar = Progress(sum(source.rows.values()), desc="prepare", unit="story", enabled=progress)
     for source_split, outcomes in checked:
         kept = []
         for outcome in outcomes:

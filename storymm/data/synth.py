@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from storymm import storage
+from storymm.progress import Progress
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -610,16 +610,19 @@ def synthesize(
         parts[split] += 1
         buffers[split] = []
 
-    for index in tqdm(range(stories), desc="synth", unit="story", disable=not progress):
+    bar = Progress(stories, desc="synth", unit="story", enabled=progress)
+    for index in range(stories):
         rng = story_rng(seed, index)
         split = "test" if index in test else "train"
         buffers[split].append(render(rng, index, int(rng.integers(lo, hi + 1))))
         counts[split] += 1
         if len(buffers[split]) >= rows_per_file:
             flush(split)
+        bar.update(1)
     for split in ("train", "test"):
         if buffers[split]:
             flush(split)
+    bar.close()
 
     written = set(files)
     for split in ("train", "test"):

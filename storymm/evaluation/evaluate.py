@@ -12,17 +12,19 @@ import datetime as _dt
 import logging
 
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import config_from_dict
 from storymm.data.loader import PreparedDataset
+from storymm.errors import StorymmError
 from storymm.evaluation.metrics import EvalAccumulator, median_image
 from storymm.evaluation.report import verdict_line, write_report
+from storymm.inference import checkpoint_state, inference_model, predict_batch, require_sequence_run
+from storymm.progress import Progress
 from storymm.training.losses import text_cross_entropy_sum
-from storymm.training.run import RunFolder, TrainingError
+from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
-from storymm.training.stages import TokenizerInfo, build_model, forward_sequence, window_loader
+from storymm.training.stages import TokenizerInfo, window_loader
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +34,10 @@ def load_sequence_model(run_uri: str, tokens: TokenizerInfo, which: str = "lates
     ``best``, by validation loss) checkpoint (eval mode, on CPU), and the checkpoint step."""
     folder = RunFolder(run_uri)
     run = folder.read_record()
-    if run["stage"] != "sequence":
-        raise TrainingError(f"{storage.redact(run_uri)} is a {run['stage']} run; evaluate takes a sequence run")
+    require_sequence_run(folder, run, "evaluate")
     config = config_from_dict(run["config"])
-    if which == "best":
-        state = folder.load_best(purpose="evaluating")
-        if state is None:
-            raise TrainingError(f"{storage.redact(run_uri)} has no 'best' checkpoint (no validation ran)")
-    elif which == "latest":
-        state = folder.load_latest(purpose="evaluating")
-    else:
-        raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
-    if state is None:
-        raise TrainingError(f"{storage.redact(run_uri)} has no checkpoint to evaluate")
-    model = build_model("sequence", config, tokens)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return run, config, model, int(state["step"])
+    state = checkpoint_state(folder, which, purpose="evaluating")
+    return run, config, inference_model(config, tokens, state["model"]), int(state["step"])
 
 
 def _median_of_train_targets(dataset: PreparedDataset, config, limit: int) -> torch.Tensor:
@@ -151,23 +140,23 @@ def evaluate(
         with_text=True,
     )
     samples: list[dict] = []
-    bar = tqdm(total=len(loader), desc=f"evaluate {split}", unit="batch", disable=not (progress and runtime.is_main))
+    bar = Progress(len(loader), desc=f"evaluate {split}", unit="batch", enabled=progress and runtime.is_main)
     for batch in loader:
         batch = runtime.to_device(batch)
-        out = forward_sequence(model, batch)
+        predicted = predict_batch(
+            model, batch, config.data.max_tokens, temperature=temperature, top_p=top_p, generator=generator
+        )
+        out = predicted.outputs
         labels = batch["target_tokens"][:, 1:]
         ce_true, count = text_cross_entropy_sum(out["text_logits"], labels, tokens.pad_id)
         shuffled = torch.roll(torch.arange(len(labels), device=labels.device), 1)
         ce_shuffled, _ = text_cross_entropy_sum(
             model.text_logits(out["text_latent"][shuffled], batch["target_tokens"]), labels, tokens.pad_id
         )
-        generated = model.text.generate(
-            out["text_latent"], config.data.max_tokens, temperature=temperature, top_p=top_p, generator=generator
-        )
-        hypotheses = [tokenizer.decode(row.tolist()) for row in generated.cpu()]
+        hypotheses = [tokenizer.decode(row.tolist()) for row in predicted.tokens.cpu()]
         references = [tokenizer.decode(row.tolist()) for row in batch["target_tokens"].cpu()]
         copy_floors = _text_copy_floors(model, batch, labels, tokens.pad_id, tokenizer)
-        prediction = out["image"].clamp(0, 1)
+        prediction = predicted.image
         visual_latent, text_latent = _shared_latents(model, space, out)
         accumulator.update(
             pred_image=prediction.cpu(),
@@ -235,6 +224,12 @@ def evaluate(
             samples=samples,
             title=f"storymm evaluation: {config.model.fusion} on {split}",
         )
+        try:
+            RunFolder(run_uri).record_report(
+                out_uri, split=split, step=step, checkpoint=checkpoint_name, created=report["created"]
+            )
+        except (StorymmError, OSError) as err:  # a read-only run folder: the report itself is written
+            log.warning("the report is written, but %s could not note it: %s", storage.redact(run_uri), err)
     return report
 
 

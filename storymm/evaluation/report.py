@@ -4,7 +4,9 @@
 
 - ``report.html``: self-contained (images embedded as base64 ``data:`` URIs),
 - ``report.md``: the same tables, pointing at the PNGs beside it,
-- ``loss_curves.png``: one panel per training stage, one line per logged loss term,
+- ``loss_curves.png``: small multiples, per training stage one panel per loss term (train and val),
+- ``time_breakdown.png``: per stage a stacked bar per rank (seconds per step in each part) and the
+  goodput line, when the runs logged their time breakdown (``training/timing.py``),
 - ``samples.png``: one row per sample: the K input frames, the target, the prediction,
 - ``report.json``: the report dict, written LAST because its presence means "complete".
 
@@ -34,6 +36,8 @@ from storymm.evaluation.render import (
     render_table,
     to_jsonable,
 )
+from storymm.training import timing
+from storymm.training.metrics_store import is_timing_key
 
 #: Keys in a metrics-history step dict that are not loss terms (not drawn as curves).
 NON_LOSS_KEYS = frozenset(
@@ -182,40 +186,111 @@ def metrics_rows(report: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------ images
 
 
+def loss_terms(steps: list[dict]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """``{term: {"train": (steps, values), "val": (steps, values)}}``: ``val_l1`` is ``l1``'s validation
+    curve. Keys that are not loss terms (step, lr, throughput, the time breakdown) are left out."""
+    terms: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for i, record in enumerate(steps or []):
+        x = record.get("step", i)
+        for key, value in record.items():
+            if key in NON_LOSS_KEYS or is_timing_key(key) or isinstance(value, bool):
+                continue
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(float(value)):
+                continue
+            split, term = ("val", key[4:]) if key.startswith("val_") else ("train", key)
+            xs, ys = terms.setdefault(term, {}).setdefault(split, ([], []))
+            xs.append(float(x))
+            ys.append(float(value))
+    return terms
+
+
+#: panels per row of the loss curves' small multiples
+PANELS_PER_ROW = 4
+
+
 def plot_loss_curves(metrics_history: dict[str, list[dict]]) -> bytes | None:
-    """PNG with one panel per stage and one line per loss term; ``None`` if nothing to draw."""
-    stages = []
-    for stage, steps in metrics_history.items():
-        terms: dict[str, tuple[list[float], list[float]]] = {}
-        for i, record in enumerate(steps or []):
-            x = record.get("step", i)
-            for key, value in record.items():
-                if key in NON_LOSS_KEYS or isinstance(value, bool):
-                    continue
-                if not isinstance(value, (int, float, np.floating, np.integer)):
-                    continue
-                if not math.isfinite(float(value)):
-                    continue
-                xs, ys = terms.setdefault(key, ([], []))
-                xs.append(float(x))
-                ys.append(float(value))
-        if terms:
-            stages.append((stage, terms))
+    """PNG of small multiples: per stage, one panel per loss term with its training curve and, where
+    the run validated, its validation curve; ``total`` first. ``None`` if nothing to draw."""
+    stages = [(stage, loss_terms(steps)) for stage, steps in metrics_history.items()]
+    stages = [(stage, terms) for stage, terms in stages if terms]
     if not stages:
         return None
-    fig = new_figure(figsize=(5.5 * len(stages), 4))
-    axes = fig.subplots(1, len(stages), squeeze=False)
-    for ax, (stage, terms) in zip(axes[0], stages):
-        positive = all(y > 0 for _, ys in terms.values() for y in ys)
-        for key, (xs, ys) in sorted(terms.items()):
-            ax.plot(xs, ys, label=plain_text(key), marker="." if len(xs) < 30 else None, linewidth=1.2)
-        if positive:
-            ax.set_yscale("log")
-        ax.set_title(plain_text(f"stage: {stage}"))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (log scale)" if positive else "loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    rows = [(stage, chunk) for stage, terms in stages for chunk in _rows(sorted(terms, key=_term_order), terms)]
+    fig = new_figure(figsize=(3.2 * PANELS_PER_ROW, 2.4 * len(rows)))
+    axes = fig.subplots(len(rows), PANELS_PER_ROW, squeeze=False)
+    for (stage, chunk), row in zip(rows, axes):
+        for ax, item in zip(row, chunk + [None] * (PANELS_PER_ROW - len(chunk))):
+            if item is None:
+                ax.axis("off")
+                continue
+            term, curves = item
+            values = [y for _, ys in curves.values() for y in ys]
+            for split, style in (("train", "-"), ("val", "--")):
+                if split in curves:
+                    xs, ys = curves[split]
+                    ax.plot(xs, ys, style, label=split, marker="." if len(xs) < 30 else None, linewidth=1.2)
+            if values and all(y > 0 for y in values):
+                ax.set_yscale("log")
+            ax.set_title(plain_text(f"{stage}: {term}"), fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+            if "val" in curves:
+                ax.legend(fontsize=7)
+        row[0].set_ylabel("loss", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _term_order(term: str) -> tuple[int, str]:
+    return (0 if term == "total" else 1, term)
+
+
+def _rows(order: list[str], terms: dict) -> list[list[tuple[str, dict]]]:
+    items = [(term, terms[term]) for term in order]
+    return [items[i : i + PANELS_PER_ROW] for i in range(0, len(items), PANELS_PER_ROW)]
+
+
+def time_summaries(metrics_history: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per stage, where its time went (``timing.run_summary``), for the stages whose log has it."""
+    out = {}
+    for stage, steps in (metrics_history or {}).items():
+        summary = timing.run_summary(steps or [])
+        if summary is not None:
+            out[stage] = summary
+    return out
+
+
+def plot_time_breakdown(summaries: dict[str, dict]) -> bytes | None:
+    """PNG: per stage, a stacked bar per rank (seconds per step in each part) and the goodput line."""
+    if not summaries:
+        return None
+    fig = new_figure(
+        figsize=(12, 0.5 + max(2.6, 0.2 * max(len(s["ranks"]) for s in summaries.values())) * len(summaries))
+    )
+    axes = fig.subplots(len(summaries), 2, squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
+    for (stage, summary), (bars, line) in zip(summaries.items(), axes):
+        labels = [plain_text(f"rank {r['rank']} ({r['host']})") for r in summary["ranks"]]
+        left = np.zeros(len(labels))
+        for part in timing.PARTS:
+            widths = np.array([r[part] for r in summary["ranks"]])
+            if widths.sum() > 0:
+                bars.barh(labels, widths, left=left, label=timing.LABELS[part])
+                left += widths
+        bars.invert_yaxis()
+        bars.set_xlabel("seconds per step", fontsize=8)
+        bars.set_title(plain_text(f"{stage}: where each rank's time went"), fontsize=9)
+        bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
+        bars.tick_params(labelsize=7)
+        if summary["goodput"]:
+            xs, ys = zip(*summary["goodput"])
+            line.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
+        line.set_ylim(0, 1.05)
+        line.set_xlabel("step", fontsize=8)
+        line.set_title(plain_text(f"{stage}: goodput (productive step time / wall time)"), fontsize=9)
+        line.grid(True, alpha=0.3)
+        line.tick_params(labelsize=7)
     fig.tight_layout()
     return figure_png(fig)
 
@@ -300,6 +375,10 @@ def write_report(
     report_json = json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     loss_png = plot_loss_curves(metrics_history) if metrics_history else None
+    times = time_summaries(metrics_history)
+    time_png = plot_time_breakdown(times)
+    stragglers = [f"{stage}: {text}" for stage, summary in times.items() for text in summary["stragglers"]]
+    speeds = [_speed(stage, summary) for stage, summary in times.items() if summary["flops_per_s"]]
     samples_png = plot_samples(samples) if samples else None
 
     # metadata: every top-level scalar of the report (run names, checkpoint, split, windows...)
@@ -343,6 +422,13 @@ def write_report(
         parts.append(f'<img alt="loss curves" src="data:image/png;base64,{b64}">')
     else:
         parts.append("<p>No training history was given.</p>")
+    if time_png is not None:
+        b64 = base64.b64encode(time_png).decode("ascii")
+        parts.append("<h2>Where the time went</h2>")
+        parts.append(_TIME_NOTE_HTML)
+        parts.append(f'<img alt="time breakdown" src="data:image/png;base64,{b64}">')
+        parts.append(_stragglers_html(stragglers))
+        parts += [f"<p>{html.escape(s)}</p>" for s in speeds]
     parts.append("<h2>Sample predictions</h2>")
     if samples_png is not None:
         b64 = base64.b64encode(samples_png).decode("ascii")
@@ -367,6 +453,10 @@ def write_report(
     md += [html.escape(note) + "\n" for note in notes]
     md += ["## Loss curves", ""]
     md += ["![loss curves](loss_curves.png)", ""] if loss_png is not None else ["No training history was given.", ""]
+    if time_png is not None:
+        md += ["## Where the time went", "", _TIME_NOTE, "", "![time breakdown](time_breakdown.png)", ""]
+        md += [f"- slowest rank: {html.escape(s)}" for s in stragglers] or ["- no straggler: no rank was slower"]
+        md += [f"- {html.escape(s)}" for s in speeds] + [""]
     md += ["## Sample predictions", ""]
     if samples_png is not None:
         md += [
@@ -382,6 +472,8 @@ def write_report(
 
     if loss_png is not None:
         put("loss_curves.png", loss_png)
+    if time_png is not None:
+        put("time_breakdown.png", time_png)
     if samples_png is not None:
         put("samples.png", samples_png)
     put("report.md", page_md.encode("utf-8"))
@@ -391,6 +483,28 @@ def write_report(
 
 
 # ------------------------------------------------------------------------------------ links
+
+
+_TIME_NOTE = (
+    "Seconds per training step in each part, per rank, over the whole run (from each rank's phase clock); "
+    "goodput is productive step time over wall time since the run started, restarts included "
+    "(docs/monitoring.md)."
+)
+_TIME_NOTE_HTML = f"<p>{html.escape(_TIME_NOTE)}</p>"
+
+
+def _speed(stage: str, summary: dict) -> str:
+    """'sequence: 12.3 GFLOP/s achieved (model FLOPs of forward and backward), MFU 41.0%'."""
+    mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary.get("mfu") is not None else " (no MFU: not on a known GPU)"
+    rate = summary["flops_per_s"] / 1e9
+    return f"{stage}: {rate:.3g} GFLOP/s achieved (median; model FLOPs of forward and backward){mfu}"
+
+
+def _stragglers_html(stragglers: list[str]) -> str:
+    if not stragglers:
+        return f"<p>{html.escape(f'No straggler: no rank was {100 * timing.STRAGGLER_THRESHOLD:.0f}% slower.')}</p>"
+    items = "".join(f"<li>slowest rank: {html.escape(s)}</li>" for s in stragglers)
+    return f"<ul>{items}</ul>"
 
 
 def report_page_uri(uri: str) -> str:

@@ -105,5 +105,5 @@ class MiniLMTextAutoencoder(TextAutoencoder):
             pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return F.normalize(pooled.float(), dim=-1)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, lengths=None) -> torch.Tensor:  # noqa: ARG002 - MiniLM masks padding itself
         return self.to_latent(self.sentence_embedding(tokens))

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import autocast_off, device_constant
+
 TILES = (2, 2)  # rows x columns of the tiles whose shifts carry the zoom
 
 
@@ -112,7 +114,7 @@ class MotionWarp(nn.Module):
         shifts, peaks = [], []
         for rows, cols in self._regions(h, w):
             shift, peak = self._phase_shift(grey[..., rows, cols])
-            shifts.append(shift / shift.new_tensor([w, h]))  # fractions of the whole frame
+            shifts.append(shift / device_constant((w, h), shift.dtype, shift.device))  # fractions of the frame
             peaks.append(peak)
         shift = torch.stack(shifts, 2)  # [B,P,R,2]
         peak = torch.stack(peaks, 2)  # [B,P,R]
@@ -126,7 +128,14 @@ class MotionWarp(nn.Module):
     def forward(self, frames: torch.Tensor, ctx: torch.Tensor) -> dict[str, torch.Tensor]:
         """``warped[B,K,3,H,W]`` (each input frame moved to the next frame's time), ``inside[B,K,1,H,W]``,
         ``params[B,K,3]`` and ``frame_logits[B,K]``: how well each frame will do once warped, from the
-        same evidence (which pairs are one shot), added to the copy attention's scores."""
+        same evidence (which pairs are one shot), added to the copy attention's scores.
+
+        In fp32 with autocast off, whatever the caller runs under: bf16 coordinates would move every
+        sample point (a fresh head would no longer be exactly the copy head), and the head is small."""
+        with autocast_off(frames):
+            return self._warp(frames.float(), ctx.float())
+
+    def _warp(self, frames: torch.Tensor, ctx: torch.Tensor) -> dict[str, torch.Tensor]:
         b, k = frames.shape[:2]
         if k != self.context_frames:
             raise ValueError(f"this warp head was built for {self.context_frames} input frames, got {k}")

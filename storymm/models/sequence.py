@@ -42,7 +42,8 @@ from torch import nn
 
 from .fusion import build_fusion
 from .motion import MotionWarp
-from .text import TextAutoencoder
+from .precision import run_fp32
+from .text import HostLengths, TextAutoencoder
 from .visual import VisualAutoencoder
 
 IMAGE_HEADS = ("copy", "warp")
@@ -168,11 +169,13 @@ class StoryContinuationModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------
-    def encode_frames(self, frames: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(
+        self, frames: torch.Tensor, tokens: torch.Tensor, lengths: HostLengths | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames[B,K,3,H,W], tokens[B,K,L]`` -> per-frame latents ``v[B,K,Dv], t[B,K,Dt]``."""
         b, k = frames.shape[:2]
         v = self.visual.encode(frames.flatten(0, 1)).view(b, k, -1)
-        t = self.text.encode(tokens.flatten(0, 1)).view(b, k, -1)
+        t = self.text.encode(tokens.flatten(0, 1), lengths).view(b, k, -1)
         return v, t
 
     def tag_features(self, tags: torch.Tensor) -> torch.Tensor:
@@ -182,15 +185,19 @@ class StoryContinuationModel(nn.Module):
         return self.tag_proj(emb.sum(-2) / count)
 
     def _context(
-        self, frames: torch.Tensor, tokens: torch.Tensor, tags: torch.Tensor | None = None
+        self,
+        frames: torch.Tensor,
+        tokens: torch.Tensor,
+        tags: torch.Tensor | None = None,
+        lengths: HostLengths | None = None,
     ) -> dict[str, torch.Tensor]:
-        v, t = self.encode_frames(frames, tokens)
+        v, t = self.encode_frames(frames, tokens, lengths)
         fused = self.fusion(v, t)  # [B,K,Hd]
         if self.tag_vocab:
             if tags is None:
                 raise ValueError("this model uses tag features (model.tag_features): pass the batch's 'tags'")
             fused = fused + self.tag_features(tags)
-        out, h = self.gru(fused)  # out [B,K,Hd], h [1,B,Hd]
+        out, h = run_fp32(self.gru, fused)  # out [B,K,Hd], h [1,B,Hd]; fp32 under autocast too
         scores = self.attn_score(torch.tanh(self.attn_proj(out))).squeeze(-1)  # [B,K]
         attn = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("bk,bkh->bh", attn, out)
@@ -235,6 +242,8 @@ class StoryContinuationModel(nn.Module):
         target_tokens: torch.Tensor | None = None,
         target_frame: torch.Tensor | None = None,
         tags: torch.Tensor | None = None,
+        input_lengths: HostLengths | None = None,
+        target_lengths: HostLengths | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns ``image[B,3,H,W]``, ``context[B,3,h,w]``, ``visual_latent[B,Dv]``,
         ``text_latent[B,Dt]``, ``attention[B,K]``; ``text_logits[B,L-1,V]`` when ``target_tokens`` is
@@ -242,8 +251,10 @@ class StoryContinuationModel(nn.Module):
         next frame, without gradient) when ``target_frame``/``target_tokens`` are given; and with the
         copy path ``copy_gate[B,1,H,W]``, ``copy_weights[B,K]``, ``generated_image[B,3,H,W]``,
         ``copied_image[B,3,H,W]`` (warped with the warp head), ``text_copy_weights[B,K]`` and
-        ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``."""
-        c = self._context(frames, tokens, tags)
+        ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``. ``input_lengths``/
+        ``target_lengths``: the sentences' token counts on the host (the loader's), so that encoding
+        them never waits for the GPU."""
+        c = self._context(frames, tokens, tags, input_lengths)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
         text = self._text_latent(c)
@@ -266,7 +277,7 @@ class StoryContinuationModel(nn.Module):
         if target_tokens is not None:
             out["text_logits"] = self.text_logits(zt, target_tokens)
             with torch.no_grad():
-                out["target_text_latent"] = self.text.encode(target_tokens)
+                out["target_text_latent"] = self.text.encode(target_tokens, target_lengths)
         if target_frame is not None:
             with torch.no_grad():
                 out["target_visual_latent"] = self.visual.encode(target_frame)

@@ -6,6 +6,9 @@
 * The decoder sees the latent twice: its initial state is computed from it, and the latent is
   concatenated to the input embedding at *every* step (the course decoder used it only as the initial
   state, which teacher forcing quickly learns to forget).
+* On a GPU: the LSTMs run in fp32 even under bf16 autocast (``precision.run_fp32``), and the packed
+  encoder takes its lengths from the host (:class:`HostLengths`, from the loader) so that no step
+  waits for the GPU to read them back.
 
 Token conventions: ``[bos] w1 ... wn [eos] [pad] ...``; ids come from the constructor, never from
 constants here.
@@ -16,7 +19,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from .precision import run_fp32
+
+
+class HostLengths:
+    """Non-pad token counts of sentences, held on the host (CPU int64).
+
+    Packing sequences for the LSTM needs their lengths on the host; computing them from tokens that
+    are already on the GPU means a copy back and a wait for the GPU at every step. The loader counts
+    them (``token_lengths``/``target_lengths``) and they travel in this wrapper, not as a tensor
+    argument, because DDP copies tensor arguments to the GPU."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts.to(device="cpu", dtype=torch.int64)
+
+    def flat(self) -> torch.Tensor:
+        return self.counts.reshape(-1)
+
+    @staticmethod
+    def cat(parts: list[HostLengths]) -> HostLengths:
+        return HostLengths(torch.cat([part.flat() for part in parts]))
+
+
+def pack_on_host_lengths(padded: torch.Tensor, lengths: torch.Tensor) -> PackedSequence:
+    """``pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)`` (the same
+    operations, the same result) with the sort order sent to the device asynchronously: with
+    ``lengths`` on the host nothing waits for the GPU."""
+    lengths, order = torch.sort(lengths.to(torch.int64), descending=True)
+    if padded.is_cuda:  # pinned, so the copy is truly asynchronous (a pageable one may wait)
+        order = order.pin_memory()
+    order = order.to(padded.device, non_blocking=True)
+    packed = pack_padded_sequence(padded.index_select(0, order), lengths, batch_first=True, enforce_sorted=True)
+    return PackedSequence(packed.data, packed.batch_sizes, order, None)
 
 
 class TextAutoencoder(nn.Module):
@@ -71,12 +109,13 @@ class TextAutoencoder(nn.Module):
         """Number of non-pad tokens per row (padding is at the end by contract), at least 1."""
         return (tokens != self.pad_id).sum(dim=1).clamp(min=1)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens[N,L]`` int64 -> ``z[N,latent_dim]``.  Padding does not affect the result."""
-        lengths = self.lengths(tokens)
+    def encode(self, tokens: torch.Tensor, lengths: HostLengths | None = None) -> torch.Tensor:
+        """``tokens[N,L]`` int64 -> ``z[N,latent_dim]``.  Padding does not affect the result.
+        ``lengths``: the rows' non-pad counts on the host (else counted here, a sync on a GPU)."""
+        counts = lengths.flat() if lengths is not None else self.lengths(tokens).cpu()
         emb = self.dropout(self.embedding(tokens))
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.encoder(packed)
+        packed = pack_on_host_lengths(emb, counts)
+        _, (h, _) = run_fp32(self.encoder, packed)
         # h: [num_layers*2, N, hidden]; take the last layer's forward and backward final states.
         h_last = torch.cat([h[-2], h[-1]], dim=-1)
         return self.to_latent(h_last)
@@ -94,7 +133,7 @@ class TextAutoencoder(nn.Module):
 
     def decode_logits(self, z: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: ``inputs = target[:, :-1]`` -> logits for ``labels = target[:, 1:]``."""
-        out, _ = self.decoder(self._step_inputs(z, inputs), self._initial_state(z))
+        out, _ = run_fp32(self.decoder, self._step_inputs(z, inputs), self._initial_state(z))
         return self.out(self.dropout(out))
 
     @torch.no_grad()
@@ -119,7 +158,7 @@ class TextAutoencoder(nn.Module):
         done = torch.zeros(n, dtype=torch.bool, device=z.device)
         banned = torch.tensor(sorted({self.pad_id, self.bos_id}), device=z.device)
         for t in range(1, max_len):
-            h, state = self.decoder(self._step_inputs(z, cur), state)
+            h, state = run_fp32(self.decoder, self._step_inputs(z, cur), state)
             logits = self.out(h[:, -1]).float()
             logits[:, banned] = float("-inf")
             if temperature <= 0.0:
@@ -134,9 +173,9 @@ class TextAutoencoder(nn.Module):
             cur = nxt.unsqueeze(1)
         return out
 
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, lengths: HostLengths | None = None) -> dict[str, torch.Tensor]:
         """Autoencode: ``dict(latent=[N,D], logits=[N,L-1,V])`` (logits predict ``tokens[:, 1:]``)."""
-        z = self.encode(tokens)
+        z = self.encode(tokens, lengths)
         return {"latent": z, "logits": self.decode_logits(z, tokens[:, :-1])}
 
 

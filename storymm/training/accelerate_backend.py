@@ -19,12 +19,14 @@ obvious ``--cpu`` flag silently starts ONE process); ``Accelerator(cpu=True)`` t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
 import torch.distributed as dist
 
 from storymm.config import Config
+from storymm.training.devices import requested_by_environment, require_cuda, threads_per_process
 from storymm.training.loop import train
 from storymm.training.phases import Phase
 from storymm.training.runtime import Runtime, effective_precision
@@ -138,18 +140,24 @@ def run_accelerate(
     Returns the loop's summary (the same on every rank); ``status`` is ``stopped`` when a rank
     received SIGUSR1/SIGTERM, after a checkpoint of the stopping step was written.
     """
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # one process per CPU slot: more threads only oversubscribe
+    # GPUs named for this process but unusable (old driver, CPU-only torch): stop, never train on the
+    # CPU instead. ACCELERATE_USE_CPU=true is the explicit request for CPU processes.
+    asked = requested_by_environment()
+    if asked and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        require_cuda(asked)
+    # The node's CPUs shared by its processes (accelerate launch sets OMP_NUM_THREADS=1 for GPU runs)
+    torch.set_num_threads(threads_per_process())
     accelerator = make_accelerator(config)
     runtime = AccelerateRuntime(accelerator)
     log.info(
-        "accelerate rank %d/%d (local %d) on %s, %s, mixed precision %s",
+        "accelerate rank %d/%d (local %d) on %s, %s, mixed precision %s, %d torch threads",
         runtime.rank,
         runtime.world_size,
         runtime.local_rank,
         runtime.device,
         accelerator.distributed_type,
         runtime.mixed_precision,
+        torch.get_num_threads(),
     )
     runtime.install_signal_handlers()
     try:

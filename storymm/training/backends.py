@@ -23,6 +23,7 @@ def run_training(
     backend: str = "local",
     workers: int | tuple[int, int] = 1,
     gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
     init_from: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict:
@@ -44,6 +45,7 @@ def run_training(
             run_uri,
             workers=workers,
             gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
             init_from=init_from,
             progress=progress,
         )

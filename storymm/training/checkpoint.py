@@ -51,19 +51,42 @@ def checkpoint_dir(run_uri: str) -> str:
     return storage.join(run_uri, CHECKPOINT_DIR)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG state: CPU torch, numpy and, on a GPU, that one device's CUDA generator.
+
+    Only the rank's own device: ``get_rng_state_all`` would save every GPU the process sees (four
+    under ``accelerate launch`` on a 4-GPU node), and restoring that on a machine that sees fewer
+    (a 1-GPU Ray worker) raises ``IndexError``."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     state["numpy"] = torch.from_numpy(state["numpy"].astype(np.int64))
     return state
 
 
-def restore_rng(state: dict) -> None:
+def own_cuda_state(saved, device: torch.device | None) -> torch.Tensor | None:
+    """The CUDA generator state to restore on ``device`` from a checkpoint's ``cuda`` entry: one state
+    (this format), or, from checkpoints that saved every visible GPU, the entry of the device's index
+    (None when that GPU was not saved: it keeps its seeded stream). None off CUDA."""
+    if saved is None or device is None or device.type != "cuda":
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index or 0
+    if index < len(saved):
+        return saved[index]
+    log.warning(
+        "checkpoint has no CUDA RNG state for %s (it saved %d GPUs): keeping this GPU's stream", device, len(saved)
+    )
+    return None
+
+
+def restore_rng(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 0, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = own_cuda_state(state.get("cuda"), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save(run_uri: str, state: dict, step: int) -> str:

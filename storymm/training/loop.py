@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from storymm import storage
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
-from storymm.training import checkpoint
+from storymm.progress import Progress
+from storymm.training import checkpoint, timing
 from storymm.training.phases import Phase
 from storymm.training.run import RunFolder, TrainingError, read_metrics, read_run, read_windows
 from storymm.training.runtime import Runtime
@@ -42,6 +42,7 @@ from storymm.training.stages import (
     window_loader,
     windows_per_step,
 )
+from storymm.training.trackers import Tracker, check_trackers, make_trackers
 from storymm.training.validation import Validator
 from storymm.training.watchdog import HangPolicy, Watchdog
 
@@ -160,10 +161,25 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
         log.warning("checkpoint without a global data position: resuming at the start of the next epoch")
         position = Position(config.data.batch_size * int(data["world_size"]), step, int(data["epoch"]) + 1)
     if runtime.rank < len(resumed["rng"]):
-        checkpoint.restore_rng(resumed["rng"][runtime.rank])
+        checkpoint.restore_rng(resumed["rng"][runtime.rank], runtime.device)
     else:  # a rank the checkpoint did not have (resumed on more workers): its own seeded stream
         torch.manual_seed(int(np.random.SeedSequence([config.seed, runtime.rank, step]).generate_state(1)[0]))
     return position
+
+
+def _model_and_optimiser(stage: str, config: Config, tokens: TokenizerInfo, resumed, init_from, runtime: Runtime):
+    """The model on the runtime's device, then its optimiser, scheduler and position restored.
+
+    In that order: ``Optimizer.load_state_dict`` puts the moment tensors where the parameters are at
+    that moment, so a state restored while the model is still on the CPU makes the first GPU step
+    after every resume fail with a device mismatch (every SLURM requeue, every Ray restart)."""
+    model = _build_model(stage, config, tokens, resumed, init_from).to(runtime.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stage_cfg = getattr(config.train, stage)
+    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+    scheduler = _scheduler(optimizer, stage_cfg)
+    position = _restore(resumed, optimizer, scheduler, runtime, config)
+    return model, params, optimizer, scheduler, position
 
 
 def _train_loader(
@@ -190,6 +206,7 @@ def _train_loader(
         shuffle_buffer=config.data.shuffle_buffer,
         equalize=True,
         with_ids=config.train.record_windows,
+        uint8_pixels=True,  # 4x fewer bytes to pin and copy: floats on the device (data/transfer.py)
     )
     if len(loader) == 0:  # epoch 0 from its start: every epoch has as many windows
         raise TrainingError(
@@ -275,7 +292,10 @@ def train_step(
 
 class MetricsLog:
     """Every ``log_every`` steps (and the last): loss terms averaged over ranks, throughput since the
-    previous log, one line in ``metrics.jsonl`` (rank 0), the progress bar, the backend's report."""
+    previous log, where each rank's time went (``timing.py``), one line in the run's metrics log and in
+    the trackers (rank 0), the progress bar or line, the backend's report. A resumed run rewrites the
+    lines past its checkpoint instead of repeating them (``metrics_store.py``); the trackers learn at
+    every checkpoint that the steps before it are final (``trackers.py``)."""
 
     def __init__(
         self,
@@ -287,55 +307,109 @@ class MetricsLog:
         samples_per_step: int,
         start: int,
         progress: bool,
+        trackers: list[Tracker] = (),
+        hosts: list[str] = (),
+        sync: timing.GradientSyncTimer | None = None,
+        count_flops: bool = True,
     ):
-        """``samples_per_step``: over all workers."""
-        self.run, self.runtime, self.every, self.total = run, runtime, every, total
-        self.samples_per_step = samples_per_step
-        # a resumed run rewrites the lines past its checkpoint instead of repeating them
-        self.history = [m for m in run.read_metrics() if m["step"] <= start] if runtime.is_main else []
+        """``samples_per_step``: over all workers; ``trackers``: rank 0's; ``hosts``: per rank;
+        ``sync``: the DDP gradient all-reduce timer; ``count_flops``: on this attempt's first step."""
+        self.runtime, self.every, self.total = runtime, every, total
+        self.samples_per_step, self.hosts = samples_per_step, list(hosts)
+        self.store = run.metrics_store() if runtime.is_main else None
+        self.trackers = list(trackers)
+        self.sync, self.clock = sync, None  # the clock starts with the loop (start-up is not a step's)
+        self.times = None
+        self._flops: list[float] | None = [] if count_flops and runtime.is_main else None
+        if self.store is not None:
+            resumed = self.store.open(start) or {}
+            self.times = timing.StepTimes(
+                run.read_record().get("started"),
+                resumed.get(f"{timing.TIMING_PREFIX}productive_s", 0.0),
+                runtime.world_size,
+                timing.peak_flops(runtime.device, runtime.mixed_precision),
+            )
+            for tracker in self.trackers:
+                tracker.open(start, self.store.read)
         self.last: dict = {}
-        self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not (progress and runtime.is_main))
+        self.progress = Progress(total, initial=start, desc=stage, enabled=progress and runtime.is_main)
         self._since, self._steps = time.perf_counter(), 0
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
 
+    def counted(self, batches):
+        """The loop's batches (the first logging window starts here); the model FLOPs of this
+        attempt's first step are counted (rank 0)."""
+        if self.clock is None:
+            self.clock = timing.RankClock(self.runtime.phases, self.sync)
+            self._since = time.perf_counter()
+        if self._flops is None or self._flops:
+            return batches
+        return timing.first_step_flops(batches, self._flops)
+
     def step_done(self, position: Position, lr: float, terms: dict) -> bool:
         """True when this step was logged."""
         self._steps += 1
-        self.bar.update(1)
+        self.progress.update(1)
         if not self.due(position.step):
             return False
         names = sorted(terms)
         sums = self.runtime.all_reduce_sum(torch.stack([terms[n] for n in names]).to(torch.float64).cpu())
-        elapsed = time.perf_counter() - self._since
+        elapsed, steps = time.perf_counter() - self._since, self._steps
+        seconds = self.runtime.all_gather_object(self.clock.take())  # per rank, since the last logged step
+        self._since, self._steps = time.perf_counter(), 0
         self.last = {n: float(v) / self.runtime.world_size for n, v in zip(names, sums.tolist())}
         self.last.update(
             step=position.step,
             epoch=position.epoch,
             lr=lr,
-            samples_per_s=self.samples_per_step * self._steps / max(elapsed, 1e-9),
+            samples_per_s=self.samples_per_step * steps / max(elapsed, 1e-9),
+            time=round(time.time(), 3),
         )
-        self._since, self._steps = time.perf_counter(), 0
-        if self.runtime.is_main:
-            self.history.append(self.last)
-            self.run.write_metrics(self.history)
-            self.bar.set_postfix(loss=f"{self.last['total']:.4f}", sps=f"{self.last['samples_per_s']:.0f}")
+        if self.times is not None:
+            if self._flops and self.times.flops_per_step is None:
+                self.times.flops_per_step = self._flops[0]
+            self.last.update(self.times.line(seconds, self.hosts, steps, elapsed, self.last["time"]))
+        self._record(self.last)
+        self.progress.show(**{"loss": f"{self.last['total']:.4f}", "samples/s": f"{self.last['samples_per_s']:.0f}"})
         self.runtime.report(self.last)
         return True
 
     def add_validation(self, record: dict, step: int) -> None:
         """Validation terms (``val_*``) into the step's line, or a line of their own."""
-        if not self.runtime.is_main:
-            return
-        if self.history and self.history[-1]["step"] == step:
-            self.history[-1].update(record)
-        else:
-            self.history.append(record)
-        self.run.write_metrics(self.history)
+        if self.last.get("step") != step:
+            record = {**record, "time": round(time.time(), 3)}
+        self._record(record)
 
-    def close(self) -> None:
-        self.bar.close()
+    def _record(self, line: dict) -> None:
+        if self.store is None:
+            return
+        step = line["step"]
+        values = {k: v for k, v in line.items() if k != "step"}
+        self.store.record(step, values)
+        wall = values.get("time", self.last.get("time", time.time()))
+        for tracker in self.trackers:
+            tracker.record(step, values, wall)
+
+    def flush(self) -> None:
+        """Every line so far stored (before a checkpoint: no checkpoint covers a step without its line)."""
+        if self.store is not None:
+            self.store.flush()
+
+    def checkpointed(self, step: int) -> None:
+        """The checkpoint of ``step`` is written: a new segment starts, the trackers may keep what precedes."""
+        if self.store is not None:
+            self.store.seal()
+            for tracker in self.trackers:
+                tracker.checkpointed(step)
+
+    def close(self, completed: bool = False) -> None:
+        self.progress.close()
+        if self.store is not None:
+            for tracker in self.trackers:
+                tracker.close(completed)
+            self.store.close()
 
 
 class CheckpointPolicy:
@@ -362,7 +436,7 @@ def _save(
     run: RunFolder, runtime: Runtime, stage: str, model, optimizer, scheduler, position: Position, status: str
 ) -> str | None:
     """Every rank hands in its RNG state; rank 0 writes the checkpoint; all wait for it."""
-    states = runtime.all_gather_object(checkpoint.rng_state())
+    states = runtime.all_gather_object(checkpoint.rng_state(runtime.device))
     uri = None
     if runtime.is_main:
         uri = run.save_checkpoint(
@@ -424,19 +498,20 @@ def _train(
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
 
+    check_trackers(config.train.trackers)  # on every rank, before anything runs
     previous = run.read_record()["stage"] if run.exists() else stage
     if previous != stage:  # before anything is loaded or logged
         raise TrainingError(f"{run.shown} holds a {previous} run, not {stage}")
     resumed = run.load_latest()
-    model = _build_model(stage, config, tokens, resumed, init_from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    scheduler = _scheduler(optimizer, stage_cfg)
-    position = _restore(resumed, optimizer, scheduler, runtime, config)
+    model, params, optimizer, scheduler, position = _model_and_optimiser(
+        stage, config, tokens, resumed, list(init_from), runtime
+    )
     phases = runtime.phases
     phases.resumed_at(position.step)
     # one per rank: where the run really ran
-    hosts, node_ids = zip(*runtime.all_gather_object((socket.gethostname(), runtime.node_id())))
+    hosts, node_ids, threads = zip(
+        *runtime.all_gather_object((socket.gethostname(), runtime.node_id(), torch.get_num_threads()))
+    )
     hosts = list(hosts)
     if runtime.is_main:
         log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
@@ -451,11 +526,13 @@ def _train(
                 "world_size": runtime.world_size,
                 "global_batch": position.global_batch,
                 "hosts": hosts,
+                # goodput counts from the start of this process (the clock's start), through every restart
+                "started": time.time() - (time.monotonic() - runtime.phases.started),
             }
         )
     if runtime.is_main:  # the step this attempt really restored: a resume, not a restart, is provable
         entry = {"attempt": attempt, "start_step": position.step, "world_size": runtime.world_size}
-        entry.update(backend=runtime.name, hosts=hosts)
+        entry.update(backend=runtime.name, hosts=hosts, torch_threads=list(threads))  # threads: per rank
         run.record_attempt({**entry, **({"node_ids": list(node_ids)} if any(node_ids) else {})})
 
     unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []
@@ -473,7 +550,21 @@ def _train(
     loader = _train_loader(dataset, config, stage, runtime, position)
     loss_fn = batch_loss_fn(stage, config, tokens)
     samples = windows_per_step(stage, position.global_batch, config.data.context_frames)
-    metrics = MetricsLog(run, runtime, stage, stage_cfg.log_every, stage_cfg.steps, samples, position.step, progress)
+    trackers = make_trackers(config.train.trackers, run, run.read_record()) if runtime.is_main else []
+    metrics = MetricsLog(
+        run,
+        runtime,
+        stage,
+        stage_cfg.log_every,
+        stage_cfg.steps,
+        samples,
+        position.step,
+        progress,
+        trackers,
+        hosts,
+        timing.GradientSyncTimer.attach_to(model),
+        count_flops=not config.train.compile,
+    )
     windows = WindowRecord(run, runtime, config.train.record_windows, position.step)
     policy = CheckpointPolicy(stage_cfg.checkpoint_every, stage_cfg.steps, position.step if resumed else -1)
     guard = NonFiniteGuard(runtime, stage, position.step)
@@ -482,7 +573,9 @@ def _train(
     def save(status: str) -> None:
         phases.enter(Phase.CHECKPOINT)
         guard.check(position.step)
+        metrics.flush()
         uri = _save(run, runtime, stage, model, optimizer, scheduler, position, status)
+        metrics.checkpointed(position.step)
         windows.flush()
         runtime.report(metrics.last, uri)
         policy.saved(position.step)
@@ -490,7 +583,7 @@ def _train(
     status = "completed"
     while position.step < stage_cfg.steps and status != "stopped":
         loader.set_epoch(position.epoch, start_window=position.windows)
-        for batch in phases.iterate(loader, Phase.DATA):
+        for batch in metrics.counted(phases.iterate(runtime.feed(loader), Phase.DATA)):
             windows.take(batch, position)
             terms = train_step(
                 step_model,
@@ -530,6 +623,6 @@ def _train(
             position.next_epoch()
     if policy.saved_at != position.step:
         save(status)
-    metrics.close()
+    metrics.close(completed=status == "completed")
     phases.enter(Phase.FINISHED)
     return {"stage": stage, "run": run.shown, "step": position.step, "status": status, "metrics": metrics.last}

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storymm.models.precision import autocast_off, device_constant
+
 # ---------------------------------------------------------------------------------------------
 # terms
 
@@ -38,13 +40,13 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred, target)
 
 
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 
 
 def sobel_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel Sobel gradients ``(gx, gy)`` of ``x[N,C,H,W]`` (replicate padding, same size)."""
     c = x.shape[1]
-    kx = _SOBEL_X.to(device=x.device, dtype=x.dtype)
+    kx = device_constant(_SOBEL_X, x.dtype, x.device)  # made once per device: no host copy per step
     weight = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(c, 1, 1, 1)  # [2C,1,3,3]
     g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, groups=c)  # [N,2C,H,W]
     return g[:, 0::2], g[:, 1::2]
@@ -100,12 +102,14 @@ def cosine_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of ``a`` should match row i of ``b`` among all rows of the batch."""
-    a = F.normalize(a, dim=-1)
-    b = F.normalize(b, dim=-1)
-    logits = a @ b.t() / temperature
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    """Symmetric InfoNCE: row i of ``a`` should match row i of ``b`` among all rows of the batch.
+    In fp32 with autocast off: cosine logits / 0.07 in bf16 keep two or three significant digits."""
+    with autocast_off(a):
+        a = F.normalize(a.float(), dim=-1)
+        b = F.normalize(b.float(), dim=-1)
+        logits = a @ b.t() / temperature
+        labels = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
 # ---------------------------------------------------------------------------------------------

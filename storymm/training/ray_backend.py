@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 
 import torch
 
 from storymm import storage
 from storymm.config import Config, config_from_dict
+from storymm.training.devices import GpuUnavailable, require_cuda, threads_per_process
 from storymm.training.loop import TrainingError
 from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime, effective_precision
@@ -43,6 +45,10 @@ RAY_RUN_NAME = "train"
 POINTER_FILE = "storymm_checkpoint.json"
 MAX_FAILURES_ENV = "STORYMM_RAY_MAX_FAILURES"
 DEFAULT_MAX_FAILURES = 3
+#: CPUs a GPU worker asks for by default (``--cpus-per-worker``): the loader's prefetch and pinning
+#: threads and the torch threads feeding the GPU; a CPU worker takes 1 (one process per core).
+GPU_WORKER_CPUS = 4
+GPU_PROBE_TIMEOUT_S = 120
 
 
 class RayBackendError(TrainingError):
@@ -143,16 +149,22 @@ class RayRuntime(Runtime):
     collectives over the process group Ray created, progress reported to Ray Train."""
 
     @classmethod
-    def from_ray_context(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> RayRuntime:
+    def from_ray_context(
+        cls, mixed_precision: str = "no", cpu_autocast: bool = False, gpus_per_worker: float = 0.0
+    ) -> RayRuntime:
+        """This worker's rank, device and precision; torch threads = the CPUs Ray gave it
+        (``STORYMM_TORCH_THREADS`` overrides). A worker given GPUs that CUDA cannot use stops here
+        with the reason instead of training on its CPU."""
         import ray.train
         import ray.train.torch
 
         context = ray.train.get_context()
         device = ray.train.torch.get_device()
+        if gpus_per_worker and device.type != "cuda":
+            require_cuda(f"--gpus-per-worker {gpus_per_worker:g}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        else:
-            torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
+        torch.set_num_threads(threads_per_process(cpus=assigned_cpus(), processes=1))
         return cls(
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
@@ -188,13 +200,59 @@ class RayRuntime(Runtime):
             )
 
 
+def assigned_cpus() -> float | None:
+    """The CPUs Ray reserved for this task or actor; None outside one (then: the process's allocation)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        resources = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # Ray's way of saying "this is the driver, not a task or actor"
+        return None
+    return resources.get("CPU") or None
+
+
+def _gpu_probe(asked: str) -> str | None:
+    """Runs on a GPU slot of the cluster: None when CUDA is usable there, else the one-line reason."""
+    try:
+        require_cuda(asked)
+    except GpuUnavailable as err:
+        return f"{err} (Ray node {socket.gethostname()})"
+    return None
+
+
+def check_gpu_workers(ray, gpus: float, asked: str) -> None:
+    """Before any worker starts: when ``gpus`` per worker were asked for, one probe task with that
+    GPU request checks that CUDA works where Ray places it; a failure stops the run with one line
+    (instead of every worker failing, and Ray restarting them ``max_failures`` times). A cluster
+    with no such GPU yet (an autoscaler adds GPU nodes on demand) is not probed: the workers check."""
+    if not gpus:
+        return
+    if ray.cluster_resources().get("GPU", 0.0) < gpus:
+        log.warning("%s, but the Ray cluster has no such GPU now: waiting for GPU nodes to join", asked)
+        return
+    from ray.exceptions import GetTimeoutError
+
+    probe = ray.remote(num_gpus=gpus, num_cpus=0)(_gpu_probe)
+    try:
+        problem = ray.get(probe.remote(asked), timeout=GPU_PROBE_TIMEOUT_S)
+    except GetTimeoutError:
+        log.warning("%s: no GPU free for %d s to check CUDA on; the workers will check", asked, GPU_PROBE_TIMEOUT_S)
+        return
+    if problem:
+        raise GpuUnavailable(problem)
+
+
 def _train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker (and again on each worker-group restart)."""
     from storymm.training.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"])
-    runtime = RayRuntime.from_ray_context(config.train.mixed_precision, config.train.autocast_on_cpu)
+    runtime = RayRuntime.from_ray_context(
+        config.train.mixed_precision, config.train.autocast_on_cpu, loop_config.get("gpus_per_worker", 0.0)
+    )
     summary = train(
         config,
         loop_config["stage"],
@@ -208,6 +266,14 @@ def _train_worker(loop_config: dict) -> None:
         log.info("ray worker 0 finished: %s", summary)
 
 
+def worker_resources(gpus: float, cpus: float | None = None) -> dict:
+    """Ray resources of one training worker: ``cpus`` (default 1, ``GPU_WORKER_CPUS`` with GPUs) and ``gpus``."""
+    resources = {"CPU": float(cpus if cpus is not None else (GPU_WORKER_CPUS if gpus else 1))}
+    if gpus:
+        resources["GPU"] = float(gpus)
+    return resources
+
+
 def run_ray(
     config: Config,
     stage: str,
@@ -216,6 +282,7 @@ def run_ray(
     *,
     workers: int | tuple[int, int] | str = 1,
     gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
     init_from: list[str] | tuple[str, ...] = (),
     progress: bool = True,
     max_failures: int | None = None,
@@ -223,7 +290,8 @@ def run_ray(
     """Train ``stage`` on ``workers`` Ray Train workers, or on MIN..MAX workers (a ``(min, max)``
     tuple or ``"MIN-MAX"``: elastic, as many as the cluster has room for, resized after a lost node
     and when nodes join); returns the loop's summary (rank 0's view, read back from the run's
-    checkpoint and metrics)."""
+    checkpoint and metrics). ``cpus_per_worker``: default 1, ``GPU_WORKER_CPUS`` for GPU workers;
+    each worker runs that many torch threads."""
     ray = _import_ray()
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -234,12 +302,14 @@ def run_ray(
         raise RayBackendError(f"--workers {workers[0]}-{workers[1]} (elastic) needs Ray Train v2: unset {TRAIN_V2_ENV}")
     if max_failures is None:
         max_failures = int(os.environ.get(MAX_FAILURES_ENV, str(DEFAULT_MAX_FAILURES)))
+    asked = f"--gpus-per-worker {gpus_per_worker:g}"
+    if gpus_per_worker and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        require_cuda(asked)  # the local Ray about to start gets this machine's GPUs: there must be some
     ensure_ray(ray)
+    check_gpu_workers(ray, gpus_per_worker, asked)
     storage_path, filesystem = ray_storage(run_uri)
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": 1}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
+    resources = worker_resources(gpus_per_worker, cpus_per_worker)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -249,6 +319,7 @@ def run_ray(
             "run_uri": run_uri,
             "init_from": list(init_from),
             "progress": progress,
+            "gpus_per_worker": gpus_per_worker,
         },
         torch_config=TorchConfig(
             backend="nccl" if use_gpu else "gloo",
@@ -283,7 +354,9 @@ def run_ray(
         "v2" if v2 else "v1",
         stage,
         "-".join(map(str, workers)) if isinstance(workers, tuple) else workers,
-        f", {gpus_per_worker} GPU each" if use_gpu else " (CPU, gloo)",
+        f", {gpus_per_worker:g} GPU and {resources['CPU']:g} CPUs each"
+        if use_gpu
+        else f" ({resources['CPU']:g} CPU each, gloo)",
         storage.redact(run_uri),
     )
     try:

@@ -1,9 +1,12 @@
 """A training run's folder, and the one place that knows its layout:
 
     <run>/run.json        what was trained: stage, resolved config, data, backend, world size
-    <run>/metrics.jsonl   one JSON line per logged step (rank 0 writes it)
+    <run>/metrics/        one JSON line per logged step, in segments (rank 0 writes it; ``metrics_store.py``)
+    <run>/tensorboard/    TensorBoard event files (``train.trackers``; ``trackers.py``)
+    <run>/trackers.json   the experiment trackers' ids for this run (one MLflow run through every resume)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
     <run>/attempts.jsonl  one line per start of training (every backend): attempt, the step it restored
+    <run>/reports.jsonl   one line per evaluation report written of this run (``storymm export`` cites the latest)
     <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``)
     <run>/heartbeats/     rank-R.json: each rank's phase and step, rewritten every few seconds (``watchdog.py``)
     <run>/incidents/      attempt-AAA-rank-RRRR.json: what a rank's watchdog saw when it declared a hang
@@ -15,18 +18,22 @@ file names themselves.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from storymm import storage
 from storymm.errors import StorymmError
 from storymm.training import checkpoint
+from storymm.training.metrics_store import MetricsStore
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 WINDOWS_FILE = "windows.jsonl"
 ATTEMPTS_FILE = "attempts.jsonl"
 HEARTBEATS_DIR = "heartbeats"
 INCIDENTS_DIR = "incidents"
+TRACKERS_FILE = "trackers.json"
+TENSORBOARD_DIR = "tensorboard"
+REPORTS_FILE = "reports.jsonl"
 
 
 class TrainingError(StorymmError, RuntimeError):
@@ -65,7 +72,7 @@ class RunFolder:
     def stage(self) -> str:
         return self.read_record()["stage"]
 
-    # ------------------------------------------------------------------------- metrics.jsonl
+    # ----------------------------------------------------------------------- metrics, windows
 
     def _read_jsonl(self, name: str) -> list[dict]:
         uri = storage.join(self.uri, name)
@@ -74,15 +81,22 @@ class RunFolder:
         return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
     def _write_jsonl(self, name: str, lines: list[dict]) -> None:
-        """The whole log at once: object stores have no append, and a resumed run rewrites the lines
+        """The whole file at once: object stores have no append, and a resumed run rewrites the lines
         past its checkpoint instead of repeating them."""
         storage.write_text(storage.join(self.uri, name), "".join(json.dumps(m) + "\n" for m in lines))
 
     def read_metrics(self) -> list[dict]:
-        return self._read_jsonl(METRICS_FILE)
+        """One dict per logged step, in step order (the lines of ``<run>/metrics/``)."""
+        return self.metrics_store().read()
 
-    def write_metrics(self, history: list[dict]) -> None:
-        self._write_jsonl(METRICS_FILE, history)
+    def metrics_store(self) -> MetricsStore:
+        return MetricsStore(self.uri)
+
+    def tracker_file(self) -> str:
+        return storage.join(self.uri, TRACKERS_FILE)
+
+    def tensorboard_uri(self) -> str:
+        return storage.join(self.uri, TENSORBOARD_DIR)
 
     def read_windows(self) -> list[dict]:
         """Per step ``{"step", "epoch", "windows"}``; ``windows[r]`` lists the ``[story_id, start]``
@@ -127,6 +141,25 @@ class RunFolder:
         folder = storage.join(self.uri, INCIDENTS_DIR)
         return [json.loads(storage.read_text(uri)) for uri in storage.list_files(folder, suffix=".json")]
 
+    # ------------------------------------------------------------------------- reports.jsonl
+
+    def record_report(self, report_uri: str, **fields) -> None:
+        """Note that an evaluation report of this run was written at ``report_uri`` (with ``fields``
+        such as split, step, checkpoint): the run does not otherwise know where its reports went."""
+        if not storage.is_remote(report_uri) and not str(report_uri).startswith("file://"):
+            report_uri = os.path.abspath(report_uri)
+        entry = {"report": storage.redact(report_uri), **fields}
+        self._write_jsonl(REPORTS_FILE, self._read_jsonl(REPORTS_FILE) + [entry])
+
+    def latest_report(self) -> tuple[str, dict] | None:
+        """The newest recorded report that can still be read: its folder and its ``report.json``."""
+        for entry in reversed(self._read_jsonl(REPORTS_FILE)):
+            try:
+                return entry["report"], json.loads(storage.read_text(storage.join(entry["report"], "report.json")))
+            except (FileNotFoundError, ValueError):  # moved, deleted or half-written: try the one before
+                continue
+        return None
+
     # --------------------------------------------------------------------------- checkpoints
 
     def latest_checkpoint_uri(self) -> str | None:
@@ -156,7 +189,7 @@ def read_run(run_uri: str) -> dict:
 
 
 def read_metrics(run_uri: str) -> list[dict]:
-    """``metrics.jsonl`` of the run at ``run_uri`` (empty before the first logged step)."""
+    """The metrics log of the run at ``run_uri``, one dict per logged step (empty before the first)."""
     return RunFolder(run_uri).read_metrics()
 
 

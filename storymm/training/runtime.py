@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from storymm.data import transfer
+from storymm.training.devices import requested_by_environment, require_cuda
 from storymm.training.phases import Phase, PhaseClock
 
 
@@ -42,7 +44,13 @@ class Runtime:
     def from_environment(
         cls, mixed_precision: str = "no", cpu_autocast: bool = False, timeout: datetime.timedelta | None = None
     ) -> Runtime:
-        """``timeout``: of the process group's operations (``watchdog.process_group_timeout``)."""
+        """A GPU (``cuda:LOCAL_RANK``) when torch has one, else the CPU; but never the CPU when the
+        environment names GPUs (``CUDA_VISIBLE_DEVICES``) that torch cannot use: that stops with
+        one line saying why (``devices.require_cuda``). ``timeout``: of the process group's operations
+        (``watchdog.process_group_timeout``)."""
+        asked = requested_by_environment()
+        if asked:
+            require_cuda(asked)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -89,15 +97,14 @@ class Runtime:
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device. On CUDA via pinned (page-locked) host memory, so the copy is
-        asynchronous and overlaps the previous step's kernels; on CPU nothing is copied."""
-        pin = self.device.type == "cuda"
-        return {
-            key: (value.pin_memory() if pin else value).to(self.device, non_blocking=True)
-            if isinstance(value, torch.Tensor)
-            else value
-            for key, value in batch.items()
-        }
+        """Tensors to the device, asynchronously (through pinned memory on CUDA), uint8 pixels made
+        floats there, sentence lengths left on the host (``storymm.data.transfer``); on CPU nothing
+        is copied."""
+        return transfer.to_device(batch, self.device)
+
+    def feed(self, batches):
+        """The loader's batches for the step: on CUDA pinned in a background thread ahead of it."""
+        return transfer.feed(batches, self.device)
 
     # ------------------------------------------------------------------------ collectives
 

@@ -21,6 +21,7 @@ import torch
 from storymm.config import Config
 from storymm.data.loader import PreparedDataset, WindowLoader
 from storymm.models import StoryContinuationModel, TextAutoencoder, VisualAutoencoder
+from storymm.models.text import HostLengths
 from storymm.training import losses
 
 STAGES = ("visual_ae", "text_ae", "sequence")
@@ -139,9 +140,15 @@ def build_perceptual(config: Config) -> torch.nn.Module | None:
 
 
 def forward_sequence(model, batch: dict) -> dict:
-    """The sequence model on a loader batch (with its ``tags`` when the loader yields them)."""
+    """The sequence model on a loader batch (with its ``tags`` when the loader yields them, and its
+    sentence lengths, which stay on the host: ``HostLengths``); a story being continued by ``storymm
+    predict`` has no targets."""
     extra = {"tags": batch["tags"]} if "tags" in batch else {}
-    return model(batch["frames"], batch["tokens"], batch["target_tokens"], batch["target_frame"], **extra)
+    if "token_lengths" in batch:
+        extra["input_lengths"] = HostLengths(batch["token_lengths"])
+    if "target_lengths" in batch:
+        extra["target_lengths"] = HostLengths(batch["target_lengths"])
+    return model(batch["frames"], batch["tokens"], batch.get("target_tokens"), batch.get("target_frame"), **extra)
 
 
 def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable:
@@ -161,7 +168,10 @@ def batch_loss_fn(stage: str, config: Config, tokens: TokenizerInfo) -> Callable
 
     def text(model, batch):
         sentences = torch.cat([batch["tokens"].flatten(0, 1), batch["target_tokens"]])
-        return losses.text_ae_loss(model(sentences), sentences, weights, tokens.pad_id, floats=False)
+        lengths = None
+        if "token_lengths" in batch:  # counted by the loader, on the host
+            lengths = HostLengths(torch.cat([batch["token_lengths"].flatten(), batch["target_lengths"]]))
+        return losses.text_ae_loss(model(sentences, lengths), sentences, weights, tokens.pad_id, floats=False)
 
     def sequence(model, batch):
         return losses.sequence_loss(

@@ -1,7 +1,7 @@
 """``storymm tune``: a Ray Tune sweep where every trial is a real (short) training run of one stage.
 
 Each trial runs the shared training loop (``loop.train``) in its own Ray worker process, with its
-own run URI ``<runs>/<trial name>`` (checkpoints, ``metrics.jsonl``, ``run.json``, so a trial can
+own run URI ``<runs>/<trial name>`` (checkpoints, the metrics log, ``run.json``, so a trial can
 be inspected, evaluated or resumed like any other run). Its loss goes to Ray Tune at every logged
 step; an ASHA scheduler stops the trials that fall behind at each rung. The results table (the
 swept values, final loss, step reached, whether ASHA stopped it, run URI) is written to ``--out``
@@ -16,6 +16,11 @@ is worth.
 With ``--evaluate`` (``sequence`` or ``all`` sweeps) every trial is then scored on the test split and
 the trials are compared side by side with all metrics and floors (:func:`compare_trials`,
 ``OUT/compare.md``).
+
+Trials run where the cluster's compute is: on a Ray cluster with GPUs each trial gets one
+(``--gpus-per-trial``, default 1 there, 0 on a CPU-only cluster) and trains on it with the config's
+mixed precision, like ``storymm train``; without, on CPUs in fp32 (bf16 with ``train.autocast_on_cpu``).
+A trial's torch threads are the CPUs Ray gave it.
 
 The grid defaults to the visual latent sizes the second seed compared (16/32/64/128); any config
 key can be swept with ``--grid KEY=V1,V2,...`` (e.g. loss weights: ``--grid loss.gradient=0,0.1``).
@@ -33,8 +38,9 @@ import time
 from storymm import storage
 from storymm.config import Config, ConfigError, config_from_dict, parse_value, set_key
 from storymm.errors import UsageError
+from storymm.training.devices import require_cuda, threads_per_process
 from storymm.training.run import RunFolder
-from storymm.training.runtime import Runtime
+from storymm.training.runtime import Runtime, effective_precision
 from storymm.training.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,9 @@ DEFAULT_GRID = {"model.visual_latent": [16, 32, 64, 128]}
 ALL_STAGES = "all"
 TABLE_MD = "tune.md"
 TABLE_JSON = "tune.json"
+#: CPUs a trial asks for: 1 on CPUs (one process per core), more beside a GPU to feed it.
+TRIAL_CPUS = 1
+GPU_TRIAL_CPUS = 4
 
 
 def parse_grid(items: list[str] | tuple[str, ...]) -> dict[str, list]:
@@ -109,23 +118,49 @@ class TuneRuntime(Runtime):
         tune.report(clean)
 
 
-def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str) -> None:
+def trial_resources(cluster: dict, gpus_per_trial: float | None = None) -> dict:
+    """Ray Tune resources of one trial: ``gpus_per_trial`` GPUs (default: 1 when ``cluster``, Ray's
+    ``cluster_resources()``, has a GPU, else none) and the CPUs that go with them."""
+    gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+    return {"cpu": GPU_TRIAL_CPUS if gpus else TRIAL_CPUS, "gpu": float(gpus)}
+
+
+def trial_device(config: Config, gpus: float) -> dict:
+    """Device and precision of a trial's runtime: the GPU Ray gave it (its mixed precision), or the
+    CPU; a trial given GPUs that CUDA cannot use stops with the reason."""
+    import torch
+
+    if gpus:
+        require_cuda(f"a tune trial with {gpus:g} GPU")
+        device = torch.device("cuda", 0)  # Ray makes the trial's GPU the only visible one
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    precision = effective_precision(config.train.mixed_precision, device.type, config.train.autocast_on_cpu)
+    return {"device": device, "mixed_precision": precision}
+
+
+def _trial(params: dict, *, base: dict, stage: str, data_uri: str, runs_uri: str, gpus: float = 0.0) -> None:
     """A Ray Tune trial: one training run of ``stage`` with ``params`` applied to the base config."""
     import torch
 
     from storymm.training.loop import train
+    from storymm.training.ray_backend import assigned_cpus
 
-    torch.set_num_threads(int(os.environ.get("STORYMM_TORCH_THREADS", "1")))
+    torch.set_num_threads(threads_per_process(cpus=assigned_cpus(), processes=1))
     config = trial_config(base, params)
+    placed = trial_device(config, gpus)
     runs = trial_runs(runs_uri, params, stage)
     init_from: list[str] = []
     if stage == ALL_STAGES:  # the trial's own autoencoders first; Tune hears of the sequence stage only
         for autoencoder in ("visual_ae", "text_ae"):
-            train(config, autoencoder, data_uri, runs[autoencoder], Runtime(name="tune"), progress=False)
+            train(config, autoencoder, data_uri, runs[autoencoder], Runtime(name="tune", **placed), progress=False)
         init_from = [runs["visual_ae"], runs["text_ae"]]
     scored = scored_stage(stage)
     stage_cfg = getattr(config.train, scored)
-    runtime = TuneRuntime(name="tune", checkpoint_every=stage_cfg.checkpoint_every, final_step=stage_cfg.steps)
+    runtime = TuneRuntime(
+        name="tune", checkpoint_every=stage_cfg.checkpoint_every, final_step=stage_cfg.steps, **placed
+    )
     train(config, scored, data_uri, runs[scored], runtime, init_from=init_from, progress=False)
 
 
@@ -172,15 +207,17 @@ def run_tune(
     max_concurrent: int = 2,
     grace_steps: int | None = None,
     reduction_factor: int = 2,
+    gpus_per_trial: float | None = None,
 ) -> dict:
-    """Run the sweep; returns (and writes to ``out_uri``) the results summary."""
+    """Run the sweep; returns (and writes to ``out_uri``) the results summary. ``gpus_per_trial``:
+    default 1 when the Ray cluster has GPUs, else 0 (:func:`trial_resources`)."""
     try:
         import ray
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
     except ImportError as err:
         raise UsageError(f"storymm tune needs Ray Tune: pip install 'ray[default,train,tune]' ({err})") from None
-    from storymm.training.ray_backend import ensure_ray, ray_storage
+    from storymm.training.ray_backend import check_gpu_workers, ensure_ray, ray_storage
 
     if stage not in (*STAGES, ALL_STAGES):
         raise UsageError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)} or {ALL_STAGES})")
@@ -192,14 +229,24 @@ def run_tune(
     steps = stage_cfg.steps
     grace = grace_steps or max(stage_cfg.log_every, steps // 4)
 
+    if gpus_per_trial and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        require_cuda(f"--gpus-per-trial {gpus_per_trial:g}")  # the local Ray about to start: this machine
     ensure_ray(ray)
+    resources = trial_resources(ray.cluster_resources(), gpus_per_trial)
+    asked = f"--gpus-per-trial {resources['gpu']:g}"
+    if gpus_per_trial is None and resources["gpu"]:
+        asked += " (the default on a Ray cluster with GPUs; --gpus-per-trial 0 trains on CPUs)"
+        log.info("the Ray cluster has GPUs: each trial trains on %g of them", resources["gpu"])
+    check_gpu_workers(ray, resources["gpu"], asked)
     storage_path, filesystem = ray_storage(runs_uri, "tune")
     scheduler = ASHAScheduler(
         time_attr="step", metric="loss", mode="min", max_t=steps, grace_period=grace, reduction_factor=reduction_factor
     )
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri),
-        {"cpu": 1},
+        tune.with_parameters(
+            _trial, base=base, stage=stage, data_uri=data_uri, runs_uri=runs_uri, gpus=resources["gpu"]
+        ),
+        resources,
     )
     tuner = tune.Tuner(
         trainable,

@@ -4,7 +4,7 @@
 The loop calls :meth:`Validator.due` after each step and, when due, :meth:`Validator.run`: every loss
 term of the stage (for ``sequence`` these include the image ``l1``) averaged over the validation
 windows, as sums weighted by batch size and combined across ranks, so the numbers do not depend on
-the world size. They go to ``metrics.jsonl`` as one record ``{"step", "val_windows", "val_<term>"…}``.
+the world size. They go to the run's metrics log as one record ``{"step", "val_windows", "val_<term>"…}``.
 When ``val_<best_metric>`` improves (lower is better: every term is a loss or an error), the loop
 checkpoints that step and :func:`checkpoint.mark_best` points ``best`` at it
 (``storymm evaluate --checkpoint best``).
