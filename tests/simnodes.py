@@ -175,6 +175,20 @@ class SimNodes:
                            "world_size": int(state["data_position"]["world_size"])}}}}))""",
         )
 
+    def attempts(self, run: str) -> list[dict]:
+        """An S3 run's ``attempts.jsonl`` (boto3 only: quick enough to read right after a fault)."""
+        return self.python(
+            "node1",
+            f"""
+            import json, boto3
+            bucket, _, prefix = {run!r}.removeprefix("s3://").partition("/")
+            try:
+                text = boto3.client("s3").get_object(Bucket=bucket, Key=prefix + "/attempts.jsonl")["Body"].read()
+            except Exception:
+                text = b""
+            print(json.dumps([json.loads(line) for line in text.decode().splitlines() if line.strip()]))""",
+        )
+
     def progress(self, run: str) -> dict:
         """Where an S3 run stands now: the checkpoint ``latest`` names, the last logged step, the heartbeats."""
         return self.python(

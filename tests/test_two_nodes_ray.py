@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 HANG_TIMEOUT = 15
 STEPS = 60
 LONG = 300  # the power cut's run: long enough for node2 to return and the group to grow back
+TWO_FAULTS = 100  # the run with a crash and then a freeze: still running when the second fault comes
 SETS = [
     "data.batch_size=8",  # per worker: global batch 16 with two workers, also after a shrink to one
     "train.visual_ae.checkpoint_every=10",
@@ -77,11 +78,6 @@ def _submit(cluster: SimNodes, run: str, data: str, workers: str, steps: int, wa
     return cluster.ray_submit(args, wait, **env)
 
 
-def _attempts(cluster: SimNodes, run: str) -> list[dict]:
-    return cluster.run_state(run)["attempts"]
-
-
-@pytest.fixture(scope="module")
 def reference(cluster, s3_data) -> dict:
     """An uninterrupted job, one worker on each node, with the global batch of every run here and the
     longest run's steps (the order of the first steps does not depend on the run's length): the
@@ -133,13 +129,14 @@ def _fault(cluster, out: dict, inject, logged: int) -> dict:
     except BaseException:
         print(f"job {out['job']}: {cluster.ray_job_status(out['job'])}\n{cluster.ray_job_logs(out['job'])[-6000:]}")
         raise
-    attempts = _attempts(cluster, run)
-    current = attempts[-1]
-    assert (current["world_size"], sorted(current["hosts"])) == (2, ["node1", "node2"]), attempts
     fault_at = time.time()
     inject()
+    attempts = cluster.attempts(run)  # the failed one is still the last: a restart takes longer
+    current = attempts[-1]
+    assert (current["world_size"], sorted(current["hosts"])) == (2, ["node1", "node2"]), attempts
+    assert current["time"] < fault_at, attempts
     restarted = wait_for(
-        lambda: (lambda a: a if len(a) > len(attempts) else None)(_attempts(cluster, run)),
+        lambda: (lambda a: a if len(a) > len(attempts) else None)(cluster.attempts(run)),
         HANG_TIMEOUT + 120,
         f"{run}: the worker group to restart",
     )
@@ -185,7 +182,7 @@ def test_crashed_then_frozen_worker_each_restart_the_group_which_resumes(cluster
     sees the dead worker and restarts the group on both nodes. SIGSTOP after a checkpoint of that
     second attempt: the worker on node1 waits for it in a collective, its watchdog names node2's
     rank (silent heartbeat), writes the incident and exits 85; the group restarts on both nodes."""
-    out = _start(cluster, s3_data, jobs, "ray-crashed-frozen")
+    out = _start(cluster, s3_data, jobs, "ray-crashed-frozen", steps=TWO_FAULTS)
     frozen = []
     try:
         crashed = _fault(cluster, out, lambda: cluster.node("crash", "node2"), logged=12)
@@ -249,7 +246,7 @@ def test_power_cut_shrinks_to_node1_and_grows_back_when_node2_returns(cluster, s
         back = time.monotonic()
         grown = wait_for(
             lambda: (lambda a: a if len(a) >= 3 or cluster.ray_job_status(out["job"]) != "RUNNING" else None)(
-                _attempts(cluster, out["run"])
+                cluster.attempts(out["run"])
             ),
             240,
             "the group to grow back or the job to end",
