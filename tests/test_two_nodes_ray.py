@@ -78,6 +78,7 @@ def _submit(cluster: SimNodes, run: str, data: str, workers: str, steps: int, wa
     return cluster.ray_submit(args, wait, **env)
 
 
+@pytest.fixture(scope="module")
 def reference(cluster, s3_data) -> dict:
     """An uninterrupted job, one worker on each node, with the global batch of every run here and the
     longest run's steps (the order of the first steps does not depend on the run's length): the
