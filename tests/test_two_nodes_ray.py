@@ -229,6 +229,8 @@ def test_cut_link_shrinks_the_group_to_node1(cluster, s3_data, uninterrupted, jo
         cluster.node("kill", "node2")
         cluster.node("start", "node2")
         cluster.ray_join("node2")
+        # the next elastic job must find both nodes, or it starts with one worker
+        wait_for(lambda: cluster.ray_node_alive("node2"), 60, "node2 back in Ray")
     MATRIX.add("silent partition", **cut["row"], completed_s=round(out["done_at"] - cut["fault_at"], 1))
 
 
