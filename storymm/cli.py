@@ -8,8 +8,9 @@ import math
 import sys
 import traceback
 
+from storymm.training.exits import EXIT_HUNG, EXIT_STOPPED  # noqa: F401 - `storymm train`'s exit codes
+
 DEFAULT_WORK = "./storymm-work"
-EXIT_STOPPED = 75  # `storymm train` stopped early on a signal (checkpointed): rerun to resume (EX_TEMPFAIL)
 
 
 def _frames_range(text: str) -> tuple[int, int]:

@@ -160,6 +160,19 @@ class TrainConfig(_Section):
         False, description="debug: log each step's (story_id, start) windows per rank to RUN/windows.jsonl"
     )
     autocast_on_cpu: bool = Field(False, description="also autocast on CPU (bf16 only; most CPUs get slower)")
+    hang_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="seconds a rank may make no progress before its watchdog writes RUN/incidents/ and exits 85 "
+        "(null = from measured step times: max(hang_floor_s, 20 x median step); 0 = no watchdog)",
+    )
+    hang_floor_s: float = Field(180.0, gt=0, description="lower bound of the automatic hang timeout")
+    hang_grace_s: float = Field(
+        900.0,
+        gt=0,
+        description="least time allowed for what is legitimately slow: start-up and the first step (process group, "
+        "model, data, compilation), a checkpoint, a validation pass",
+    )
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,
         description="experiment trackers rank 0 also logs to: RUN/tensorboard/ event files, the MLflow server "

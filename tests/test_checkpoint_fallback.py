@@ -7,9 +7,11 @@ import logging
 import shutil
 
 import pytest
+from runs import curve
 
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, train
+from storymm.training.run import RunFolder
 
 from small import small_config, small_dataset
 
@@ -24,10 +26,6 @@ SETTINGS = [
 @pytest.fixture(scope="module")
 def data_uri(tmp_path_factory):
     return small_dataset(str(tmp_path_factory.mktemp("fallback")), 20, seed=11, frames=(6, 9))
-
-
-def _curve(run: str) -> list[tuple[int, float]]:
-    return [(m["step"], m["total"]) for m in read_metrics(run)]
 
 
 def test_truncated_latest_resumes_from_previous_checkpoint(data_uri, tmp_path, caplog):
@@ -59,8 +57,9 @@ def test_truncated_latest_resumes_from_previous_checkpoint(data_uri, tmp_path, c
     train(config, "visual_ae", data_uri, str(clean), progress=False)
 
     # steps 7 and 8 were redone from step 6, exactly as a clean resume from step 6 does them
-    assert [step for step, _ in _curve(str(damaged))] == list(range(1, 9))
-    assert _curve(str(damaged)) == _curve(str(clean))
+    assert [m["step"] for m in read_metrics(str(damaged))] == list(range(1, 9))
+    assert curve(read_metrics(str(damaged))) == curve(read_metrics(str(clean)))
+    assert [a["start_step"] for a in RunFolder(str(damaged)).read_attempts()] == [0, 6]  # what train() restored
     assert (damaged / "checkpoints/latest").read_text().strip() == "step-00000008.pt"
 
 

@@ -208,3 +208,18 @@ def test_trained_tokenizer_travels_with_the_dataset(tmp_path):
     dataset = PreparedDataset(str(tmp_path / "data"))
     assert dataset.tokenizer.vocab_size == manifest["tokenizer"]["vocab_size"] < 1000
     assert dataset.tokenizer.sha256() == manifest["tokenizer"]["sha256"]
+
+
+def test_a_malformed_field_rejects_the_row_but_a_bug_surfaces(monkeypatch):
+    from storymm.data import prepare as prepare_module
+
+    row = _good(0)
+    row["images"] = [{"bytes": 12345, "path": None}, *row["images"][1:]]  # not bytes: a malformed field
+    assert prepare_module.check_row(row, min_frames=5, width=32, height=16).reason == "malformed_row"
+
+    def broken(story, n_frames):  # a bug in storymm's own parsing is not a property of the row
+        raise KeyError("image1")
+
+    monkeypatch.setattr(prepare_module, "frame_texts", broken)
+    with pytest.raises(KeyError):
+        prepare_module.check_row(_good(1), min_frames=5, width=32, height=16)

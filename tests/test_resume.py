@@ -9,10 +9,11 @@ import subprocess
 from collections import Counter
 
 import pytest
+from runs import curve
 from test_accelerate import _env
 
 from storymm.training.loop import read_metrics, read_run, read_windows, train
-from storymm.training.metrics_store import learned
+from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
 
 from small import ROOT, SMALL, accelerate_launch, small_config, small_dataset, train_args
@@ -94,11 +95,6 @@ class _StopsAfter(Runtime):
         return self.steps_left == 0
 
 
-def _curve(run: str) -> list[dict]:
-    """Every logged term but those that measure time (throughput, timestamps, the time breakdown)."""
-    return [learned(m) for m in read_metrics(run)]
-
-
 def test_sequence_stage_with_dropout_stopped_twice_gives_the_uninterrupted_curve(data_uri, tmp_path):
     """Past warm-up, with per-sample skip dropout drawing from the RNG every step: stopped at step 5
     (between checkpoints) and again at 11, each time resumed by the same call, the run logs exactly
@@ -118,9 +114,10 @@ def test_sequence_stage_with_dropout_stopped_twice_gives_the_uninterrupted_curve
     assert train(config, "sequence", data_uri, interrupted, _StopsAfter(6), progress=False)["step"] == 11
     summary = train(config, "sequence", data_uri, interrupted, progress=False)
     assert summary["status"] == "completed" and summary["step"] == 14
-    expected = _curve(reference)
+    expected = curve(read_metrics(reference))
     assert [m["step"] for m in expected] == list(range(1, 15)) and expected[-1]["epoch"] >= 1
-    assert _curve(interrupted) == expected
+    assert curve(read_metrics(interrupted)) == expected
+    assert [a["start_step"] for a in RunFolder(interrupted).read_attempts()] == [0, 5, 11]
 
 
 def test_checkpoint_from_before_the_global_order_resumes_at_the_next_epoch(data_uri, tmp_path):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from runs import totals, which
 
 from storymm.training import checkpoint
 from storymm.training.loop import read_metrics, read_run
@@ -34,14 +34,10 @@ pytestmark = pytest.mark.slow
 TRAIN_SETS = ["data.batch_size=8", "train.sequence.checkpoint_every=10", "train.sequence.log_every=5"]
 
 
-def _which(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
-
-
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A single-node cluster from slurm/local/up.sh in a temp dir; environment dict for its clients."""
-    missing = [b for b in SLURM_BINARIES if _which(b) is None]
+    missing = [b for b in SLURM_BINARIES if which(b) is None]
     if missing:
         pytest.skip(
             f"SLURM binaries missing ({', '.join(missing)}): apt-get install slurm-wlm (make test does as root)"
@@ -141,10 +137,6 @@ def _submit(env: dict, tmp: Path, data: str, run: str, steps: int) -> tuple[str,
     return job, Path(str(log).replace("%j", job))
 
 
-def _curve(run: str) -> list[tuple[int, float]]:
-    return [(m["step"], m["total"]) for m in read_metrics(run)]
-
-
 def _latest(run: str) -> dict:
     return checkpoint.load(checkpoint.latest_uri(run))
 
@@ -195,7 +187,7 @@ def test_same_loss_curve_under_plain_accelerate_launch(completed_job, dataset, t
     print(f"accelerate launch: {time.monotonic() - started:.1f}s")
     assert out.returncode == 0, out.stderr[-3000:]
     assert read_run(run)["world_size"] == 2 and read_run(completed_job["run"])["world_size"] == 2
-    plain, under_slurm = _curve(run), _curve(completed_job["run"])
+    plain, under_slurm = totals(read_metrics(run)), totals(read_metrics(completed_job["run"]))
     assert [s for s, _ in plain] == [s for s, _ in under_slurm] == list(range(5, 41, 5))
     worst = max(abs(a - b) for (_, a), (_, b) in zip(plain, under_slurm))
     print(f"max |total loss difference| over {len(plain)} logged steps: {worst:.3g}")

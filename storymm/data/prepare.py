@@ -87,7 +87,8 @@ def decode_frame(image: object, width: int, height: int) -> bytes:
 
 
 def check_row(row: dict, *, min_frames: int, width: int, height: int) -> RowOutcome:
-    """Validate and decode one source row. Never raises: problems become a reason."""
+    """Validate and decode one source row. A problem of the row becomes a reason; a bug in storymm
+    (any other exception) surfaces instead of turning every row into a rejection."""
     story_id = row.get("story_id")
     outcome = RowOutcome(story_id=story_id)
     try:
@@ -118,9 +119,9 @@ def check_row(row: dict, *, min_frames: int, width: int, height: int) -> RowOutc
         if len(outcome.frames) < min_frames:
             outcome.reason = "too_few_usable_frames"
             outcome.frames, outcome.texts = [], []
-    except Exception as err:  # a row must never crash prepare
-        log.warning("row %r rejected by an unexpected error: %s", story_id, err)
-        outcome.reason = "unexpected_error"
+    except (TypeError, ValueError) as err:  # a field of the wrong type or value (bytes that are not bytes, ...)
+        log.warning("row %r rejected: a malformed field: %s", story_id, err)
+        outcome.reason, outcome.frames, outcome.texts = "malformed_row", [], []
     return outcome
 
 

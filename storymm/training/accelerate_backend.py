@@ -30,6 +30,7 @@ from storymm.training.devices import requested_by_environment, require_cuda, thr
 from storymm.training.loop import train
 from storymm.training.phases import Phase
 from storymm.training.runtime import Runtime, effective_precision
+from storymm.training.watchdog import process_group_timeout
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,16 @@ class AccelerateRuntime(Runtime):
 
 def make_accelerator(config: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision = effective_precision(
         config.train.mixed_precision, "cuda" if cuda else "cpu", config.train.autocast_on_cpu
     )
-    handlers = [DistributedDataParallelKwargs()]  # find_unused_parameters is set per model (prepare_model)
+    handlers = [
+        DistributedDataParallelKwargs(),  # find_unused_parameters is set per model (prepare_model)
+        InitProcessGroupKwargs(timeout=process_group_timeout(config.train)),  # see watchdog.py
+    ]
     return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=handlers)
 
 

@@ -9,6 +9,7 @@ from storymm.config import Config
 from storymm.training.loop import TrainingError, train
 from storymm.training.runtime import Runtime
 from storymm.training.stages import STAGES
+from storymm.training.watchdog import process_group_timeout
 
 BACKENDS = ("local", "ray", "accelerate")
 
@@ -30,7 +31,9 @@ def run_training(
     if isinstance(workers, tuple) and backend != "ray":
         raise ValueError(f"--workers MIN-MAX (elastic) is a Ray backend option, not {backend!r}")
     if backend == "local":
-        runtime = Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
+        runtime = Runtime.from_environment(
+            config.train.mixed_precision, config.train.autocast_on_cpu, process_group_timeout(config.train)
+        )
         return train(config, stage, data_uri, run_uri, runtime, init_from, progress)
     if backend == "ray":
         from storymm.training.ray_backend import run_ray

@@ -45,6 +45,7 @@ from storymm.training.stages import (
 )
 from storymm.training.trackers import Tracker, check_trackers, make_trackers
 from storymm.training.validation import Validator
+from storymm.training.watchdog import HangPolicy, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -506,12 +507,32 @@ def train(
     init_from: list[str] | tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict:
-    """Train ``stage`` until ``config.train.<stage>.steps``; resumable; returns a summary."""
+    """Train ``stage`` until ``config.train.<stage>.steps``; resumable; returns a summary. A progress
+    watchdog (``watchdog.py``) watches the attempt and ends the process if it hangs."""
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
-    runtime = runtime or Runtime.from_environment(config.train.mixed_precision, config.train.autocast_on_cpu)
-    stage_cfg = getattr(config.train, stage)
+    policy = HangPolicy.from_config(config.train)
+    runtime = runtime or Runtime.from_environment(
+        config.train.mixed_precision, config.train.autocast_on_cpu, policy.process_group_timeout()
+    )
     run = RunFolder(run_uri)
+    # every rank reads the attempts so far before rank 0 adds this one (after a collective, in _train)
+    attempt = len(run.read_attempts()) + 1
+    with Watchdog(policy, runtime.phases, run, attempt, runtime.rank, runtime.world_size):
+        return _train(config, stage, data_uri, run, runtime, list(init_from), progress, attempt)
+
+
+def _train(
+    config: Config,
+    stage: str,
+    data_uri: str,
+    run: RunFolder,
+    runtime: Runtime,
+    init_from: list[str],
+    progress: bool,
+    attempt: int,
+) -> dict:
+    stage_cfg = getattr(config.train, stage)
     dataset = PreparedDataset(data_uri)
     _check_dataset(dataset, config)
     tokens = TokenizerInfo.from_manifest(dataset.manifest)
@@ -526,7 +547,11 @@ def train(
     )
     phases = runtime.phases
     phases.resumed_at(position.step)
-    hosts = runtime.all_gather_object(socket.gethostname())  # one per rank: where the run really ran
+    # one per rank: where the run really ran
+    hosts, node_ids, threads = zip(
+        *runtime.all_gather_object((socket.gethostname(), runtime.node_id(), torch.get_num_threads()))
+    )
+    hosts = list(hosts)
     if runtime.is_main:
         log.info("%s: %d rank(s) on %s", stage, runtime.world_size, ", ".join(hosts))
     if runtime.is_main and resumed is None:
@@ -545,6 +570,10 @@ def train(
                 "started": time.time() - (time.monotonic() - runtime.phases.started),
             }
         )
+    if runtime.is_main:  # the step this attempt really restored: a resume, not a restart, is provable
+        entry = {"attempt": attempt, "start_step": position.step, "world_size": runtime.world_size}
+        entry.update(backend=runtime.name, hosts=hosts, torch_threads=list(threads))  # threads: per rank
+        run.record_attempt({**entry, **({"node_ids": list(node_ids)} if any(node_ids) else {})})
 
     unused = unused_parameters(stage, config, tokens, model) if runtime.world_size > 1 else []
     if unused:

@@ -11,9 +11,13 @@ Ray Train v2 is the default (``RAY_TRAIN_V2_ENABLED=0`` selects v1): only v2 tra
 ``--workers MIN-MAX``: after a lost node the group restarts from the latest checkpoint with the
 workers that still fit, and grows again when nodes join.
 
-Every start of the worker group (the first and each restart) appends a line to
-``<run>/ray_attempts.jsonl`` (attempt number, the step it resumed from, world size, each rank's
-hostname and Ray node id), so a restart after a failure, and where workers ran, can be checked.
+Every start of the worker group (the first and each restart) is a new attempt of the loop, which
+appends a line to ``<run>/attempts.jsonl`` (attempt number, the step it restored, world size, each
+rank's hostname and Ray node id), so a restart after a failure, and where workers ran, can be checked.
+
+A frozen worker (alive, no progress) is ended by storymm's progress watchdog (``watchdog.py``) on the
+ranks that wait for it; Ray Train then restarts the group, as after any lost worker. Ray's own check
+of a frozen worker (``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``) takes 10 minutes by default.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 
 import torch
 
@@ -34,11 +37,11 @@ from storymm.training.devices import GpuUnavailable, require_cuda, threads_per_p
 from storymm.training.loop import TrainingError
 from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime, effective_precision
+from storymm.training.watchdog import process_group_timeout
 
 log = logging.getLogger(__name__)
 
 RAY_DIR = "ray"
-ATTEMPTS_FILE = "ray_attempts.jsonl"
 RAY_RUN_NAME = "train"
 POINTER_FILE = "storymm_checkpoint.json"
 MAX_FAILURES_ENV = "STORYMM_RAY_MAX_FAILURES"
@@ -172,6 +175,11 @@ class RayRuntime(Runtime):
             name="ray",
         )
 
+    def node_id(self) -> str | None:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def report(self, metrics: dict, checkpoint_uri: str | None = None) -> None:
         # Every rank calls this the same number of times (the loop calls it on all ranks), which
         # ray.train.report requires: it is a barrier across the worker group.
@@ -239,24 +247,6 @@ def check_gpu_workers(ray, gpus: float, asked: str) -> None:
         raise GpuUnavailable(problem)
 
 
-def _record_attempt(run_uri: str, runtime: RayRuntime, hosts: list, threads: list) -> None:
-    latest = RunFolder(run_uri).latest_checkpoint_uri()
-    start_step = 0
-    if latest is not None:
-        start_step = int(storage.basename(latest).split("-")[1].split(".")[0])
-    uri = storage.join(run_uri, ATTEMPTS_FILE)
-    previous = storage.read_text(uri) if storage.exists(uri) else ""
-    entry = {
-        "attempt": len([line for line in previous.splitlines() if line.strip()]) + 1,
-        "start_step": start_step,
-        "world_size": runtime.world_size,
-        "hosts": hosts,  # per rank: (hostname, Ray node id), so placement can be checked
-        "torch_threads": threads,  # per rank: from the CPUs Ray gave the worker
-        "time": time.time(),
-    }
-    storage.write_text(uri, previous + json.dumps(entry) + "\n")
-
-
 def _train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker (and again on each worker-group restart)."""
     from storymm.training.loop import train
@@ -266,13 +256,6 @@ def _train_worker(loop_config: dict) -> None:
     runtime = RayRuntime.from_ray_context(
         config.train.mixed_precision, config.train.autocast_on_cpu, loop_config.get("gpus_per_worker", 0.0)
     )
-    import ray
-
-    hosts = runtime.all_gather_object([socket.gethostname(), ray.get_runtime_context().get_node_id()])
-    threads = runtime.all_gather_object(torch.get_num_threads())
-    if runtime.is_main:
-        _record_attempt(loop_config["run_uri"], runtime, hosts, threads)
-    runtime.barrier()
     summary = train(
         config,
         loop_config["stage"],
@@ -341,7 +324,10 @@ def run_ray(
             "progress": progress,
             "gpus_per_worker": gpus_per_worker,
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if use_gpu else "gloo",
+            timeout_s=int(process_group_timeout(config.train).total_seconds()),  # see watchdog.py
+        ),
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,

@@ -5,9 +5,12 @@
     <run>/tensorboard/    TensorBoard event files (``train.trackers``; ``trackers.py``)
     <run>/trackers.json   the experiment trackers' ids for this run (one MLflow run through every resume)
     <run>/windows.jsonl   with ``train.record_windows``: the windows each rank trained on, per step
+    <run>/attempts.jsonl  one line per start of training (every backend): attempt, the step it restored
     <run>/reports.jsonl   one line per evaluation report written of this run (``storymm export`` cites the latest)
     <run>/checkpoints/    the checkpoints and their ``latest`` marker (format: ``checkpoint.py``),
                           written in the background by the folder's ``CheckpointWriter``
+    <run>/heartbeats/     rank-R.json: each rank's phase and step, rewritten every few seconds (``watchdog.py``)
+    <run>/incidents/      attempt-AAA-rank-RRRR.json: what a rank's watchdog saw when it declared a hang
 
 The loop, evaluation, the backends and the tests go through :class:`RunFolder` instead of joining
 file names themselves.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from storymm import storage
 from storymm.errors import StorymmError
@@ -25,6 +29,9 @@ from storymm.training.metrics_store import MetricsStore
 
 RUN_FILE = "run.json"
 WINDOWS_FILE = "windows.jsonl"
+ATTEMPTS_FILE = "attempts.jsonl"
+HEARTBEATS_DIR = "heartbeats"
+INCIDENTS_DIR = "incidents"
 TRACKERS_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
 REPORTS_FILE = "reports.jsonl"
@@ -100,6 +107,41 @@ class RunFolder:
 
     def write_windows(self, lines: list[dict]) -> None:
         self._write_jsonl(WINDOWS_FILE, lines)
+
+    # ------------------------------------------------------------------------ attempts.jsonl
+
+    def read_attempts(self) -> list[dict]:
+        """One line per start of training: ``attempt`` (1, 2, ...), ``start_step`` (the step the loop
+        restored from a checkpoint, 0 for a fresh start), ``world_size``, ``backend``, ``hosts`` (per
+        rank), ``time``; Ray adds ``node_ids``."""
+        return self._read_jsonl(ATTEMPTS_FILE)
+
+    def record_attempt(self, entry: dict) -> None:
+        """Rank 0, once per attempt, after every rank has read the attempts so far (``read_attempts``)."""
+        self._write_jsonl(ATTEMPTS_FILE, [*self.read_attempts(), {**entry, "time": time.time()}])
+
+    # -------------------------------------------------------------- heartbeats and incidents
+
+    def write_heartbeat(self, rank: int, record: dict) -> None:
+        storage.write_text(storage.join(self.uri, HEARTBEATS_DIR, f"rank-{rank:04d}.json"), json.dumps(record))
+
+    def read_heartbeats(self) -> list[dict]:
+        """Every rank's latest heartbeat (any attempt: filter on ``attempt``)."""
+        folder = storage.join(self.uri, HEARTBEATS_DIR)
+        return [json.loads(storage.read_text(uri)) for uri in storage.list_files(folder, suffix=".json")]
+
+    def incident_uri(self, attempt: int, rank: int) -> str:
+        return storage.join(self.uri, INCIDENTS_DIR, f"attempt-{attempt:03d}-rank-{rank:04d}.json")
+
+    def write_incident(self, attempt: int, rank: int, record: dict) -> str:
+        uri = self.incident_uri(attempt, rank)
+        storage.write_text(uri, json.dumps(record, indent=1))
+        return uri
+
+    def read_incidents(self) -> list[dict]:
+        """Every incident of the run, oldest attempt first."""
+        folder = storage.join(self.uri, INCIDENTS_DIR)
+        return [json.loads(storage.read_text(uri)) for uri in storage.list_files(folder, suffix=".json")]
 
     # ------------------------------------------------------------------------- reports.jsonl
 

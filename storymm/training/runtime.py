@@ -6,6 +6,7 @@ model is wrapped for data parallelism, and how numbers are combined across proce
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -44,10 +45,13 @@ class Runtime:
     wait_for_checkpoints: ClassVar[bool] = False
 
     @classmethod
-    def from_environment(cls, mixed_precision: str = "no", cpu_autocast: bool = False) -> Runtime:
+    def from_environment(
+        cls, mixed_precision: str = "no", cpu_autocast: bool = False, timeout: datetime.timedelta | None = None
+    ) -> Runtime:
         """A GPU (``cuda:LOCAL_RANK``) when torch has one, else the CPU; but never the CPU when the
         environment names GPUs (``CUDA_VISIBLE_DEVICES``) that torch cannot use: that stops with
-        one line saying why (``devices.require_cuda``)."""
+        one line saying why (``devices.require_cuda``). ``timeout``: of the process group's operations
+        (``watchdog.process_group_timeout``)."""
         asked = requested_by_environment()
         if asked:
             require_cuda(asked)
@@ -56,7 +60,7 @@ class Runtime:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return cls(rank, world, local_rank, device, effective_precision(mixed_precision, device.type, cpu_autocast))
@@ -64,6 +68,10 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def node_id(self) -> str | None:
+        """The scheduler's id of the node this rank runs on, where it has one (Ray)."""
+        return None
 
     @property
     def distributed(self) -> bool:
