@@ -87,7 +87,8 @@ def test_unused_parameters_only_where_a_zero_loss_weight_cuts_a_branch():
     assert unused and all(name.startswith("context_head.") for name in unused)
     config = small_config("loss.text=0")
     unused = unused_parameters("sequence", config, tokens, build_model("sequence", config, tokens))
-    assert unused and all(name.startswith("text.") for name in unused)
+    assert unused and all(name.startswith(("text.", "pointer.")) for name in unused)  # the text head's branch
+    assert any(name.startswith("pointer.") for name in unused) == (config.model.text_head == "pointer")
 
 
 @pytest.mark.slow
