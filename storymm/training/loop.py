@@ -518,8 +518,8 @@ def train(
     run = RunFolder(run_uri)
     # every rank reads the attempts so far before rank 0 adds this one (after a collective, in _train)
     attempt = len(run.read_attempts()) + 1
-    with Watchdog(policy, runtime.phases, run, attempt, runtime.rank, runtime.world_size):
-        return _train(config, stage, data_uri, run, runtime, list(init_from), progress, attempt)
+    with Watchdog(policy, runtime.phases, run, attempt, runtime.rank, runtime.world_size) as watchdog:
+        return _train(config, stage, data_uri, run, runtime, list(init_from), progress, attempt, watchdog.accepted)
 
 
 def _train(
@@ -531,7 +531,10 @@ def _train(
     init_from: list[str],
     progress: bool,
     attempt: int,
+    accepted=lambda: None,
 ) -> dict:
+    """The loop; ``accepted()`` once the stage, data and checkpoint are accepted (nothing is written
+    into the run before, so a bad input leaves it as it was)."""
     stage_cfg = getattr(config.train, stage)
     dataset = PreparedDataset(data_uri)
     _check_dataset(dataset, config)
@@ -545,6 +548,7 @@ def _train(
     model, params, optimizer, scheduler, position = _model_and_optimiser(
         stage, config, tokens, resumed, list(init_from), runtime
     )
+    accepted()
     phases = runtime.phases
     phases.resumed_at(position.step)
     # one per rank: where the run really ran

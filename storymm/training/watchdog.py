@@ -187,6 +187,7 @@ class Watchdog:
         self._limit, self._rule = policy.grace_s, ""
         self._base = policy.timeout_s or policy.grace_s  # the ordinary phases' limit: sets the heartbeat rate
         self._paused_until = 0.0  # monotonic: progress is measured from here after a whole-process pause
+        self._accepted = threading.Event()  # heartbeats start once the run's inputs are accepted
 
     def __enter__(self) -> Watchdog:
         if self.policy.enabled:
@@ -196,8 +197,15 @@ class Watchdog:
                 self._threads.append(thread)
         return self
 
+    def accepted(self) -> None:
+        """The inputs are accepted (stage, data, checkpoint): heartbeats may now be written into the run.
+        Before this a bad input must leave the run folder untouched; the watch itself runs from the start,
+        so a start-up that hangs (a stuck mount) still ends in an incident."""
+        self._accepted.set()
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        self._accepted.set()
         for thread in self._threads:
             thread.join(timeout=1.0)  # a heartbeat write in flight is left to finish on its own
 
@@ -232,6 +240,7 @@ class Watchdog:
         next heartbeat, which is what the other ranks should see. Due every ``heartbeat_interval_s``
         (it shrinks once steps are measured) and when the first step is done (start-up is over)."""
         failing, written_at, started = False, None, False
+        self._accepted.wait()
         while not self._stop.is_set():
             now, snap = time.monotonic(), self.clock.snapshot()
             first_step = not started and snap.steps_done > 0
