@@ -192,6 +192,39 @@ def test_sequence_model_with_the_pointer_head(copy_path):
     assert torch.equal(predicted.token_details["pointer_attention"], result.pointer_attention)
 
 
+@pytest.mark.parametrize("trains_story", [False, True])
+def test_pointer_cross_entropy_reaches_the_story_model_only_when_asked(trains_story):
+    """By default (``model.pointer_trains_story: false``) the pointer's cross-entropy trains the text
+    side (pointer, decoder, the sentence attention that picks the shot to repeat) but sends no gradient
+    into the GRU, the fusion, the visual encoder or the text-latent projection that the image shares;
+    with ``true`` it reaches them. The cross-entropy's value is the same either way."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    b, k = 3, 4
+    tokens = _sentences(b * k, SEEN, gen).view(b, k, 10)
+    target, frames = tokens[:, -2].clone(), torch.rand(b, k, 3, 16, 24)
+    torch.manual_seed(0)
+    m = _story_model()
+    m.pointer_trains_story = trains_story
+    torch.manual_seed(1)
+    ce = text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD)
+    m.pointer_trains_story = not trains_story
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert torch.equal(ce, text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD))
+    ce.backward()
+
+    def reached(prefix: str) -> bool:
+        grads = [p.grad for name, p in m.named_parameters() if name.startswith(prefix)]
+        assert grads, prefix
+        return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    for prefix in ("pointer.", "text.decoder", "text_attention."):
+        assert reached(prefix), prefix
+    for prefix in ("gru.", "fusion.", "visual.", "to_text."):
+        assert reached(prefix) == trains_story, prefix
+
+
 def test_generate_head_is_unchanged_and_keeps_its_checkpoint_keys():
     torch.manual_seed(0)
     generate = _story_model("generate")
