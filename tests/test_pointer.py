@@ -193,11 +193,11 @@ def test_sequence_model_with_the_pointer_head(copy_path):
 
 
 @pytest.mark.parametrize("trains_story", [False, True])
-def test_pointer_cross_entropy_reaches_the_story_model_only_when_asked(trains_story):
-    """By default (``model.pointer_trains_story: false``) the pointer's cross-entropy trains the text
-    side (pointer, decoder, the sentence attention that picks the shot to repeat) but sends no gradient
-    into the GRU, the fusion, the visual encoder or the text-latent projection that the image shares;
-    with ``true`` it reaches them. The cross-entropy's value is the same either way."""
+def test_pointer_cross_entropy_reaches_the_story_model_unless_told_not_to(trains_story):
+    """With ``model.pointer_trains_story: true`` (the default) the pointer's cross-entropy reaches the
+    GRU, the fusion, the visual encoder and the text-latent projection that the image shares; with
+    ``false`` it sends them no gradient and still trains the text side (pointer, decoder, the sentence
+    attention that picks the shot to repeat). The cross-entropy's value is the same either way."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     b, k = 3, 4
@@ -246,8 +246,13 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
     tokens = TokenizerInfo(VOCAB, PAD, BOS, EOS)
     config = small_config("model.text_head=pointer", "model.pointer_word_swap=0.2")
     model = build_model("sequence", config, tokens)
-    assert model.text_head == "pointer"
+    assert model.text_head == "pointer" and model.pointer_trains_story
     assert unused_parameters("sequence", config, tokens, model) == []
+    isolated = build_model(
+        "sequence", small_config("model.text_head=pointer", "model.pointer_trains_story=false"), tokens
+    )
+    assert not isolated.pointer_trains_story
+    assert unused_parameters("sequence", config, tokens, isolated) == []  # the latent terms still reach to_text
     with pytest.raises(ConfigError, match="model.text_head"):
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
