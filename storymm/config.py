@@ -71,6 +71,12 @@ class ModelConfig(_Section):
         description="pointer head, training only: per window, the probability that a word becomes a random new "
         "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
     )
+    pointer_trains_story: bool = Field(
+        True,
+        description="pointer head, training only: its cross-entropy trains the story model too (GRU, fusion, "
+        "visual encoder, the text latent); false: it reads them without gradient, so the story state the image "
+        "uses is trained by the image and latent terms only (docs/variants.md: pan image -1%, shapes +4%)",
+    )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
         "cnn", description="visual encoder: small CNN or torchvision ResNet-18 (seed parity)"

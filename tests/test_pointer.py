@@ -192,6 +192,39 @@ def test_sequence_model_with_the_pointer_head(copy_path):
     assert torch.equal(predicted.token_details["pointer_attention"], result.pointer_attention)
 
 
+@pytest.mark.parametrize("trains_story", [False, True])
+def test_pointer_cross_entropy_reaches_the_story_model_unless_told_not_to(trains_story):
+    """With ``model.pointer_trains_story: true`` (the default) the pointer's cross-entropy reaches the
+    GRU, the fusion, the visual encoder and the text-latent projection that the image shares; with
+    ``false`` it sends them no gradient and still trains the text side (pointer, decoder, the sentence
+    attention that picks the shot to repeat). The cross-entropy's value is the same either way."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    b, k = 3, 4
+    tokens = _sentences(b * k, SEEN, gen).view(b, k, 10)
+    target, frames = tokens[:, -2].clone(), torch.rand(b, k, 3, 16, 24)
+    torch.manual_seed(0)
+    m = _story_model()
+    m.pointer_trains_story = trains_story
+    torch.manual_seed(1)
+    ce = text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD)
+    m.pointer_trains_story = not trains_story
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert torch.equal(ce, text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD))
+    ce.backward()
+
+    def reached(prefix: str) -> bool:
+        grads = [p.grad for name, p in m.named_parameters() if name.startswith(prefix)]
+        assert grads, prefix
+        return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    for prefix in ("pointer.", "text.decoder", "text_attention."):
+        assert reached(prefix), prefix
+    for prefix in ("gru.", "fusion.", "visual.", "to_text."):
+        assert reached(prefix) == trains_story, prefix
+
+
 def test_generate_head_is_unchanged_and_keeps_its_checkpoint_keys():
     torch.manual_seed(0)
     generate = _story_model("generate")
@@ -213,8 +246,13 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
     tokens = TokenizerInfo(VOCAB, PAD, BOS, EOS)
     config = small_config("model.text_head=pointer", "model.pointer_word_swap=0.2")
     model = build_model("sequence", config, tokens)
-    assert model.text_head == "pointer"
+    assert model.text_head == "pointer" and model.pointer_trains_story
     assert unused_parameters("sequence", config, tokens, model) == []
+    isolated = build_model(
+        "sequence", small_config("model.text_head=pointer", "model.pointer_trains_story=false"), tokens
+    )
+    assert not isolated.pointer_trains_story
+    assert unused_parameters("sequence", config, tokens, isolated) == []  # the latent terms still reach to_text
     with pytest.raises(ConfigError, match="model.text_head"):
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
