@@ -76,15 +76,36 @@ def cpu_seconds(pid: int) -> float:
 
 
 class CheckpointLog(logging.Handler):
-    """The writer's line per published checkpoint (time on the step, in the background)."""
+    """The writer's line per published checkpoint (time on the step, in the background), and when
+    each save was in the background (wall clock: from the end of the snapshot to the publication)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.in_flight: list[tuple[float, float]] = []
 
     def emit(self, record):
         if "published" in record.getMessage():
             self.lines.append(record.getMessage())
+            serialising, writing = record.args[-2:]
+            self.in_flight.append((record.created - serialising - writing, record.created))
+
+
+def steps_beside_saves(run: str, in_flight: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """Mean step (wall time / steps) of each steady logged window, split by whether a save was in the
+    background for at least a third of it, or not at all (windows in between are left out). Both
+    kinds come from the same run, so drift in the machine's speed between runs does not enter."""
+    metrics = read_metrics(run)
+    beside, alone = [], []
+    for previous, current in zip(metrics, metrics[1:]):  # after the first window, which holds start-up
+        start, end = previous["time"], current["time"]
+        overlap = sum(max(0.0, min(end, b) - max(start, a)) for a, b in in_flight)
+        step = (end - start) / (current["step"] - previous["step"])
+        if overlap >= (end - start) / 3:
+            beside.append(step)
+        elif overlap == 0:
+            alone.append(step)
+    return beside, alone
 
 
 def main(argv=None) -> int:
@@ -137,6 +158,8 @@ def main(argv=None) -> int:
                 servers: dict[str, list[float]] = {"none": [], "every": []}  # CPU s of the S3 server and link
                 breakdown: dict[str, list[tuple[float, float]]] = {"none": [], "every": []}
                 saves = CheckpointLog()
+                beside: list[float] = []  # mean step of windows with a save in the background, every run
+                alone: list[float] = []  # and of windows without one
                 logging.getLogger("storymm.training.checkpoint").addHandler(saves)
                 logging.getLogger("storymm.training.checkpoint").setLevel(logging.INFO)
                 logging.getLogger("storymm.training.checkpoint").propagate = False
@@ -149,12 +172,16 @@ def main(argv=None) -> int:
                         run = f"s3://{bucket}/run-{name}-{round_index}"
                         before = cpu_seconds(server.pid) + cpu_seconds(link.proc.pid)
                         saves.lines.clear()
+                        saves.in_flight.clear()
                         started = time.perf_counter()
                         train(cfg, "sequence", data, run, progress=False)
                         whole[name].append(time.perf_counter() - started)
                         servers[name].append(cpu_seconds(server.pid) + cpu_seconds(link.proc.pid) - before)
                         if name == "every":
                             every_saves = list(saves.lines)
+                            windows = steps_beside_saves(run, saves.in_flight)
+                            beside.extend(windows[0])
+                            alone.extend(windows[1])
                         steady[name].append(steady_steps_per_s(run, batch))
                         breakdown[name].append(step_path(run))
                         latest = checkpoint.latest_uri(run)
@@ -185,6 +212,13 @@ def main(argv=None) -> int:
             f"no checkpoint {rounds([s for _, s in breakdown['none']], ' s')}, every {args.every} "
             f"{rounds([s for _, s in breakdown['every']], ' s')}"
         )
+        if beside and alone:
+            slower = sum(beside) / len(beside) / (sum(alone) / len(alone))
+            print(
+                f"within the runs with checkpoints, logged windows: mean step with a save in the background "
+                f"{', '.join(f'{v:.3f}' for v in beside)} s, without {', '.join(f'{v:.3f}' for v in alone)} s "
+                f"(x{slower:.3f})"
+            )
         none, every = max(steady["none"]), max(steady["every"])
         print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")
         print(f"steady state, every {args.every} steps: {every:.3f} steps/s (rounds: {rounds(steady['every'])})")
