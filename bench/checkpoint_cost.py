@@ -91,21 +91,17 @@ class CheckpointLog(logging.Handler):
             self.in_flight.append((record.created - serialising - writing, record.created))
 
 
-def steps_beside_saves(run: str, in_flight: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    """Mean step (wall time / steps) of each steady logged window, split by whether a save was in the
-    background for at least a third of it, or not at all (windows in between are left out). Both
-    kinds come from the same run, so drift in the machine's speed between runs does not enter."""
+def steps_beside_saves(run: str, in_flight: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Per steady logged window: (the share of its wall time a save was in the background, its mean
+    step). Windows with and without a save come from the same run, so drift in the machine's speed
+    between runs does not enter their comparison."""
     metrics = read_metrics(run)
-    beside, alone = [], []
+    windows = []
     for previous, current in zip(metrics, metrics[1:]):  # after the first window, which holds start-up
         start, end = previous["time"], current["time"]
         overlap = sum(max(0.0, min(end, b) - max(start, a)) for a, b in in_flight)
-        step = (end - start) / (current["step"] - previous["step"])
-        if overlap >= (end - start) / 3:
-            beside.append(step)
-        elif overlap == 0:
-            alone.append(step)
-    return beside, alone
+        windows.append((overlap / (end - start), (end - start) / (current["step"] - previous["step"])))
+    return windows
 
 
 def main(argv=None) -> int:
@@ -158,8 +154,7 @@ def main(argv=None) -> int:
                 servers: dict[str, list[float]] = {"none": [], "every": []}  # CPU s of the S3 server and link
                 breakdown: dict[str, list[tuple[float, float]]] = {"none": [], "every": []}
                 saves = CheckpointLog()
-                beside: list[float] = []  # mean step of windows with a save in the background, every run
-                alone: list[float] = []  # and of windows without one
+                windows: list[tuple[float, float]] = []  # (share with a save in flight, mean step), every run
                 logging.getLogger("storymm.training.checkpoint").addHandler(saves)
                 logging.getLogger("storymm.training.checkpoint").setLevel(logging.INFO)
                 logging.getLogger("storymm.training.checkpoint").propagate = False
@@ -179,9 +174,7 @@ def main(argv=None) -> int:
                         servers[name].append(cpu_seconds(server.pid) + cpu_seconds(link.proc.pid) - before)
                         if name == "every":
                             every_saves = list(saves.lines)
-                            windows = steps_beside_saves(run, saves.in_flight)
-                            beside.extend(windows[0])
-                            alone.extend(windows[1])
+                            windows.extend(steps_beside_saves(run, saves.in_flight))
                         steady[name].append(steady_steps_per_s(run, batch))
                         breakdown[name].append(step_path(run))
                         latest = checkpoint.latest_uri(run)
@@ -212,12 +205,17 @@ def main(argv=None) -> int:
             f"no checkpoint {rounds([s for _, s in breakdown['none']], ' s')}, every {args.every} "
             f"{rounds([s for _, s in breakdown['every']], ' s')}"
         )
+        beside = [(share, step) for share, step in windows if share > 0]
+        alone = [step for share, step in windows if share == 0]
         if beside and alone:
-            slower = sum(beside) / len(beside) / (sum(alone) / len(alone))
+            share = sum(f for f, _ in beside) / len(beside)
+            step_beside, step_alone = sum(s for _, s in beside) / len(beside), sum(alone) / len(alone)
+            slower = step_beside / step_alone
             print(
-                f"within the runs with checkpoints, logged windows: mean step with a save in the background "
-                f"{', '.join(f'{v:.3f}' for v in beside)} s, without {', '.join(f'{v:.3f}' for v in alone)} s "
-                f"(x{slower:.3f})"
+                f"within the runs with checkpoints, logged windows: mean step {step_beside:.3f} s in the "
+                f"{len(beside)} with a save in the background ({share:.0%} of their time on average), "
+                f"{step_alone:.3f} s in the {len(alone)} without (x{slower:.3f}; while a save is in flight "
+                f"about x{1 + (slower - 1) / share:.3f})"
             )
         none, every = max(steady["none"]), max(steady["every"])
         print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")
