@@ -76,15 +76,32 @@ def cpu_seconds(pid: int) -> float:
 
 
 class CheckpointLog(logging.Handler):
-    """The writer's line per published checkpoint (time on the step, in the background)."""
+    """The writer's line per published checkpoint (time on the step, in the background), and when
+    each save was in the background (wall clock: from the end of the snapshot to the publication)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.in_flight: list[tuple[float, float]] = []
 
     def emit(self, record):
         if "published" in record.getMessage():
             self.lines.append(record.getMessage())
+            serialising, writing = record.args[-2:]
+            self.in_flight.append((record.created - serialising - writing, record.created))
+
+
+def steps_beside_saves(run: str, in_flight: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Per steady logged window: (the share of its wall time a save was in the background, its mean
+    step). Windows with and without a save come from the same run, so drift in the machine's speed
+    between runs does not enter their comparison."""
+    metrics = read_metrics(run)
+    windows = []
+    for previous, current in zip(metrics, metrics[1:]):  # after the first window, which holds start-up
+        start, end = previous["time"], current["time"]
+        overlap = sum(max(0.0, min(end, b) - max(start, a)) for a, b in in_flight)
+        windows.append((overlap / (end - start), (end - start) / (current["step"] - previous["step"])))
+    return windows
 
 
 def main(argv=None) -> int:
@@ -137,6 +154,7 @@ def main(argv=None) -> int:
                 servers: dict[str, list[float]] = {"none": [], "every": []}  # CPU s of the S3 server and link
                 breakdown: dict[str, list[tuple[float, float]]] = {"none": [], "every": []}
                 saves = CheckpointLog()
+                windows: list[tuple[float, float]] = []  # (share with a save in flight, mean step), every run
                 logging.getLogger("storymm.training.checkpoint").addHandler(saves)
                 logging.getLogger("storymm.training.checkpoint").setLevel(logging.INFO)
                 logging.getLogger("storymm.training.checkpoint").propagate = False
@@ -149,12 +167,14 @@ def main(argv=None) -> int:
                         run = f"s3://{bucket}/run-{name}-{round_index}"
                         before = cpu_seconds(server.pid) + cpu_seconds(link.proc.pid)
                         saves.lines.clear()
+                        saves.in_flight.clear()
                         started = time.perf_counter()
                         train(cfg, "sequence", data, run, progress=False)
                         whole[name].append(time.perf_counter() - started)
                         servers[name].append(cpu_seconds(server.pid) + cpu_seconds(link.proc.pid) - before)
                         if name == "every":
                             every_saves = list(saves.lines)
+                            windows.extend(steps_beside_saves(run, saves.in_flight))
                         steady[name].append(steady_steps_per_s(run, batch))
                         breakdown[name].append(step_path(run))
                         latest = checkpoint.latest_uri(run)
@@ -185,6 +205,18 @@ def main(argv=None) -> int:
             f"no checkpoint {rounds([s for _, s in breakdown['none']], ' s')}, every {args.every} "
             f"{rounds([s for _, s in breakdown['every']], ' s')}"
         )
+        beside = [(share, step) for share, step in windows if share > 0]
+        alone = [step for share, step in windows if share == 0]
+        if beside and alone:
+            share = sum(f for f, _ in beside) / len(beside)
+            step_beside, step_alone = sum(s for _, s in beside) / len(beside), sum(alone) / len(alone)
+            slower = step_beside / step_alone
+            print(
+                f"within the runs with checkpoints, logged windows: mean step {step_beside:.3f} s in the "
+                f"{len(beside)} with a save in the background ({share:.0%} of their time on average), "
+                f"{step_alone:.3f} s in the {len(alone)} without (x{slower:.3f}; while a save is in flight "
+                f"about x{1 + (slower - 1) / share:.3f})"
+            )
         none, every = max(steady["none"]), max(steady["every"])
         print(f"steady state, no checkpoint: {none:.3f} steps/s (rounds: {rounds(steady['none'])})")
         print(f"steady state, every {args.every} steps: {every:.3f} steps/s (rounds: {rounds(steady['every'])})")

@@ -4,15 +4,15 @@
 
 The run's real metrics log (``MetricsStore``: what rank 0 of ``loop.train`` writes through) against
 a real S3 server (SeaweedFS ``weed mini`` on 127.0.0.1, as in the tests) reached through the
-delaying TCP proxy of ``tests/delayproxy.py`` (+``--latency-ms`` in each direction, so every request's
-round trip grows by twice that; bandwidth unlimited). Lines have the keys and size of a sequence-stage
+slow link of ``tests/netlink.py`` (its own process; +``--latency-ms`` in each direction, so every
+request's round trip grows by twice that; bandwidth unlimited). Lines have the keys and size of a sequence-stage
 line with the time breakdown (``--line-bytes`` checks it). No checkpoints: segments end only at
 ``SEGMENT_LINES`` lines, the largest a segment gets.
 
 Between the measurement points lines are logged as fast as the store takes them (its background
 writer keeps only the newest version of a segment). At each point ``--window`` logged steps are
 measured one at a time, each flushed before the next, so each waits for its own upload (the worst
-case), giving: bytes sent to S3 per logged step (counted at the proxy, HTTP headers included), wall
+case), giving: bytes sent to S3 per logged step (counted at the link, HTTP headers included), wall
 time per logged step, and the time ``record()`` holds the training thread (all a step waits for
 when the log is not flushed). The old scheme, one ``metrics.jsonl`` rewritten whole, is measured the
 same way at the same history sizes (``--old-window`` rewrites each). Last: reading the whole log
@@ -38,11 +38,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from netlink import LOOPBACK, SlowLink  # noqa: E402  (tests/)
+
 from storymm import storage  # noqa: E402
 from storymm.training.metrics_store import SEGMENT_LINES, MetricsStore  # noqa: E402
 from storymm.training.run import read_metrics  # noqa: E402
-
-from delayproxy import LOOPBACK, DelayProxy  # noqa: E402  (tests/)
 
 TERMS = ["total", "l1", "mse", "gradient", "context", "text", "perceptual", "copy_gate", "warp", "cosine", "infonce"]
 TIMING = ["data", "forward_backward", "all_reduce", "optimizer", "checkpoint", "validation", "logging", "step"]
@@ -56,7 +56,7 @@ def line(step: int, rng: random.Random) -> dict:
     return {"step": step, **values}
 
 
-def measure(proxy: DelayProxy, steps: int, action) -> tuple[float, float, float]:
+def measure(proxy: SlowLink, steps: int, action) -> tuple[float, float, float]:
     """(bytes sent per step, seconds per step, seconds per step in the caller before the flush)."""
     sent, started, held = proxy.bytes_up, time.perf_counter(), 0.0
     for _ in range(steps):
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         with mock.patch.dict(os.environ), SeaweedS3Server(os.path.join(scratch, "weed")) as server:
             os.environ.update(server.env())
             bucket = server.create_bucket("bench-metrics")
-            with DelayProxy(server.port, args.latency_ms / 1000) as proxy:
+            with SlowLink(server.port, latency_ms=args.latency_ms) as proxy:
                 os.environ["AWS_ENDPOINT_URL"] = f"http://{LOOPBACK}:{proxy.port}"
                 storage._s3_filesystem_cached.cache_clear()
                 run = f"s3://{bucket}/run"

@@ -13,7 +13,9 @@ of a cable; a transfer is capped, concurrent requests do not queue behind it). `
 cap. The link holds at most 4 MiB per connection and direction in flight (a TCP window), so a
 sender that dies mid-transfer loses the rest, as over a real network. ``pause()``/``resume()``
 (SIGSTOP/SIGCONT) freeze the link; ``close()`` kills it, cutting every connection (an outage).
-Nothing listens or connects outside loopback.
+``bytes_up``/``bytes_down``: what the link has delivered so far towards the server / back (HTTP
+headers included: what a request really costs on the wire). Nothing listens or connects outside
+loopback.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ class SlowLink:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def delivered(self) -> tuple[int, int]:
+        """Bytes delivered so far, to the server and back (the link process is asked: SIGUSR1)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        line = self.proc.stdout.readline()
+        if not line.startswith("delivered "):
+            raise RuntimeError(f"slow link did not answer: {line!r}")
+        up, down = line.split()[1:]
+        return int(up), int(down)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.delivered()[0]
+
+    @property
+    def bytes_down(self) -> int:
+        return self.delivered()[1]
+
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
 
@@ -68,6 +87,7 @@ class _Direction:
     def __init__(self, loop, latency_s: float, bytes_per_s: float):
         self.loop, self.latency_s, self.bytes_per_s = loop, latency_s, bytes_per_s
         self.free_at = 0.0
+        self.delivered = 0
 
     def due(self, size: int) -> float:
         """When ``size`` bytes arriving now reach the other side."""
@@ -92,6 +112,7 @@ async def _pipe(reader, writer, direction: _Direction) -> None:
                 return
             writer.write(data)
             await writer.drain()
+            direction.delivered += len(data)
 
     delivery = asyncio.ensure_future(deliver())
     try:
@@ -110,9 +131,19 @@ async def _pipe(reader, writer, direction: _Direction) -> None:
 
 async def _serve(upstream_port: int, latency_s: float, bytes_per_s: float) -> None:
     loop = asyncio.get_running_loop()
+    delivered = [0, 0]  # of connections closed so far, up and down
+    open_links: set[tuple[_Direction, _Direction]] = set()
+
+    def report() -> None:
+        up = delivered[0] + sum(link[0].delivered for link in open_links)
+        down = delivered[1] + sum(link[1].delivered for link in open_links)
+        print(f"delivered {up} {down}", flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
 
     async def accept(client_reader, client_writer):
         up, down = _Direction(loop, latency_s, bytes_per_s), _Direction(loop, latency_s, bytes_per_s)
+        open_links.add((up, down))
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(LOOPBACK, upstream_port)
             await asyncio.gather(_pipe(client_reader, upstream_writer, up), _pipe(upstream_reader, client_writer, down))
@@ -120,6 +151,9 @@ async def _serve(upstream_port: int, latency_s: float, bytes_per_s: float) -> No
             pass
         finally:
             client_writer.close()
+            open_links.discard((up, down))
+            delivered[0] += up.delivered
+            delivered[1] += down.delivered
 
     server = await asyncio.start_server(accept, LOOPBACK, 0)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)

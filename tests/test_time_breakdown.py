@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from netlink import SlowLink
 
 from storymm import storage
 from storymm.config import load_config
@@ -18,7 +19,6 @@ from storymm.evaluation.evaluate import evaluate
 from storymm.training import timing
 from storymm.training.run import read_metrics
 
-from delayproxy import DelayProxy
 from small import ROOT, SMALL, free_port, small_dataset
 
 STEPS = 16
@@ -42,7 +42,7 @@ def test_a_rank_with_slow_storage_is_named_with_data_wait(s3_env, s3_server, tmp
     run, port = str(tmp_path / "run"), free_port()
     command = [sys.executable, "-m", "storymm.cli", "train", "--config", "configs/tiny.yaml", "--stage", "sequence"]
     command += ["--data", data, "--run", run, *[a for s in SETS for a in ("--set", s)]]
-    with DelayProxy(s3_server.port, 0.05) as proxy:
+    with SlowLink(s3_server.port, latency_ms=50) as proxy:
         ranks, files = [], [tmp_path / "rank0.log", tmp_path / "rank1.log"]
         for rank, log in enumerate(files):
             env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")

@@ -12,13 +12,13 @@ import logging
 import time
 
 import pytest
+from netlink import SlowLink
 
 from storymm import storage
 from storymm.training.loop import read_metrics, train
 from storymm.training.run import RunFolder
 from storymm.training.runtime import Runtime
 
-from delayproxy import DelayProxy
 from small import free_port, logged_points, mlflow_points, small_config, small_dataset, tensorboard_points
 
 TRACKERS_LOG = "storymm.training.trackers"
@@ -144,7 +144,7 @@ def test_an_unreachable_mlflow_costs_one_warning_and_the_next_run_sends_what_it_
     assert "cannot reach" in _warnings(caplog)[0]
 
     caplog.clear()
-    with DelayProxy(mlflow_env.port, 0.0) as proxy:
+    with SlowLink(mlflow_env.port) as proxy:
 
         def cut_off():  # once MLflow holds the first checkpoint's steps: the server was reachable
             _wait_sent(cut, 2)
