@@ -82,12 +82,13 @@ class SlowLink:
 
 
 class _Direction:
-    """One direction of a connection: when it is free to send again."""
+    """One direction of a connection: when it is free to send again; what it delivers is added to
+    ``totals[side]`` (the link's count for that direction, all connections)."""
 
-    def __init__(self, loop, latency_s: float, bytes_per_s: float):
+    def __init__(self, loop, latency_s: float, bytes_per_s: float, totals: list[int], side: int):
         self.loop, self.latency_s, self.bytes_per_s = loop, latency_s, bytes_per_s
+        self.totals, self.side = totals, side
         self.free_at = 0.0
-        self.delivered = 0
 
     def due(self, size: int) -> float:
         """When ``size`` bytes arriving now reach the other side."""
@@ -112,7 +113,7 @@ async def _pipe(reader, writer, direction: _Direction) -> None:
                 return
             writer.write(data)
             await writer.drain()
-            direction.delivered += len(data)
+            direction.totals[direction.side] += len(data)
 
     delivery = asyncio.ensure_future(deliver())
     try:
@@ -131,19 +132,12 @@ async def _pipe(reader, writer, direction: _Direction) -> None:
 
 async def _serve(upstream_port: int, latency_s: float, bytes_per_s: float) -> None:
     loop = asyncio.get_running_loop()
-    delivered = [0, 0]  # of connections closed so far, up and down
-    open_links: set[tuple[_Direction, _Direction]] = set()
-
-    def report() -> None:
-        up = delivered[0] + sum(link[0].delivered for link in open_links)
-        down = delivered[1] + sum(link[1].delivered for link in open_links)
-        print(f"delivered {up} {down}", flush=True)
-
-    loop.add_signal_handler(signal.SIGUSR1, report)
+    delivered = [0, 0]  # bytes, towards the server and back
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(f"delivered {delivered[0]} {delivered[1]}", flush=True))
 
     async def accept(client_reader, client_writer):
-        up, down = _Direction(loop, latency_s, bytes_per_s), _Direction(loop, latency_s, bytes_per_s)
-        open_links.add((up, down))
+        up = _Direction(loop, latency_s, bytes_per_s, delivered, 0)
+        down = _Direction(loop, latency_s, bytes_per_s, delivered, 1)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(LOOPBACK, upstream_port)
             await asyncio.gather(_pipe(client_reader, upstream_writer, up), _pipe(upstream_reader, client_writer, down))
@@ -151,9 +145,6 @@ async def _serve(upstream_port: int, latency_s: float, bytes_per_s: float) -> No
             pass
         finally:
             client_writer.close()
-            open_links.discard((up, down))
-            delivered[0] += up.delivered
-            delivered[1] += down.delivered
 
     server = await asyncio.start_server(accept, LOOPBACK, 0)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)

@@ -248,11 +248,11 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
     model = build_model("sequence", config, tokens)
     assert model.text_head == "pointer" and model.pointer_trains_story
     assert unused_parameters("sequence", config, tokens, model) == []
-    isolated = build_model(
-        "sequence", small_config("model.text_head=pointer", "model.pointer_trains_story=false"), tokens
-    )
+    isolated_config = small_config("model.text_head=pointer", "model.pointer_trains_story=false")
+    isolated = build_model("sequence", isolated_config, tokens)
     assert not isolated.pointer_trains_story
-    assert unused_parameters("sequence", config, tokens, isolated) == []  # the latent terms still reach to_text
+    # the latent terms still reach to_text
+    assert unused_parameters("sequence", isolated_config, tokens, isolated) == []
     with pytest.raises(ConfigError, match="model.text_head"):
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
