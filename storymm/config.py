@@ -71,11 +71,13 @@ class ModelConfig(_Section):
         description="pointer head, training only: per window, the probability that a word becomes a random new "
         "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
     )
-    pointer_trains_story: bool = Field(
-        True,
-        description="pointer head, training only: its cross-entropy trains the story model too (GRU, fusion, "
-        "visual encoder, the text latent); false: it reads them without gradient, so the story state the image "
-        "uses is trained by the image and latent terms only (docs/variants.md: pan image -1%, shapes +4%)",
+    pointer_story_gradient: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="pointer head, training only: the share of its cross-entropy's gradient that reaches the story "
+        "model the image shares (GRU, fusion, visual encoder, the text latent); 1 = all, 0 = none (it reads them "
+        "without gradient). Same forward values for every share (docs/variants.md has the measured trade)",
     )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
