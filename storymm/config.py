@@ -105,6 +105,20 @@ class ModelConfig(_Section):
             raise ValueError(f"unknown fusion {name!r}, choose from {', '.join(sorted(FUSIONS))}")
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_pointer_trains_story(cls, values: Any) -> Any:
+        """Runs recorded between 0ed2d10 and the share (their run.json) said ``pointer_trains_story:
+        true|false``; it meant share 1 or 0, so they load and resume as they trained."""
+        if isinstance(values, dict) and "pointer_trains_story" in values:
+            values = dict(values)
+            old = values.pop("pointer_trains_story")
+            if not isinstance(old, bool):
+                raise ValueError(f"pointer_trains_story (now pointer_story_gradient): true or false, got {old!r}")
+            if "pointer_story_gradient" not in values:
+                values["pointer_story_gradient"] = 1.0 if old else 0.0
+        return values
+
     @model_validator(mode="after")
     def _check_image_head(self) -> ModelConfig:
         if self.image_head == "warp" and not self.copy_path:

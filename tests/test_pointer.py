@@ -268,6 +268,9 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
         small_config("model.pointer_word_swap=1.5")
     with pytest.raises(ConfigError, match="model.pointer_story_gradient"):
         small_config("model.pointer_story_gradient=2")
+    # a run recorded with the boolean this share replaced loads as it trained
+    assert small_config("model.pointer_trains_story=false").model.pointer_story_gradient == 0.0
+    assert small_config("model.pointer_trains_story=true").model.pointer_story_gradient == 1.0
 
 
 def test_training_step_swaps_words_for_the_pointer_only():
