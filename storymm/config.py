@@ -71,11 +71,13 @@ class ModelConfig(_Section):
         description="pointer head, training only: per window, the probability that a word becomes a random new "
         "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
     )
-    pointer_trains_story: bool = Field(
-        True,
-        description="pointer head, training only: its cross-entropy trains the story model too (GRU, fusion, "
-        "visual encoder, the text latent); false: it reads them without gradient, so the story state the image "
-        "uses is trained by the image and latent terms only (docs/variants.md: pan image -1%, shapes +4%)",
+    pointer_story_gradient: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="pointer head, training only: the share of its cross-entropy's gradient that reaches the story "
+        "model the image shares (GRU, fusion, visual encoder, the text latent); 1 = all, 0 = none (it reads them "
+        "without gradient). Same forward values for every share (docs/variants.md has the measured trade)",
     )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(
@@ -102,6 +104,20 @@ class ModelConfig(_Section):
         if name not in FUSIONS:
             raise ValueError(f"unknown fusion {name!r}, choose from {', '.join(sorted(FUSIONS))}")
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_pointer_trains_story(cls, values: Any) -> Any:
+        """Runs recorded between 0ed2d10 and the share (their run.json) said ``pointer_trains_story:
+        true|false``; it meant share 1 or 0, so they load and resume as they trained."""
+        if isinstance(values, dict) and "pointer_trains_story" in values:
+            values = dict(values)
+            old = values.pop("pointer_trains_story")
+            if not isinstance(old, bool):
+                raise ValueError(f"pointer_trains_story (now pointer_story_gradient): true or false, got {old!r}")
+            if "pointer_story_gradient" not in values:
+                values["pointer_story_gradient"] = 1.0 if old else 0.0
+        return values
 
     @model_validator(mode="after")
     def _check_image_head(self) -> ModelConfig:

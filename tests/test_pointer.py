@@ -192,37 +192,45 @@ def test_sequence_model_with_the_pointer_head(copy_path):
     assert torch.equal(predicted.token_details["pointer_attention"], result.pointer_attention)
 
 
-@pytest.mark.parametrize("trains_story", [False, True])
-def test_pointer_cross_entropy_reaches_the_story_model_unless_told_not_to(trains_story):
-    """With ``model.pointer_trains_story: true`` (the default) the pointer's cross-entropy reaches the
-    GRU, the fusion, the visual encoder and the text-latent projection that the image shares; with
-    ``false`` it sends them no gradient and still trains the text side (pointer, decoder, the sentence
-    attention that picks the shot to repeat). The cross-entropy's value is the same either way."""
-    torch.manual_seed(0)
+def test_pointer_story_gradient_sets_the_share_of_its_cross_entropy_the_story_model_gets():
+    """``model.pointer_story_gradient`` scales the gradient the pointer's cross-entropy sends into the
+    GRU, the fusion, the visual encoder and the text-latent projection that the image shares: 1 (the
+    default) all of it, 0.5 half of it, 0 none; the text side (pointer, decoder, the sentence attention
+    that picks the shot to repeat) gets all of it at every share, and the cross-entropy's value is the
+    same to the bit."""
     gen = torch.Generator().manual_seed(0)
     b, k = 3, 4
     tokens = _sentences(b * k, SEEN, gen).view(b, k, 10)
     target, frames = tokens[:, -2].clone(), torch.rand(b, k, 3, 16, 24)
     torch.manual_seed(0)
     m = _story_model()
-    m.pointer_trains_story = trains_story
-    torch.manual_seed(1)
-    ce = text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD)
-    m.pointer_trains_story = not trains_story
-    torch.manual_seed(1)
-    with torch.no_grad():
-        assert torch.equal(ce, text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD))
-    ce.backward()
-
-    def reached(prefix: str) -> bool:
-        grads = [p.grad for name, p in m.named_parameters() if name.startswith(prefix)]
-        assert grads, prefix
-        return any(g is not None and g.abs().sum() > 0 for g in grads)
-
-    for prefix in ("pointer.", "text.decoder", "text_attention."):
-        assert reached(prefix), prefix
-    for prefix in ("gru.", "fusion.", "visual.", "to_text."):
-        assert reached(prefix) == trains_story, prefix
+    shared = ("gru.", "fusion.", "visual.", "to_text.")
+    text_side = ("pointer.", "text.decoder", "text_attention.")
+    values, grads = {}, {}
+    for share in (1.0, 0.5, 0.0):
+        m.pointer_story_gradient = share
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        ce = text_cross_entropy(m(frames, tokens, target)["text_logits"], target[:, 1:], PAD)
+        ce.backward()
+        values[share] = ce.detach()
+        grads[share] = {
+            name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in m.named_parameters()
+        }
+    assert torch.equal(values[1.0], values[0.5]) and torch.equal(values[1.0], values[0.0])
+    for prefix in shared + text_side:
+        names = [name for name in grads[1.0] if name.startswith(prefix)]
+        assert names and any(grads[1.0][n].abs().sum() > 0 for n in names), prefix
+        for name in names:
+            full = grads[1.0][name]
+            if prefix == "text_attention.":  # through the copy weights at every share, the latent's share besides
+                assert any(grads[0.0][n].abs().sum() > 0 for n in names), prefix
+            elif prefix in text_side:
+                for share in (0.5, 0.0):
+                    torch.testing.assert_close(grads[share][name], full, rtol=1e-4, atol=1e-7)
+            else:
+                torch.testing.assert_close(grads[0.5][name], 0.5 * full, rtol=1e-4, atol=1e-7)
+                assert not grads[0.0][name].any(), name
 
 
 def test_generate_head_is_unchanged_and_keeps_its_checkpoint_keys():
@@ -246,17 +254,23 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
     tokens = TokenizerInfo(VOCAB, PAD, BOS, EOS)
     config = small_config("model.text_head=pointer", "model.pointer_word_swap=0.2")
     model = build_model("sequence", config, tokens)
-    assert model.text_head == "pointer" and model.pointer_trains_story
+    assert model.text_head == "pointer" and model.pointer_story_gradient == 1.0
     assert unused_parameters("sequence", config, tokens, model) == []
-    isolated_config = small_config("model.text_head=pointer", "model.pointer_trains_story=false")
-    isolated = build_model("sequence", isolated_config, tokens)
-    assert not isolated.pointer_trains_story
-    # the latent terms still reach to_text
-    assert unused_parameters("sequence", isolated_config, tokens, isolated) == []
+    for share in (0.0, 0.5):
+        shared_config = small_config("model.text_head=pointer", f"model.pointer_story_gradient={share}")
+        shared = build_model("sequence", shared_config, tokens)
+        assert shared.pointer_story_gradient == share
+        # with no share the latent terms still reach to_text
+        assert unused_parameters("sequence", shared_config, tokens, shared) == []
     with pytest.raises(ConfigError, match="model.text_head"):
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
         small_config("model.pointer_word_swap=1.5")
+    with pytest.raises(ConfigError, match="model.pointer_story_gradient"):
+        small_config("model.pointer_story_gradient=2")
+    # a run recorded with the boolean this share replaced loads as it trained
+    assert small_config("model.pointer_trains_story=false").model.pointer_story_gradient == 0.0
+    assert small_config("model.pointer_trains_story=true").model.pointer_story_gradient == 1.0
 
 
 def test_training_step_swaps_words_for_the_pointer_only():

@@ -101,6 +101,14 @@ def _rename_old_attention_keys(module, state_dict, prefix, *args) -> None:
                 break
 
 
+def _gradient_share(x: torch.Tensor, share: float) -> torch.Tensor:
+    """``x`` unchanged going forward (to the bit), its gradient multiplied by ``share`` going back."""
+    if share == 0.0:
+        return x.detach()
+    frozen = x.detach()
+    return frozen + share * (x - frozen)
+
+
 class StoryContinuationModel(nn.Module):
     def __init__(
         self,
@@ -114,7 +122,7 @@ class StoryContinuationModel(nn.Module):
         image_head: str = "copy",
         context_frames: int = 4,
         text_head: str = "generate",
-        pointer_trains_story: bool = True,
+        pointer_story_gradient: float = 1.0,
     ):
         super().__init__()
         self.visual = visual
@@ -130,7 +138,9 @@ class StoryContinuationModel(nn.Module):
         if text_head not in TEXT_HEADS:
             raise ValueError(f"unknown text head {text_head!r} (choose from {', '.join(TEXT_HEADS)})")
         self.text_head = text_head
-        self.pointer_trains_story = bool(pointer_trains_story)
+        if not 0.0 <= pointer_story_gradient <= 1.0:
+            raise ValueError(f"pointer_story_gradient must lie in [0, 1], got {pointer_story_gradient}")
+        self.pointer_story_gradient = float(pointer_story_gradient)
         self.autoencoders_frozen = False
         dv, dt, hd = visual.latent_dim, text.latent_dim, self.hidden_dim
 
@@ -337,22 +347,24 @@ class StoryContinuationModel(nn.Module):
     def _teaching_condition(
         self, c: dict[str, torch.Tensor], latent: torch.Tensor, source: torch.Tensor, weights: torch.Tensor | None
     ) -> TextCondition:
-        """What the text head is taught from. With ``pointer_trains_story=False`` the pointer head reads
-        the story model without gradient: the latent detached, and the sentence weights recomputed over
-        the detached story state, so its cross-entropy still trains the sentence attention (which shot
-        to repeat) and the text autoencoder (decoder, embeddings) but not the GRU, the fusion or the
-        visual encoder that the image depends on. Same values either way; only where the gradient goes
-        differs (docs/variants.md: over 5 seeds the pan image 1% better, the shapes image 4% worse)."""
-        if self.text_head == "generate":
-            return TextCondition(latent)
-        if self.pointer_trains_story:
-            return TextCondition(latent, source, weights)
+        """What the text head is taught from. The pointer head's cross-entropy reaches the story model
+        (GRU, fusion, visual encoder: what the image depends on) scaled by ``pointer_story_gradient``:
+        the latent, and the sentence weights recomputed over the story state, carry that share of the
+        gradient back, while the sentence attention itself (which shot to repeat) and the text
+        autoencoder (decoder, embeddings) get all of it. Same values for every share; only how much
+        the text steers the shared state differs (docs/variants.md: all of it costs the pan image, none
+        of it the shapes image)."""
+        share = self.pointer_story_gradient
+        if self.text_head == "generate" or share == 1.0:
+            return TextCondition(latent) if self.text_head == "generate" else TextCondition(latent, source, weights)
         if weights is not None:
             scores = self.text_attention.scores(
-                c["ctx"].detach(), c["gru_out"].detach(), c["frame_text_latents"].detach()
+                _gradient_share(c["ctx"], share),
+                _gradient_share(c["gru_out"], share),
+                _gradient_share(c["frame_text_latents"], share),
             )
             weights = torch.softmax(scores, dim=-1)
-        return TextCondition(latent.detach(), source, weights)
+        return TextCondition(_gradient_share(latent, share), source, weights)
 
     def shared_latents(self, visual_latent: torch.Tensor, text_latent: torch.Tensor) -> dict[str, torch.Tensor]:
         """With latents of different sizes and a fusion that projects both into one space (``gate``):

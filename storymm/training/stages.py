@@ -85,7 +85,7 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             image_head=config.model.image_head,
             context_frames=config.data.context_frames,
             text_head=config.model.text_head,
-            pointer_trains_story=config.model.pointer_trains_story,
+            pointer_story_gradient=config.model.pointer_story_gradient,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
