@@ -354,9 +354,11 @@ class StoryContinuationModel(nn.Module):
         autoencoder (decoder, embeddings) get all of it. Same values for every share; only how much
         the text steers the shared state differs (docs/variants.md: all of it costs the pan image, none
         of it the shapes image)."""
+        if self.text_head == "generate":
+            return TextCondition(latent)
         share = self.pointer_story_gradient
-        if self.text_head == "generate" or share == 1.0:
-            return TextCondition(latent) if self.text_head == "generate" else TextCondition(latent, source, weights)
+        if share == 1.0:
+            return TextCondition(latent, source, weights)
         if weights is not None:
             scores = self.text_attention.scores(
                 _gradient_share(c["ctx"], share),
