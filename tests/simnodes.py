@@ -327,26 +327,6 @@ class SimNodes:
             print(json.dumps(any(n["Alive"] for n in ray.nodes() if n["NodeManagerAddress"] == "{self.ip(node)}")))""",
         )
 
-    def ray_wait_idle(self, nodes: int = 2, timeout: float = 90) -> None:
-        """Until ``nodes`` nodes are alive in Ray with every CPU free. A job submitted while an ended
-        job's actors still hold a node's CPU starts an elastic group with fewer workers than nodes."""
-        idle = self.python(
-            "node1",
-            f"""
-            import json, time, ray
-            ray.init(address="{self.ip("node1")}:6379", logging_level="ERROR", log_to_driver=False)
-            deadline, idle = time.monotonic() + {timeout}, False
-            while not idle and time.monotonic() < deadline:
-                alive = sum(1 for n in ray.nodes() if n["Alive"])
-                total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
-                idle = alive == {nodes} and total > 0 and free == total
-                time.sleep(0.5)
-            print(json.dumps(idle))""",
-            timeout=timeout + 60,
-        )
-        if not idle:
-            pytest.fail(f"Ray did not have {nodes} alive nodes with every CPU free within {timeout:.0f}s")
-
     # ------------------------------------------------------------------ faults
 
     def node(self, action: str, node: str) -> str:

@@ -115,7 +115,6 @@ def test_job_submit_trains_with_one_worker_on_each_node(reference):
 def _start(cluster, s3_data, jobs: list, name: str, steps: int = STEPS, **env) -> dict:
     """An elastic job (``--workers 1-2``) and a watch on its checkpoints and steps."""
     run = f"s3://{cluster.bucket}/runs/{name}"
-    cluster.ray_wait_idle()  # both nodes free, or the elastic group starts with one worker
     job = ray_job_id(_submit(cluster, run, s3_data, "1-2", steps=steps, wait=False, **env))
     jobs.append(job)
     return {"run": run, "job": job, "watch": RunWatch(cluster, run), "steps": steps}
