@@ -72,12 +72,19 @@ class ModelConfig(_Section):
         "word in the sentences the pointer copies from and in the target alike (only copying can predict it)",
     )
     pointer_story_gradient: float = Field(
-        1.0,
+        0.0,
         ge=0.0,
         le=1.0,
         description="pointer head, training only: the share of its cross-entropy's gradient that reaches the story "
         "model the image shares (GRU, fusion, visual encoder, the text latent); 1 = all, 0 = none (it reads them "
         "without gradient). Same forward values for every share (docs/variants.md has the measured trade)",
+    )
+    pointer_generate_loss: float = Field(
+        1.0,
+        ge=0.0,
+        description="pointer head, training only: weight (times loss.text) of the generate head's cross-entropy, "
+        "the decoder's vocabulary alone from the predicted text latent, all of its gradient into the story model: "
+        "the story model learns text as under the generate head while the pointer learns to copy (0 = off)",
     )
     # ---- variants (docs/variants.md) -------------------------------------------------------
     visual_backbone: Literal["cnn", "resnet18"] = Field(

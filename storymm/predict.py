@@ -71,7 +71,16 @@ FIELD_NOTES = {
 
 #: ``forward`` outputs that are the prediction itself or its latents, not an explanation of it.
 _NOT_EXPLANATION = frozenset(
-    {"image", "context", "visual_latent", "text_latent", "generated_image", "copied_image", "text_logits"}
+    {
+        "image",
+        "context",
+        "visual_latent",
+        "text_latent",
+        "generated_image",
+        "copied_image",
+        "text_logits",
+        "generate_text_logits",
+    }
 )
 
 

@@ -11,8 +11,8 @@ from storymm.config import ConfigError
 from storymm.inference import predict_batch
 from storymm.models import StoryContinuationModel, TextAutoencoder, TextCondition, VisualAutoencoder
 from storymm.models.pointer import PointerHead, match_lengths, swap_words
-from storymm.training.losses import text_cross_entropy
-from storymm.training.stages import TokenizerInfo, batch_loss_fn, build_model, unused_parameters
+from storymm.training.losses import LossWeights, sequence_loss, text_cross_entropy
+from storymm.training.stages import TokenizerInfo, batch_loss_fn, build_model, loss_weights, unused_parameters
 
 from small import small_config
 
@@ -194,8 +194,8 @@ def test_sequence_model_with_the_pointer_head(copy_path):
 
 def test_pointer_story_gradient_sets_the_share_of_its_cross_entropy_the_story_model_gets():
     """``model.pointer_story_gradient`` scales the gradient the pointer's cross-entropy sends into the
-    GRU, the fusion, the visual encoder and the text-latent projection that the image shares: 1 (the
-    default) all of it, 0.5 half of it, 0 none; the text side (pointer, decoder, the sentence attention
+    GRU, the fusion, the visual encoder and the text-latent projection that the image shares: 1 all of
+    it, 0.5 half of it, 0 (the default) none; the text side (pointer, decoder, the sentence attention
     that picks the shot to repeat) gets all of it at every share, and the cross-entropy's value is the
     same to the bit."""
     gen = torch.Generator().manual_seed(0)
@@ -234,6 +234,52 @@ def test_pointer_story_gradient_sets_the_share_of_its_cross_entropy_the_story_mo
                 assert not grads[0.0][name].any(), name
 
 
+@pytest.mark.parametrize("copy_path", [True, False])
+def test_pointer_generate_loss_teaches_the_story_model_as_the_generate_head_does(copy_path):
+    """With the defaults (``pointer_story_gradient`` 0, ``pointer_generate_loss`` 1) the story model
+    (GRU, fusion, visual encoder, text-latent projection) gets, from the pointer head's text loss, the
+    gradient the generate head's loss gives the same weights, to float tolerance: the generate head's
+    cross-entropy of the true sentence on the same latent; the pointer's own cross-entropy trains the
+    pointer and reaches no story parameter. Off (0), the story model gets no text gradient at all."""
+    gen = torch.Generator().manual_seed(0)
+    b, k = 3, 4
+    tokens = _sentences(b * k, SEEN, gen).view(b, k, 10)
+    target, frames = tokens[:, -2].clone(), torch.rand(b, k, 3, 16, 24)
+    batch = {"frames": frames, "tokens": tokens, "target_tokens": target, "target_frame": torch.rand(b, 3, 16, 24)}
+    text_only = {"l1": 0.0, "gradient": 0.0, "context": 0.0, "alignment": 0.0, "text": 1.0}
+    torch.manual_seed(0)
+    pointer = _story_model("pointer", copy_path=copy_path).eval()  # eval: no dropout, the same decoder twice
+    assert pointer.pointer_story_gradient == 0.0 and pointer.pointer_generate_loss
+    generate = _story_model("generate", copy_path=copy_path).eval()
+    generate.load_state_dict({k: v for k, v in pointer.state_dict().items() if not k.startswith("pointer.")})
+
+    def grads(model, weights):
+        model.zero_grad(set_to_none=True)
+        outputs = model(frames, tokens, target, batch["target_frame"])
+        total, terms = sequence_loss(outputs, batch, weights, PAD)
+        total.backward()
+        return (
+            outputs,
+            terms,
+            {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        )
+
+    outputs, terms, with_generate = grads(pointer, LossWeights(**text_only, generate_text=1.0))
+    reference, _, generate_grads = grads(generate, LossWeights(**text_only))
+    torch.testing.assert_close(outputs["generate_text_logits"], reference["text_logits"])
+    assert terms["generate_text"] > terms["text"]  # the pointer copies what the vocabulary alone cannot
+    story = [n for n in generate_grads if n.startswith(("gru.", "fusion.", "visual.", "to_text."))]
+    assert any(generate_grads[n].abs().sum() > 0 for n in story)
+    for name in story:
+        torch.testing.assert_close(with_generate[name], generate_grads[name], rtol=1e-4, atol=1e-7)
+    assert any(with_generate[n].abs().sum() > 0 for n in with_generate if n.startswith("pointer."))
+
+    pointer.pointer_generate_loss = False  # the pointer's loss alone, with share 0: no text gradient in the story
+    outputs, _, without = grads(pointer, LossWeights(**text_only, generate_text=1.0))
+    assert "generate_text_logits" not in outputs
+    assert all(not without[n].any() for n in story)
+
+
 def test_generate_head_is_unchanged_and_keeps_its_checkpoint_keys():
     torch.manual_seed(0)
     generate = _story_model("generate")
@@ -255,20 +301,29 @@ def test_pointer_config_reaches_every_parameter_and_is_validated():
     tokens = TokenizerInfo(VOCAB, PAD, BOS, EOS)
     config = small_config("model.text_head=pointer", "model.pointer_word_swap=0.2")
     model = build_model("sequence", config, tokens)
-    assert model.text_head == "pointer" and model.pointer_story_gradient == 1.0
+    assert model.text_head == "pointer" and model.pointer_story_gradient == 0.0 and model.pointer_generate_loss
+    assert loss_weights(config).generate_text == 1.0
     assert unused_parameters("sequence", config, tokens, model) == []
-    for share in (0.0, 0.5):
-        shared_config = small_config("model.text_head=pointer", f"model.pointer_story_gradient={share}")
+    for share in (0.0, 0.5, 1.0):
+        shared_config = small_config(
+            "model.text_head=pointer", f"model.pointer_story_gradient={share}", "model.pointer_generate_loss=0"
+        )
         shared = build_model("sequence", shared_config, tokens)
-        assert shared.pointer_story_gradient == share
-        # with no share the latent terms still reach to_text
+        assert shared.pointer_story_gradient == share and not shared.pointer_generate_loss
+        assert loss_weights(shared_config).generate_text == 0.0
+        # with no share and no generate loss the latent terms still reach to_text
         assert unused_parameters("sequence", shared_config, tokens, shared) == []
+    generate_config = small_config("model.text_head=generate")
+    assert loss_weights(generate_config).generate_text == 0.0
+    assert not build_model("sequence", generate_config, tokens).pointer_generate_loss
     with pytest.raises(ConfigError, match="model.text_head"):
         small_config("model.text_head=copy")
     with pytest.raises(ConfigError, match="model.pointer_word_swap"):
         small_config("model.pointer_word_swap=1.5")
     with pytest.raises(ConfigError, match="model.pointer_story_gradient"):
         small_config("model.pointer_story_gradient=2")
+    with pytest.raises(ConfigError, match="model.pointer_generate_loss"):
+        small_config("model.pointer_generate_loss=-1")
     # a run recorded with the boolean this share replaced loads as it trained
     assert small_config("model.pointer_trains_story=false").model.pointer_story_gradient == 0.0
     assert small_config("model.pointer_trains_story=true").model.pointer_story_gradient == 1.0

@@ -27,7 +27,10 @@ the sentence two frames back and only has to learn what changes.
 
 Text heads (``text_head``): ``"generate"`` (the default) decodes every token from the vocabulary;
 ``"pointer"`` (``models/pointer.py``) also copies tokens of the K input sentences at every step, so
-words never seen in training (names, places) come out by repeating them. Everything the text decoder
+words never seen in training (names, places) come out by repeating them. With the pointer, the story
+model (GRU, fusion, encoders) still learns text from the generate head's cross-entropy on the same
+latent (``generate_text_logits``), not from the pointer's: the image it shares stays as good as under
+the generate head (docs/variants.md). Everything the text decoder
 is given travels as one :class:`TextCondition` (latent; input sentences and their weights for the
 pointer), so evaluation conditions the model, a shuffled control and the repeat floors the same way
 whatever the head.
@@ -122,7 +125,8 @@ class StoryContinuationModel(nn.Module):
         image_head: str = "copy",
         context_frames: int = 4,
         text_head: str = "generate",
-        pointer_story_gradient: float = 1.0,
+        pointer_story_gradient: float = 0.0,
+        pointer_generate_loss: bool = True,
     ):
         super().__init__()
         self.visual = visual
@@ -141,6 +145,7 @@ class StoryContinuationModel(nn.Module):
         if not 0.0 <= pointer_story_gradient <= 1.0:
             raise ValueError(f"pointer_story_gradient must lie in [0, 1], got {pointer_story_gradient}")
         self.pointer_story_gradient = float(pointer_story_gradient)
+        self.pointer_generate_loss = bool(pointer_generate_loss) and text_head == "pointer"
         self.autoencoders_frozen = False
         dv, dt, hd = visual.latent_dim, text.latent_dim, self.hidden_dim
 
@@ -308,9 +313,11 @@ class StoryContinuationModel(nn.Module):
         ``copied_image[B,3,H,W]`` (warped with the warp head), ``text_copy_weights[B,K]`` and
         ``text_copy_gate[B]``; with ``image_head="warp"`` also ``warp_params[B,K,3]``; with
         ``text_head="pointer"`` and ``target_tokens`` also ``pointer_copy_probability[B,L-1]`` (per
-        step, the probability of copying an input token) and ``pointer_attention[B,L-1,K,L]`` (over the
-        input sentences' tokens). ``input_lengths``/``target_lengths``: the sentences' token counts on
-        the host (the loader's), so that encoding them never waits for the GPU."""
+        step, the probability of copying an input token), ``pointer_attention[B,L-1,K,L]`` (over the
+        input sentences' tokens) and, with ``pointer_generate_loss``, ``generate_text_logits[B,L-1,V]``
+        (the generate head's, from the same latent with all its gradient: the story model's text loss).
+        ``input_lengths``/``target_lengths``: the sentences' token counts on the host (the loader's), so
+        that encoding them never waits for the GPU."""
         c = self._context(frames, tokens, tags, input_lengths)
         ctx = c["ctx"]
         zv = self.to_visual(ctx)
@@ -337,6 +344,8 @@ class StoryContinuationModel(nn.Module):
             out.update(
                 self.text_outputs(self._teaching_condition(c, zt, source, text.get("text_copy_weights")), taught)
             )
+            if self.pointer_generate_loss:
+                out["generate_text_logits"] = self.text.decode_logits(zt, target_tokens[:, :-1])
             with torch.no_grad():
                 out["target_text_latent"] = self.text.encode(target_tokens, target_lengths)
         if target_frame is not None:
@@ -353,7 +362,12 @@ class StoryContinuationModel(nn.Module):
         gradient back, while the sentence attention itself (which shot to repeat) and the text
         autoencoder (decoder, embeddings) get all of it. Same values for every share; only how much
         the text steers the shared state differs (docs/variants.md: all of it costs the pan image, none
-        of it the shapes image)."""
+        of it the shapes image).
+
+        The default is none of it, and instead (``pointer_generate_loss``, in :meth:`forward`) the
+        generate head's cross-entropy on a second decoding of the same latent: the story model then
+        learns text as it does under the generate head, which keeps both images at generate's, while
+        the pointer learns to copy on top of it."""
         if self.text_head == "generate":
             return TextCondition(latent)
         share = self.pointer_story_gradient

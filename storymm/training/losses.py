@@ -193,6 +193,7 @@ class LossWeights:
     perceptual: float = 0.0
     infonce_temperature: float = 0.07
     cross_modal_infonce: float = 0.0
+    generate_text: float = 0.0  # pointer head: the generate head's cross-entropy, times ``text``
 
 
 def _image_terms(
@@ -269,7 +270,8 @@ def sequence_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sequence stage: image terms on ``image``/``context`` vs ``batch['target_frame']``, text
     cross-entropy of ``text_logits`` vs ``batch['target_tokens'][:, 1:]`` (``text_target_tokens`` where
-    the training step renamed words for the pointer head), latent alignment terms."""
+    the training step renamed words for the pointer head) and, with the pointer head, of
+    ``generate_text_logits`` (``generate_text`` weight), latent alignment terms."""
     target = batch["target_frame"]
     terms: dict[str, torch.Tensor] = {}
     total = _image_terms(
@@ -281,6 +283,12 @@ def sequence_loss(
         total = total + weights.text * ce
         terms["text"] = ce.detach()
         terms["text_accuracy"] = token_accuracy(outputs["text_logits"].detach(), labels, pad_id)
+        if weights.generate_text and "generate_text_logits" in outputs:
+            # what the story model learns text from with the pointer head (StoryContinuationModel.forward);
+            # the true sentences, as the frame encoders read them, not the pointer's renamed ones
+            generate_ce = text_cross_entropy(outputs["generate_text_logits"], batch["target_tokens"][:, 1:], pad_id)
+            total = total + weights.text * weights.generate_text * generate_ce
+            terms["generate_text"] = generate_ce.detach()
     if weights.alignment or weights.infonce:
         pairs = []
         for pred_key, tgt_key in (("visual_latent", "target_visual_latent"), ("text_latent", "target_text_latent")):

@@ -86,13 +86,17 @@ def build_model(stage: str, config: Config, tokens: TokenizerInfo) -> torch.nn.M
             context_frames=config.data.context_frames,
             text_head=config.model.text_head,
             pointer_story_gradient=config.model.pointer_story_gradient,
+            pointer_generate_loss=config.model.pointer_generate_loss > 0,
         )
     raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
 
 
 def loss_weights(config: Config) -> losses.LossWeights:
     names = {f.name for f in fields(losses.LossWeights)}
-    return losses.LossWeights(**{k: v for k, v in config.loss.model_dump().items() if k in names})
+    weights = {k: v for k, v in config.loss.model_dump().items() if k in names}
+    if config.model.text_head == "pointer":
+        weights["generate_text"] = config.model.pointer_generate_loss
+    return losses.LossWeights(**weights)
 
 
 def loader_options(config: Config) -> dict:
