@@ -270,8 +270,8 @@ def test_power_cut_shrinks_to_node1_and_grows_back_when_node2_returns(cluster, s
         def after_shrink() -> list[dict]:
             return [a for a in cluster.attempts(out["run"]) if a["attempt"] > shrunk["attempt"]]
 
-        grown = wait_for(
-            lambda: (lambda a: a if a or cluster.ray_job_status(out["job"]) != "RUNNING" else None)(after_shrink()),
+        (grown,) = wait_for(  # a tuple: truthy even when the job ended with no attempt after the shrink
+            lambda: (lambda a: (a,) if a or cluster.ray_job_status(out["job"]) != "RUNNING" else None)(after_shrink()),
             240,
             "the group to grow back or the job to end",
         )
