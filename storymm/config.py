@@ -44,7 +44,8 @@ class DataConfig(_Section):
         0,
         ge=0,
         description="canonical partitions of the training order, fixed when a run starts (a rank reads "
-        "about 1/N of the data when N divides it); 0 = the number of workers the run starts on",
+        "about 1/N of the data when N divides it); 0 = the number of workers the run is planned for (an elastic "
+        "Ray job's maximum)",
     )
 
 

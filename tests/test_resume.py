@@ -82,6 +82,35 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refused
         )
 
 
+def test_a_run_planned_for_two_workers_that_starts_on_one_trains_as_if_started_on_two(data_uri, tmp_path):
+    """An elastic Ray job (``--workers 1-2``) may start with one worker when the second node is not yet
+    free: its global batch and partitions are still those of two workers (``planned_world_size``), so
+    it trains the windows, and logs the curve, of a run started on two (here: its one-process equal,
+    ``data.batch_size`` twice as large and two partitions), not those of a one-worker run."""
+    sets = ["train.record_windows=true", "train.text_ae.log_every=1", "train.text_ae.steps=6"]
+    planned, started_on_two, one_worker = (str(tmp_path / name) for name in ("planned", "two", "one"))
+    train(
+        small_config(*sets, "data.batch_size=4"),
+        "text_ae",
+        data_uri,
+        planned,
+        Runtime(planned_world_size=2),
+        progress=False,
+    )
+    train(
+        small_config(*sets, "data.batch_size=8", "data.partitions=2"),
+        "text_ae",
+        data_uri,
+        started_on_two,
+        progress=False,
+    )
+    train(small_config(*sets, "data.batch_size=4"), "text_ae", data_uri, one_worker, progress=False)
+    assert (read_run(planned)["global_batch"], read_run(planned)["partitions"]) == (8, 2)
+    assert (read_run(one_worker)["global_batch"], read_run(one_worker)["partitions"]) == (4, 1)
+    assert _global_steps(planned) == _global_steps(started_on_two) != _global_steps(one_worker)
+    assert curve(read_metrics(planned)) == curve(read_metrics(started_on_two))
+
+
 class _StopsAfter(Runtime):
     """The in-process runtime asked to stop after ``steps`` steps, as SLURM's warning signal asks the
     Accelerate runtime (``should_stop`` is the loop's only stop hook): the loop checkpoints and returns."""

@@ -9,7 +9,8 @@ interrupted run ends where an uninterrupted one would. The run folder's layout i
 
 The data position is global: (epoch, windows of the epoch's global sequence consumed), see
 ``data/loader.py``. A run's global batch is fixed when it starts (``data.batch_size`` per worker
-times the number of workers) and kept in its checkpoints; a resume on another number of workers
+times the number of workers it is planned for: an elastic Ray job's maximum, whatever number was
+free at its start) and kept in its checkpoints; a resume on another number of workers
 gives each worker ``global batch / workers`` windows per step (and refuses a number that does not
 divide it), so it continues at exactly the next window of the interrupted epoch.
 """
@@ -153,9 +154,10 @@ def _restore(resumed: dict | None, optimizer, scheduler, runtime: Runtime, confi
     fresh start with a per-rank seed (dropout differs between ranks)."""
     if resumed is None:
         torch.manual_seed(config.seed + runtime.rank)
-        global_batch = config.data.batch_size * runtime.world_size
+        planned = runtime.planned_world_size or runtime.world_size
+        global_batch = config.data.batch_size * planned
         # more partitions than windows per step would leave some without a slot: at most G
-        partitions = min(config.data.partitions or runtime.world_size, global_batch)
+        partitions = min(config.data.partitions or planned, global_batch)
         return Position(global_batch=global_batch, partitions=partitions)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])

@@ -151,7 +151,11 @@ class RayRuntime(Runtime):
 
     @classmethod
     def from_ray_context(
-        cls, mixed_precision: str = "no", cpu_autocast: bool = False, gpus_per_worker: float = 0.0
+        cls,
+        mixed_precision: str = "no",
+        cpu_autocast: bool = False,
+        gpus_per_worker: float = 0.0,
+        planned_world_size: int = 0,
     ) -> RayRuntime:
         """This worker's rank, device and precision; torch threads = the CPUs Ray gave it
         (``STORYMM_TORCH_THREADS`` overrides). A worker given GPUs that CUDA cannot use stops here
@@ -169,6 +173,7 @@ class RayRuntime(Runtime):
         return cls(
             rank=context.get_world_rank(),
             world_size=context.get_world_size(),
+            planned_world_size=planned_world_size,
             local_rank=context.get_local_rank(),
             device=device,
             mixed_precision=effective_precision(mixed_precision, device.type, cpu_autocast),
@@ -254,7 +259,10 @@ def _train_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"])
     runtime = RayRuntime.from_ray_context(
-        config.train.mixed_precision, config.train.autocast_on_cpu, loop_config.get("gpus_per_worker", 0.0)
+        config.train.mixed_precision,
+        config.train.autocast_on_cpu,
+        loop_config.get("gpus_per_worker", 0.0),
+        loop_config.get("planned_workers", 0),
     )
     summary = train(
         config,
@@ -323,6 +331,8 @@ def run_ray(
             "init_from": list(init_from),
             "progress": progress,
             "gpus_per_worker": gpus_per_worker,
+            # an elastic job's run is planned for its maximum, whatever number of workers starts it
+            "planned_workers": workers[1] if isinstance(workers, tuple) else workers,
         },
         torch_config=TorchConfig(
             backend="nccl" if use_gpu else "gloo",

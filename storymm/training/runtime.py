@@ -38,6 +38,9 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     mixed_precision: str = "no"
     name: str = "local"
+    #: the workers a run is planned for (an elastic Ray job's maximum; 0 = ``world_size``): a fresh
+    #: run's global batch and partitions come from it, not from how many workers were free at its start
+    planned_world_size: int = 0
     #: this rank's phase clock (``phases.py``): the loop marks phases, the collectives below mark theirs
     phases: PhaseClock = field(default_factory=PhaseClock, repr=False, compare=False)
     # checkpoints are written in the background while training goes on; a runtime whose report at a
